@@ -1,0 +1,1 @@
+"""socksflow's standard plugins, installed as ``socksflow_plugins`` and loaded through entry points."""

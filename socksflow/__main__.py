@@ -1,0 +1,3 @@
+from socksflow.cli import main
+
+raise SystemExit(main())

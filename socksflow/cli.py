@@ -1,0 +1,169 @@
+"""``socksflow run | check | plugins``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import socksflow
+from socksflow import app
+from socksflow.errors import ConfigErrors
+from socksflow.plugins import PluginLoadError
+from socksflow.protocol import Address
+from socksflow.server import Server
+
+log = logging.getLogger("socksflow")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.handler(args)
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        return 1
+    except PluginLoadError as exc:
+        print(f"socksflow: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="socksflow", description="A SOCKS5 proxy with pluggable rules.")
+    parser.add_argument("--version", action="version", version=f"socksflow {socksflow.__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    _config_options(run)
+    run.add_argument(
+        "--listen", action="append", metavar="HOST:PORT", type=_address,
+        help="listen here instead of the config's addresses (repeatable; port 0 picks one)",
+    )  # fmt: skip
+    run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="event loop")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check", help="validate a configuration file")
+    check.add_argument("config", nargs="?", help="the file (default: ./rules.yaml)")
+    check.add_argument("--disable-plugin", action="append", default=[], metavar="NAME")
+    check.set_defaults(handler=_check)
+
+    plugins = commands.add_parser("plugins", help="list the loaded plugins and their hooks")
+    _config_options(plugins)
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(handler=_plugins)
+    return parser
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="configuration file (default: ./rules.yaml if present)")
+    parser.add_argument(
+        "--disable-plugin", action="append", default=[], metavar="NAME", help="do not load this plugin"
+    )
+
+
+def _address(text: str) -> Address:
+    try:
+        return Address.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def _run(args: argparse.Namespace) -> int:
+    config, pm = app.prepare(args.config, args.disable_plugin)
+    if args.listen:
+        config.listen = tuple(args.listen)
+    for info in pm.plugin_info():
+        log.info("plugin %s %s from %s", info.name, info.version, info.source)
+    try:
+        return _event_loop_runner(args.loop)(_serve(Server(config, pm)))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("socksflow: --loop uvloop needs the uvloop package (pip install socksflow[fast])")
+        else:
+
+            def run_uvloop(coroutine: Coroutine[Any, Any, int]) -> int:
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    return runner.run(coroutine)
+
+            return run_uvloop
+    return asyncio.run
+
+
+async def _serve(server: Server) -> int:
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"socksflow: {exc.strerror}", file=sys.stderr)
+        return 1
+    print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def request_stop(name: str) -> None:
+        received.append(name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, request_stop, signum.name)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.spawn(server.reload()))
+    await stop.wait()
+    log.info("%s received: stopping (sessions get up to %gs)", received[0], server.config.timeouts.shutdown)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.abort_all)  # a second signal: stop now
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+# ---------------------------------------------------------------------------- check, plugins
+
+
+def _check(args: argparse.Namespace) -> int:
+    config, _ = app.prepare(args.config, args.disable_plugin)
+    print(f"{config.file}: OK")
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    _, pm = app.prepare(args.config, args.disable_plugin)
+    infos = pm.plugin_info()
+    if args.json:
+        print(json.dumps([_as_dict(info) for info in infos], indent=2))
+        return 0
+    for info in infos:
+        print(f"{info.name} {info.version}  ({info.source})")
+        for hook in info.hooks:
+            print(f"    {hook}")
+    return 0
+
+
+def _as_dict(info: Any) -> dict[str, Any]:
+    return {"name": info.name, "version": info.version, "source": info.source, "hooks": list(info.hooks)}

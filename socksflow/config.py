@@ -1,0 +1,368 @@
+"""Configuration files: YAML with positions, validated node by node, every error located.
+
+pyyaml's defaults hide mistakes (duplicate keys silently overwrite, ``no`` is ``False``,
+``0080`` is octal, ``8:30`` is 510).  Here the file is composed into nodes that keep their
+line, duplicate keys and YAML 1.1 surprises are errors, and validators raise
+:class:`~socksflow.errors.ConfigError` as ``rules.yaml:14: rules[3].to: message``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from socksflow.errors import ConfigError, ConfigErrors
+from socksflow.protocol import Address
+from socksflow.stash import Stash
+from socksflow.units import parse_duration, parse_rate, parse_size
+
+T = TypeVar("T")
+
+_BOOL_WORDS = {"true": True, "false": False}
+_DECIMAL_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+_DECIMAL_FLOAT = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+class Node:
+    """A value from the file with its position.  Mappings hold Nodes, lists hold Nodes."""
+
+    __slots__ = ("file", "line", "path", "value")
+
+    def __init__(self, value: Any, line: int, path: str, file: str) -> None:
+        self.value = value
+        self.line = line
+        self.path = path
+        self.file = file
+
+    def __repr__(self) -> str:
+        return f"<Node {self.file}:{self.line} {self.path}={self.plain()!r}>"
+
+    # ------------------------------------------------------------------ errors and location
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(message, self.file, self.line, self.path)
+
+    @property
+    def location(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def is_map(self) -> bool:
+        return isinstance(self.value, dict)
+
+    @property
+    def is_list(self) -> bool:
+        return isinstance(self.value, list)
+
+    def plain(self) -> Any:
+        """The value as plain Python data (positions dropped)."""
+        if isinstance(self.value, dict):
+            return {k: v.plain() for k, v in self.value.items()}
+        if isinstance(self.value, list):
+            return [v.plain() for v in self.value]
+        return self.value
+
+    def as_map(self, allowed: set[str] | frozenset[str] | None = None) -> dict[str, Node]:
+        """The mapping's items; with ``allowed``, any other key is an error."""
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {_describe(self.value)}")
+        if allowed is not None:
+            for key, child in self.value.items():
+                if key not in allowed:
+                    raise child.error(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+        return self.value
+
+    def get(self, key: str) -> Node | None:
+        return self.as_map().get(key)
+
+    def as_list(self, *, scalar_ok: bool = True) -> list[Node]:
+        """The list's items; a single scalar counts as a one-item list when ``scalar_ok``."""
+        if isinstance(self.value, list):
+            return self.value
+        if scalar_ok and not isinstance(self.value, dict) and self.value is not None:
+            return [self]
+        raise self.error(f"expected a list, got {_describe(self.value)}")
+
+    # ------------------------------------------------------------------ scalars
+
+    def as_str(self) -> str:
+        if not isinstance(self.value, str):
+            raise self.error(f"expected text, got {_describe(self.value)}")
+        return self.value
+
+    def as_bool(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.error(f"expected true or false, got {_describe(self.value)}")
+        return self.value
+
+    def as_int(self, minimum: int | None = None, maximum: int | None = None) -> int:
+        if not isinstance(self.value, int) or isinstance(self.value, bool):
+            raise self.error(f"expected a whole number, got {_describe(self.value)}")
+        if minimum is not None and self.value < minimum:
+            raise self.error(f"{self.value} is below the minimum {minimum}")
+        if maximum is not None and self.value > maximum:
+            raise self.error(f"{self.value} is above the maximum {maximum}")
+        return self.value
+
+    def as_choice(self, choices: tuple[str, ...] | list[str]) -> str:
+        text = self.as_str() if isinstance(self.value, str) else str(self.value)
+        if text not in choices:
+            raise self.error(f"{text!r} is not one of: {', '.join(choices)}")
+        return text
+
+    def convert(self, parser: Callable[[Any], T]) -> T:
+        """Apply ``parser``; its ValueError becomes a located error."""
+        if isinstance(self.value, dict | list) or self.value is None:
+            raise self.error(f"expected a single value, got {_describe(self.value)}")
+        try:
+            return parser(self.value)
+        except ValueError as exc:
+            raise self.error(str(exc)) from None
+
+    def as_duration(self) -> float:
+        return self.convert(parse_duration)
+
+    def as_size(self) -> int:
+        return self.convert(parse_size)
+
+    def as_rate(self) -> float:
+        return self.convert(parse_rate)
+
+    def as_address(self) -> Address:
+        return self.convert(lambda v: Address.parse(str(v)))
+
+    def as_path(self) -> Path:
+        """A file path; relative paths are relative to the configuration file's folder."""
+        path = Path(self.as_str()).expanduser()
+        if not path.is_absolute():
+            path = Path(self.file).parent / path
+        return path
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class _Composer(yaml.SafeLoader):
+    """Composes nodes only; construction is ours (see :func:`_build`)."""
+
+
+def _build(node: yaml.Node, path: str, file: str, errors: list[ConfigError]) -> Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        items: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                errors.append(ConfigError("keys must be plain text", file, key_node.start_mark.line + 1, path))
+                continue
+            key = key_node.value
+            child_path = f"{path}.{key}" if path else key
+            if key in items:
+                errors.append(ConfigError(
+                    f"duplicate key (first given on line {items[key].line})",
+                    file, key_node.start_mark.line + 1, child_path,
+                ))  # fmt: skip
+                continue
+            items[key] = _build(value_node, child_path, file, errors)
+        return Node(items, line, path, file)
+    if isinstance(node, yaml.SequenceNode):
+        return Node(
+            [_build(child, f"{path}[{i}]", file, errors) for i, child in enumerate(node.value)],
+            line, path, file,
+        )  # fmt: skip
+    try:
+        return Node(_scalar(node), line, path, file)
+    except ValueError as exc:
+        errors.append(ConfigError(str(exc), file, line, path))
+        return Node(node.value, line, path, file)
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    """YAML 1.2-style scalars; values YAML 1.1 would silently reinterpret are errors."""
+    text = node.value
+    if node.style:  # quoted or block scalars are always text
+        return text
+    tag = node.tag.rpartition(":")[2]
+    if tag == "null":
+        return None
+    if tag == "bool":
+        if text.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[text.lower()]
+        raise ValueError(f"{text!r} is read as a boolean by YAML 1.1; write true/false, or quote it")
+    if tag == "int":
+        if _DECIMAL_INT.fullmatch(text):
+            return int(text)
+        raise ValueError(f"{text!r} is an ambiguous number in YAML (octal, sexagesimal…); quote it")
+    if tag == "float":
+        if _DECIMAL_FLOAT.fullmatch(text):
+            return float(text)
+        if ":" in text:
+            raise ValueError(f"{text!r} is read as a sexagesimal number by YAML 1.1; quote it")
+        return text  # .inf, .nan: keep as text, validators reject
+    return text
+
+
+def parse_yaml(text: str, file: str) -> tuple[Node, list[ConfigError]]:
+    """Compose ``text`` into a Node tree; returns the tree and the errors found."""
+    errors: list[ConfigError] = []
+    try:
+        root = yaml.compose(text, Loader=_Composer)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        problem = exc.problem or str(exc)
+        raise ConfigErrors([ConfigError(f"YAML syntax error: {problem}", file, line)]) from None
+    if root is None:
+        return Node({}, 1, "", file), errors
+    tree = _build(root, "", file, errors)
+    if not tree.is_map:
+        errors.append(tree.error("the file must be a mapping of sections"))
+        tree = Node({}, 1, "", file)
+    return tree, errors
+
+
+# ---------------------------------------------------------------------------- the config
+
+
+class ErrorCollector:
+    """Accumulates located errors so one run reports them all."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def add(self, error: ConfigError) -> None:
+        self.errors.append(error)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record a :class:`ConfigError` raised in the block and carry on after it."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.errors.append(exc)
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+
+@dataclass(slots=True)
+class Timeouts:
+    """The core's time limits, in seconds.  ``idle`` 0 means never."""
+
+    handshake: float = 10.0
+    connect: float = 10.0
+    idle: float = 300.0
+    hook: float = 5.0
+    shutdown: float = 30.0
+
+
+@dataclass(slots=True)
+class PluginSettings:
+    paths: list[Path] = field(default_factory=list)
+    disable: list[str] = field(default_factory=list)
+    autoload: bool = True
+
+
+DEFAULT_LISTEN = (Address.parse("127.0.0.1:1080"),)
+
+
+class Config:
+    """One loaded configuration: the node tree, the core's settings and plugins' stash."""
+
+    CORE_SECTIONS = frozenset({"listen", "timeouts", "plugins"})
+
+    def __init__(self, root: Node, file: str, errors: list[ConfigError] | None = None) -> None:
+        self.root = root
+        self.file = file
+        self.errors = ErrorCollector()
+        for error in errors or ():
+            self.errors.add(error)
+        self.stash = Stash()
+        self._claimed: set[str] = set()
+        self.listen: tuple[Address, ...] = DEFAULT_LISTEN
+        self.timeouts = Timeouts()
+        self.plugins = PluginSettings()
+        self._read_core()
+
+    @classmethod
+    def from_text(cls, text: str, file: str = "<config>") -> Config:
+        root, errors = parse_yaml(text, file)
+        return cls(root, file, errors)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigErrors([ConfigError(f"cannot read: {exc.strerror}", str(path))]) from None
+        return cls.from_text(text, str(path))
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.file).parent
+
+    def section(self, name: str) -> Node | None:
+        """Claim the top-level section ``name`` and return it (``None`` if absent)."""
+        self._claimed.add(name)
+        return self.root.value.get(name)
+
+    def check_unclaimed(self) -> None:
+        """Report sections no plugin and not the core claimed."""
+        for name, node in self.root.value.items():
+            if name not in self._claimed:
+                self.errors.add(ConfigError(
+                    "unknown section (no loaded plugin reads it)", self.file, node.line, name,
+                ))  # fmt: skip
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.errors.errors)
+
+    # ------------------------------------------------------------------ core sections
+
+    def _read_core(self) -> None:
+        with self.errors.capture():
+            node = self.section("listen")
+            if node is not None:
+                listen = tuple(item.as_address() for item in node.as_list())
+                if not listen:
+                    raise node.error("give at least one address to listen on")
+                self.listen = listen
+        with self.errors.capture():
+            node = self.section("timeouts")
+            if node is not None:
+                for key, child in node.as_map(set(Timeouts.__slots__)).items():
+                    with self.errors.capture():
+                        setattr(self.timeouts, key, child.as_duration())
+        with self.errors.capture():
+            node = self.section("plugins")
+            if node is not None:
+                items = node.as_map({"paths", "disable", "autoload"})
+                if "paths" in items:
+                    self.plugins.paths = [p.as_path() for p in items["paths"].as_list()]
+                if "disable" in items:
+                    self.plugins.disable = [p.as_str() for p in items["disable"].as_list()]
+                if "autoload" in items:
+                    self.plugins.autoload = items["autoload"].as_bool()
+
+
+def default_config() -> Config:
+    """The configuration used when no file is given: listen on 127.0.0.1:1080, no auth."""
+    return Config.from_text("", "<built-in defaults>")

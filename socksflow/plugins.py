@@ -1,0 +1,262 @@
+"""The plugin manager: pluggy registers, validates, orders and lists; socksflow awaits.
+
+pluggy never awaits: an ``async def`` implementation returns a coroutine, which pluggy's
+``firstresult`` would take as the answer.  So socksflow walks the implementations itself, in
+pluggy's order, awaiting each result with the phase's timeout and turning any exception into a
+:class:`~socksflow.errors.PluginError` that names the plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from socksflow import hookspecs
+from socksflow.errors import PluginError, SocksflowError
+
+log = logging.getLogger("socksflow.plugins")
+
+ENTRY_POINT_GROUP = "socksflow"
+HOOK_PREFIX = "socksflow_"
+ENV_DISABLE_AUTOLOAD = "SOCKSFLOW_DISABLE_PLUGIN_AUTOLOAD"
+ENV_EXTRA_PLUGINS = "SOCKSFLOW_PLUGINS"
+
+hookimpl = pluggy.HookimplMarker("socksflow")
+"""Marks a function as a socksflow hook implementation (``@socksflow.hookimpl``)."""
+
+
+class PluginLoadError(SocksflowError):
+    """A plugin could not be imported or registered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Impl:
+    """One hook implementation, ready to call with positional arguments."""
+
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """What ``socksflow plugins`` shows about one plugin."""
+
+    name: str
+    version: str
+    source: str
+    hooks: tuple[str, ...]
+
+
+class PluginManager(pluggy.PluginManager):
+    """One per server: the standard plugins, entry points, files named in the config."""
+
+    def __init__(self) -> None:
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
+        self._impls: dict[str, tuple[Impl, ...]] = {}
+        self._origins: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ registration
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        # As in pytest, a prefixed function is an implementation even without the marker, so
+        # a misspelt hook name is always caught by check_pending() instead of ignored.
+        if opts is None and name.startswith(HOOK_PREFIX) and callable(getattr(plugin, name, None)):
+            opts = {}
+        return opts
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        registered = super().register(plugin, name)
+        if registered is not None:
+            try:
+                self._validate(registered)
+            except PluginLoadError:
+                self.unregister(name=registered)
+                raise
+        self._impls.clear()
+        return registered
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        result = super().unregister(plugin, name)
+        self._impls.clear()
+        return result
+
+    def _validate(self, name: str) -> None:
+        plugin = self.get_plugin(name)
+        for caller in self.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                if impl.hookwrapper or impl.wrapper:
+                    raise PluginLoadError(
+                        f"plugin {name!r}: {caller.name} is a hook wrapper; socksflow awaits hooks "
+                        "itself and does not support wrappers (observe with *_start/*_end hooks)"
+                    )
+                if caller.name in hookspecs.SYNC_ONLY_HOOKS and inspect.iscoroutinefunction(impl.function):
+                    raise PluginLoadError(f"plugin {name!r}: {caller.name} must not be async")
+
+    def load_entry_points(self, disabled: Iterable[str] = ()) -> None:
+        """Register every installed plugin of the ``socksflow`` entry-point group."""
+        for name in disabled:
+            self.set_blocked(name)
+        try:
+            self.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # an installed plugin that fails to import
+            raise PluginLoadError(f"cannot load an installed plugin: {exc!r}") from exc
+
+    def load_path(self, path: Path) -> None:
+        """Register a plugin file, or every ``*.py`` file in a folder."""
+        files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        if not path.exists():
+            raise PluginLoadError(f"plugin path {str(path)!r} does not exist")
+        for file in files:
+            module_name = f"socksflow_local_{file.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            if spec is None or spec.loader is None:
+                raise PluginLoadError(f"{file}: not a Python file")
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                raise PluginLoadError(f"{file}: {type(exc).__name__}: {exc}") from exc
+            self._register_named(module, file.stem, str(file))
+
+    def load_module(self, dotted: str) -> None:
+        """Register an importable module by its dotted name."""
+        try:
+            module = importlib.import_module(dotted)
+        except Exception as exc:
+            raise PluginLoadError(f"cannot import plugin {dotted!r}: {exc!r}") from exc
+        self._register_named(module, dotted.rpartition(".")[2], dotted)
+
+    def _register_named(self, plugin: object, name: str, origin: str) -> None:
+        if self.is_blocked(name):
+            return
+        if self.has_plugin(name):
+            raise PluginLoadError(f"two plugins are named {name!r} ({origin} and {self._source(name)})")
+        self.register(plugin, name)
+        self._origins[name] = origin
+
+    def load_all(self, *, paths: Iterable[Path] = (), disabled: Iterable[str] = (), autoload: bool = True) -> None:
+        """Load plugins as a server does: entry points, then files, then ``$SOCKSFLOW_PLUGINS``."""
+        disabled = list(disabled)
+        for name in disabled:
+            self.set_blocked(name)
+        if autoload and not os.environ.get(ENV_DISABLE_AUTOLOAD):
+            self.load_entry_points()
+        for path in paths:
+            self.load_path(path)
+        for extra in filter(None, os.environ.get(ENV_EXTRA_PLUGINS, "").split(",")):
+            if extra.endswith(".py") or os.sep in extra:
+                self.load_path(Path(extra))
+            else:
+                self.load_module(extra)
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(str(exc)) from exc
+
+    # ------------------------------------------------------------------ introspection
+
+    def impls(self, hook: str) -> tuple[Impl, ...]:
+        """Implementations of ``hook`` in call order (cached until the plugin set changes)."""
+        cached = self._impls.get(hook)
+        if cached is None:
+            caller = getattr(self.hook, hook)
+            cached = tuple(
+                Impl(self.get_name(impl.plugin) or impl.plugin_name, impl.function, tuple(impl.argnames))
+                for impl in reversed(caller.get_hookimpls())
+            )
+            self._impls[hook] = cached
+        return cached
+
+    def plugin_info(self) -> list[PluginInfo]:
+        infos = []
+        distinfo = {id(plugin): dist for plugin, dist in self.list_plugin_distinfo()}
+        for name, plugin in self.list_name_plugin():
+            if plugin is None:
+                continue
+            dist = distinfo.get(id(plugin))
+            version = dist.version if dist else str(getattr(plugin, "__version__", "-"))
+            hooks = tuple(sorted(c.name for c in self.get_hookcallers(plugin) or ()))
+            infos.append(PluginInfo(name, version, self._source(name), hooks))
+        return infos
+
+    def _source(self, name: str) -> str:
+        if name in self._origins:
+            return self._origins[name]
+        plugin = self.get_plugin(name)
+        if isinstance(plugin, ModuleType):
+            return getattr(plugin, "__file__", None) or plugin.__name__
+        return type(plugin).__module__
+
+    # ------------------------------------------------------------------ calling
+
+    async def call_first(self, hook: str, timeout: float | None, /, **kwargs: Any) -> tuple[Any, str]:
+        """First non-``None`` answer and the plugin that gave it; ``(None, "")`` if none did.
+
+        Raises :class:`PluginError` (the cause chained) when an implementation raises or
+        exceeds ``timeout``.
+        """
+        for impl in self.impls(hook):
+            result = await _call(impl, hook, kwargs, timeout)
+            if result is not None:
+                return result, impl.plugin
+        return None, ""
+
+    async def call_all(self, hook: str, timeout: float | None, /, **kwargs: Any) -> list[Any]:
+        """Every non-``None`` answer, in call order; the first failure raises PluginError."""
+        results = []
+        for impl in self.impls(hook):
+            result = await _call(impl, hook, kwargs, timeout)
+            if result is not None:
+                results.append(result)
+        return results
+
+    def call_all_sync(self, hook: str, /, **kwargs: Any) -> list[Any]:
+        """As :meth:`call_all` for sync-only hooks (no event loop needed)."""
+        results = []
+        for impl in self.impls(hook):
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:
+                raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
+            if result is not None:
+                results.append(result)
+        return results
+
+    async def notify(self, hook: str, timeout: float | None, /, **kwargs: Any) -> None:
+        """Call every observer; failures are logged, never raised."""
+        for impl in self.impls(hook):
+            try:
+                await _call(impl, hook, kwargs, timeout)
+            except PluginError as exc:
+                log.error("%s", exc, exc_info=exc.__cause__)
+
+
+async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
+    deadline = None
+    try:
+        result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+        if inspect.isawaitable(result):
+            deadline = asyncio.timeout(timeout)
+            async with deadline:
+                result = await result
+    except Exception as exc:  # never BaseException: cancellation must pass through
+        if deadline is not None and deadline.expired():
+            raise PluginError(impl.plugin, hook, f"no answer within {timeout:g}s") from exc
+        raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
+    return result

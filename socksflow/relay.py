@@ -1,0 +1,206 @@
+"""Moving bytes between the client and the destination: the fast path.
+
+Each side of a tunnel is an :class:`asyncio.Protocol` that writes what it reads straight
+into the other side's transport.  Flow control is the transports' own: when one side's
+write buffer passes its high-water mark, reading from the other side pauses, so memory
+per tunnel stays bounded.  Half-close is relayed.  Only tunnels that need it pay for
+per-chunk plugin hooks or limiters: :func:`half_class` picks the cheapest protocol class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class Direction(enum.Enum):
+    """Which way bytes flow: UP is client → destination, DOWN is destination → client."""
+
+    UP = "up"
+    DOWN = "down"
+
+
+class Limiter(Protocol):
+    """Rate limits handed to a tunnel once, at relay start (see ``socksflow_relay_start``)."""
+
+    def delay(self, direction: Direction, nbytes: int) -> float:
+        """Account ``nbytes`` moved in ``direction``; return seconds to pause that direction."""
+
+
+Transform = Callable[[Direction, bytes], bytes | None]
+
+
+class Half(asyncio.Protocol):
+    """One side of a tunnel: reads from its own transport, writes to the peer's."""
+
+    __slots__ = ("_blocks", "active", "count", "direction", "eof", "peer", "transport", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, direction: Direction) -> None:
+        self.tunnel = tunnel
+        self.direction = direction  # of the bytes this side reads
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.peer: Half = None  # type: ignore[assignment]
+        self.count = 0
+        self.active = False
+        self.eof = False
+        self._blocks = 0  # reasons reading is paused: peer's buffer full, limiter wait
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Only an upstream dialled for this tunnel gets here: hold its bytes until the
+        # SOCKS reply has been written, or they would reach the client before the reply.
+        self.transport = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)
+        self.count += len(data)
+        self.active = True
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.tunnel.half_closed(self)
+        return True  # keep the transport: the other direction may still flow
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.lost(self, exc)
+
+    # Flow control: called by asyncio on *this* transport's write buffer, which the peer fills.
+    def pause_writing(self) -> None:
+        self.peer.block()
+
+    def resume_writing(self) -> None:
+        self.peer.unblock()
+
+    def block(self) -> None:
+        self._blocks += 1
+        if self._blocks == 1 and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def unblock(self) -> None:
+        self._blocks -= 1
+        if self._blocks == 0 and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+
+class TransformingHalf(Half):
+    """A half that passes every chunk through the per-chunk plugin hooks."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.count += len(data)
+        self.active = True
+        out = self.tunnel.transform(self.direction, data)
+        if out is None:
+            out = data
+        if out:
+            self.peer.transport.write(out)
+
+
+class LimitedHalf(TransformingHalf):
+    """A half that asks its limiters how long to pause after each chunk."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel.transform is None:
+            Half.data_received(self, data)
+        else:
+            TransformingHalf.data_received(self, data)
+        wait = 0.0
+        for limiter in self.tunnel.limiters:
+            wait = max(wait, limiter.delay(self.direction, len(data)))
+        if wait > 0:
+            self.block()
+            asyncio.get_running_loop().call_later(wait, self.unblock)
+
+
+def half_class(transform: Transform | None, limiters: Sequence[Limiter]) -> type[Half]:
+    if limiters:
+        return LimitedHalf
+    if transform is not None:
+        return TransformingHalf
+    return Half
+
+
+class Tunnel:
+    """Two halves relaying between a client transport and an upstream transport."""
+
+    __slots__ = ("_lost", "client", "error", "idle_polls", "limiters", "on_close", "transform", "upstream")
+
+    def __init__(
+        self,
+        on_close: Callable[[Tunnel], None],
+        transform: Transform | None = None,
+        limiters: Sequence[Limiter] = (),
+    ) -> None:
+        cls = half_class(transform, limiters)
+        self.client = cls(self, Direction.UP)
+        self.upstream = cls(self, Direction.DOWN)
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+        self.transform = transform
+        self.limiters = tuple(limiters)
+        self.on_close = on_close
+        self._lost = 0
+        self.error: Exception | None = None
+        self.idle_polls = 0
+
+    @property
+    def bytes_up(self) -> int:
+        return self.client.count
+
+    @property
+    def bytes_down(self) -> int:
+        return self.upstream.count
+
+    def start(self, client: asyncio.Transport, upstream: asyncio.Transport, early_data: bytes, client_eof: bool) -> None:
+        """Take over both transports; ``early_data`` arrived with the request (optimistic data)."""
+        for half, transport in ((self.client, client), (self.upstream, upstream)):
+            half.transport = transport
+            transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+            transport.set_protocol(half)
+        if early_data:
+            self.client.data_received(early_data)
+        client.resume_reading()
+        upstream.resume_reading()
+        if client_eof:
+            self.client.eof_received()
+
+    def half_closed(self, half: Half) -> None:
+        peer = half.peer.transport
+        if half.peer.eof or not peer.can_write_eof():
+            self.close()
+        else:
+            peer.write_eof()
+
+    def lost(self, half: Half, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        self._lost += 1
+        if self._lost == 1 and half.peer.transport is not None:
+            half.peer.transport.close()  # flushes what is buffered, then closes
+        elif self._lost == 2:
+            self.on_close(self)
+
+    def close(self) -> None:
+        self.client.transport.close()
+        self.upstream.transport.close()
+
+    def abort(self) -> None:
+        self.client.transport.abort()
+        self.upstream.transport.abort()
+
+    def poll_idle(self) -> int:
+        """How many polls in a row saw no byte move (the idle sweeper calls this)."""
+        if self.client.active or self.upstream.active:
+            self.idle_polls = 0
+        else:
+            self.idle_polls += 1
+        self.client.active = self.upstream.active = False
+        return self.idle_polls

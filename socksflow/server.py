@@ -1,0 +1,188 @@
+"""Listeners, the session registry, reload and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from socksflow import app
+from socksflow.config import Config
+from socksflow.errors import ConfigErrors, ResolveError
+from socksflow.protocol import Address, Command, IPAddress, parse_host
+from socksflow.relay import Direction, Transform
+from socksflow.session import ClientProtocol, Session
+from socksflow.stash import Stash
+
+if TYPE_CHECKING:
+    from socksflow.plugins import PluginManager
+
+log = logging.getLogger("socksflow.server")
+
+CommandHandler = Callable[[Session], Awaitable[None]]
+
+
+class Server:
+    """A running socksflow server: one plugin manager, one configuration in force at a time."""
+
+    def __init__(self, config: Config, pm: PluginManager) -> None:
+        self.config = config
+        self.pm = pm
+        self.stash = Stash()
+        self.sessions: set[Session] = set()
+        self.addresses: list[Address] = []
+        self._listeners: list[asyncio.Server] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._drained = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._commands: dict[Command, CommandHandler] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind every listener, then run the plugins' start-up hooks."""
+        loop = asyncio.get_running_loop()
+        try:
+            for address in self.config.listen:
+                listener = await loop.create_server(
+                    lambda: ClientProtocol(self),
+                    host=str(address.host),
+                    port=address.port,
+                    family=socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET,
+                    reuse_address=True,
+                    backlog=1024,
+                )
+                self._listeners.append(listener)
+                self.addresses.extend(Address.from_sockaddr(s.getsockname()) for s in listener.sockets)
+        except OSError as exc:
+            await self._close_listeners()
+            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+        await self.pm.call_all("socksflow_startup", None, server=self)
+        if self.config.timeouts.idle:
+            self._sweeper = loop.create_task(self._sweep_idle())
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting; let sessions finish for up to ``timeout``; close the rest."""
+        await self._close_listeners()
+        timeout = self.config.timeouts.shutdown if timeout is None else timeout
+        if self.sessions:
+            log.info("waiting up to %gs for %d sessions to finish", timeout, len(self.sessions))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._drained.wait()
+        if self.sessions:
+            log.warning("closing %d sessions still open after %gs", len(self.sessions), timeout)
+            self.abort_all()
+            await asyncio.sleep(0)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
+
+    def abort_all(self) -> None:
+        """Close every session now."""
+        for session in list(self.sessions):
+            session.close_reason = session.close_reason or "server shutdown"
+            session.abort()
+
+    async def _close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file; a bad file is logged and the old one stays."""
+        try:
+            config = app.load_config(self.config.file)
+            config.raise_errors()
+            app.configure(self.pm, config)
+        except ConfigErrors as exc:
+            log.error("reload rejected, keeping the running configuration:\n%s", exc)
+            return False
+        if config.listen != self.config.listen:
+            log.warning("listen addresses changed in %s: restart to apply them", config.file)
+        self.config = config
+        log.info("configuration reloaded from %s", config.file)
+        return True
+
+    # ------------------------------------------------------------------ sessions
+
+    def session_started(self, session: Session) -> None:
+        self.sessions.add(session)
+        self._drained.clear()
+        session.start()
+
+    def session_ended(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        session.ended = time.time()
+        if self.pm.impls("socksflow_session_end"):
+            self.spawn(self.pm.notify("socksflow_session_end", self.config.timeouts.hook, session=session))
+        if not self.sessions:
+            self._drained.set()
+
+    def tunnel_started(self, session: Session) -> None:
+        """Called once a session's bytes are relayed (the handshake task has ended)."""
+
+    def spawn(self, coroutine: Awaitable[None]) -> None:
+        """Run a background coroutine the server waits for on shutdown."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def register_command(self, command: Command, handler: CommandHandler) -> None:
+        self._commands[command] = handler
+
+    def command_handler(self, command: Command) -> CommandHandler | None:
+        return self._commands.get(command)
+
+    def transform_for(self, session: Session) -> Transform | None:
+        """The per-chunk hook chain for a tunnel, or None (the fast path) when no plugin has one."""
+        impls = self.pm.impls("socksflow_relay_data")
+        if not impls:
+            return None
+        pm = self.pm
+
+        def transform(direction: Direction, data: bytes) -> bytes | None:
+            for result in pm.call_all_sync("socksflow_relay_data", session=session, direction=direction, data=data):
+                data = result
+            return data
+
+        return transform
+
+    async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
+        """Resolve through the plugins' hook, else the system resolver (off the event loop)."""
+        answer, _ = await self.pm.call_first(
+            "socksflow_resolve", self.config.timeouts.hook, session=session, host=host, port=port
+        )
+        if answer is not None:
+            return tuple(answer)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.config.timeouts.hook):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ResolveError(exc.strerror or str(exc)) from None
+        except TimeoutError:
+            raise ResolveError("the system resolver did not answer in time") from None
+        seen: dict[IPAddress, None] = {}
+        for info in infos:
+            seen.setdefault(parse_host(info[4][0].partition("%")[0]), None)  # type: ignore[arg-type]
+        return tuple(seen)
+
+    async def _sweep_idle(self) -> None:
+        """Close tunnels in which no byte moved for the idle timeout (checked in quarters)."""
+        interval = self.config.timeouts.idle / 4
+        while True:
+            await asyncio.sleep(interval)
+            for session in list(self.sessions):
+                tunnel = session.tunnel
+                if tunnel is not None and tunnel.poll_idle() >= 4:
+                    session.close_reason = "idle timeout"
+                    tunnel.close()

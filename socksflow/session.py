@@ -1,0 +1,478 @@
+"""One client from accept to close: negotiate → authenticate → request → command.
+
+The handshake runs as one coroutine per client over :class:`ClientProtocol`, which feeds
+the sans-I/O :class:`~socksflow.protocol.ServerConnection`.  Once a CONNECT succeeds the
+coroutine ends and the transports belong to a :class:`~socksflow.relay.Tunnel`: an idle
+tunnel holds no task, no coroutine frame and no buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from socksflow import protocol
+from socksflow.decisions import ANONYMOUS, Identity, Verdict
+from socksflow.dial import dial, reply_for_error
+from socksflow.errors import PluginError, ResolveError
+from socksflow.protocol import (
+    NEED_DATA,
+    Address,
+    Command,
+    IPAddress,
+    Method,
+    ProtocolError,
+    Reply,
+    Request,
+)
+from socksflow.relay import Direction, Tunnel
+from socksflow.stash import Stash
+
+if TYPE_CHECKING:
+    from socksflow.config import Config
+    from socksflow.server import Server
+
+log = logging.getLogger("socksflow.session")
+
+MAX_HANDSHAKE_BUFFER = 64 * 1024  # bytes accepted ahead of the reply before reading pauses
+_ids = itertools.count(1)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the handshake finished."""
+
+
+class SessionDenied(Exception):
+    """The session ends here; the reply (if any) has been sent."""
+
+
+class ClientProtocol(asyncio.Protocol):
+    """The client's connection during the handshake."""
+
+    __slots__ = ("_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.conn = protocol.ServerConnection()
+        self.eof = False
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.session = Session(self.server, self)
+        self.server.session_started(self.session)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        if self.conn.buffered > MAX_HANDSHAKE_BUFFER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # a client may shut down its sending side and still await the reply
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next_event(self) -> protocol.Event:
+        while True:
+            event = self.conn.next_event()
+            if event is not NEED_DATA:
+                return event  # type: ignore[return-value]
+            if self.eof or self.closed:
+                raise ClientGone("client closed the connection during the handshake")
+            if self._paused:
+                self._paused = False
+                self.transport.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
+    async def read(self, limit: int) -> bytes:
+        """Raw bytes for a plugin-driven sub-negotiation."""
+        while not self.conn.buffered:
+            if self.eof or self.closed:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        return self.conn.take_subnegotiation_data(limit)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+
+class AuthChannel:
+    """What a ``socksflow_subnegotiate`` plugin uses to talk to the client."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self._client = client
+
+    async def read(self, limit: int = 65536) -> bytes:
+        """Up to ``limit`` bytes; ``b""`` when the client has closed."""
+        return await self._client.read(limit)
+
+    async def readexactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = await self._client.read(n - len(data))
+            if not chunk:
+                raise asyncio.IncompleteReadError(data, n)
+            data += chunk
+        return data
+
+    def write(self, data: bytes) -> None:
+        self._client.write(data)
+
+
+class Session:
+    """One client connection, from accept to close, as plugins see it.
+
+    Stable attributes: ``id``, ``client``, ``local``, ``config``, ``stash``, ``method``,
+    ``identity``, ``request``, ``destination`` (after rewrites), ``addresses`` (what the
+    destination resolved to), ``remote`` (the address actually connected to), ``bound``,
+    ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down``, ``started``,
+    ``duration``, ``close_reason``.
+    """
+
+    def __init__(self, server: Server, client: ClientProtocol) -> None:
+        self.id = f"{next(_ids):x}"
+        self.server = server
+        self.config: Config = server.config
+        self._client = client
+        transport = client.transport
+        self.client = Address.from_sockaddr(transport.get_extra_info("peername"))
+        self.local = Address.from_sockaddr(transport.get_extra_info("sockname"))
+        self.stash = Stash()
+        self.method: int | None = None
+        self.identity: Identity = ANONYMOUS
+        self.request: Request | None = None
+        self.destination: Address | None = None
+        self.addresses: tuple[IPAddress, ...] | None = None
+        self.remote: Address | None = None
+        self.bound: Address | None = None
+        self.verdict: Verdict | None = None
+        self.decided_by = ""
+        self.reply: Reply | None = None
+        self.close_reason = ""
+        self.started = time.time()
+        self.ended: float | None = None
+        self.tunnel: Tunnel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._resolved: dict[str, tuple[IPAddress, ...]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.client} -> {self.destination}>"
+
+    @property
+    def bytes_up(self) -> int:
+        return self.tunnel.bytes_up if self.tunnel else 0
+
+    @property
+    def bytes_down(self) -> int:
+        return self.tunnel.bytes_down if self.tunnel else 0
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def pm(self) -> Any:
+        return self.server.pm
+
+    def abort(self) -> None:
+        """End the session now, whatever its phase (shutdown past its deadline)."""
+        if self.tunnel is not None:
+            self.tunnel.abort()
+            return
+        if self._task is not None:
+            self._task.cancel()
+        if self._client is not None:
+            self._client.transport.abort()
+        self.server.session_ended(self)
+
+    # ------------------------------------------------------------------ resolution
+
+    async def resolve(self, host: str | None = None, port: int | None = None) -> tuple[IPAddress, ...]:
+        """The addresses ``host`` (default: the destination) resolves to, looked up once per session.
+
+        Raises :class:`~socksflow.errors.ResolveError` when the name does not resolve.
+        """
+        if host is None:
+            assert self.destination is not None
+            if not self.destination.is_domain:
+                return (self.destination.host,)  # type: ignore[return-value]
+            host, port = self.destination.host, self.destination.port  # type: ignore[assignment]
+        cached = self._resolved.get(host)
+        if cached is None:
+            cached = await self.server.resolve(self, host, port or 0)
+            self._resolved[host] = cached
+        return cached
+
+    # ------------------------------------------------------------------ the session
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        client = self._client
+        try:
+            await self._accept()
+            deadline = asyncio.get_running_loop().time() + self.config.timeouts.handshake
+            await self._negotiate(deadline)
+            async with asyncio.timeout_at(deadline):
+                request = await client.next_event()
+            assert isinstance(request, Request)
+            self.request = request
+            self.destination = request.destination
+            await self._dispatch(request)
+        except SessionDenied:
+            self._close()
+        except ClientGone as exc:
+            self._finish_handshake_failure(str(exc))
+        except TimeoutError:
+            self._finish_handshake_failure("handshake timed out")
+        except ProtocolError as exc:
+            if exc.response:
+                client.write(exc.response)
+            if isinstance(exc, protocol.RequestError):
+                self.reply = exc.reply
+            self._finish_handshake_failure(f"protocol error: {exc}")
+        except PluginError as exc:  # a plugin fault outside the phases that map it to a reply
+            log.error("session %s: %s", self.id, exc, exc_info=exc.__cause__)
+            await self._report(exc)
+            self._finish_handshake_failure(str(exc))
+        except Exception as exc:  # the session boundary: nothing a client sends may crash the server
+            log.exception("session %s: unexpected error", self.id)
+            await self._report(exc)
+            self._finish_handshake_failure(f"internal error: {exc!r}")
+        finally:
+            self._task = None
+            self._client = None  # type: ignore[assignment]  # the handshake state is garbage now
+
+    async def _report(self, error: Exception) -> None:
+        await self.pm.notify("socksflow_session_error", self.config.timeouts.hook, session=self, error=error)
+
+    def _finish_handshake_failure(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        self._close()
+
+    def _close(self) -> None:
+        transport = self._client.transport
+        if not transport.is_closing():
+            transport.close()
+        self.server.session_ended(self)
+
+    async def _decide(self, hook: str, timeout: float | None = None, **kwargs: Any) -> Any:
+        result, plugin = await self.pm.call_first(hook, timeout or self.config.timeouts.hook, **kwargs)
+        if result is not None:
+            self.decided_by = plugin
+        return result
+
+    async def _deny(self, reason: str, response: bytes = b"", error: Exception | None = None) -> None:
+        """Send ``response`` (if any), record why, and end the session."""
+        if error is not None:
+            log.error("session %s: %s", self.id, error, exc_info=error.__cause__)
+            await self._report(error)
+        if response:
+            self._client.write(response)
+        self.close_reason = reason
+        raise SessionDenied(reason)
+
+    # ------------------------------------------------------------------ phases
+
+    async def _accept(self) -> None:
+        try:
+            verdict = await self._decide("socksflow_client_connected", session=self)
+        except PluginError as exc:
+            await self._deny("client refused: plugin failed", error=exc)
+        if verdict is not None and not verdict.allowed:
+            self.verdict = verdict
+            await self._deny(f"client refused: {verdict.reason or self.decided_by}")
+
+    async def _negotiate(self, deadline: float) -> None:
+        client = self._client
+        async with asyncio.timeout_at(deadline):
+            greeting = await client.next_event()
+        assert isinstance(greeting, protocol.Greeting)
+        try:
+            method = await self._decide("socksflow_select_method", session=self, offered=greeting.methods)
+            if method is None:
+                method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
+            if method != Method.NO_ACCEPTABLE and method not in greeting.methods:
+                raise PluginError(self.decided_by, "socksflow_select_method", f"chose 0x{method:02x}, not offered")
+        except PluginError as exc:
+            await self._deny("method selection failed", client.conn.send_method(Method.NO_ACCEPTABLE), exc)
+        self.method = method
+        client.write(client.conn.send_method(method))
+        if method == Method.NO_ACCEPTABLE:
+            raise SessionDenied(self._set_reason(f"no acceptable method among {list(greeting.methods)}"))
+        if method == Method.USERPASS:
+            async with asyncio.timeout_at(deadline):
+                credentials = await client.next_event()
+            assert isinstance(credentials, protocol.UserPassAuth)
+            await self._authenticate(credentials)
+        elif method != Method.NO_AUTH:
+            await self._subnegotiate(method, deadline)
+
+    def _set_reason(self, reason: str) -> str:
+        self.close_reason = reason
+        return reason
+
+    async def _authenticate(self, credentials: protocol.UserPassAuth) -> None:
+        conn = self._client.conn
+        try:
+            result = await self._decide(
+                "socksflow_authenticate", session=self, username=credentials.username, password=credentials.password
+            )
+        except PluginError as exc:
+            await self._deny("authentication failed: plugin error", conn.send_auth_status(False), exc)
+        user = credentials.username.decode("utf-8", "backslashreplace")
+        if not isinstance(result, Identity):
+            reason = result.reason if isinstance(result, Verdict) and result.reason else "credentials rejected"
+            self.verdict = result if isinstance(result, Verdict) else Verdict.deny(reason)
+            self.identity = Identity(user)  # who tried, for the access log; never the password
+            await self._deny(f"authentication failed for {user!r}: {reason}", conn.send_auth_status(False))
+        self.identity = result
+        self._client.write(conn.send_auth_status(True))
+
+    async def _subnegotiate(self, method: int, deadline: float) -> None:
+        conn = self._client.conn
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await self._decide(
+                    "socksflow_subnegotiate", session=self, method=method, channel=AuthChannel(self._client)
+                )
+        except PluginError as exc:
+            conn.finish_subnegotiation(False)
+            await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)
+        if not isinstance(result, Identity):
+            conn.finish_subnegotiation(False)
+            await self._deny(f"method 0x{method:02x}: not authenticated")
+        conn.finish_subnegotiation(True)
+        self.identity = result
+
+    async def _dispatch(self, request: Request) -> None:
+        try:
+            verdict = await self._decide("socksflow_request", session=self, request=request)
+        except PluginError as exc:
+            await self._fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
+        if verdict is not None:
+            self.verdict = verdict
+            if not verdict.allowed:
+                await self._fail(verdict.reply, f"denied: {verdict.reason or verdict.rule or self.decided_by}")
+            if verdict.destination is not None:
+                self.destination = verdict.destination
+            if verdict.addresses is not None:
+                self.addresses = tuple(verdict.addresses)
+        if request.command == Command.CONNECT:
+            await self._connect()
+        else:
+            handler = self.server.command_handler(request.command)
+            if handler is None:
+                await self._fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
+            await handler(self)
+
+    async def _fail(self, reply: Reply, reason: str, error: Exception | None = None) -> None:
+        """Answer the request with a failure ``reply`` and end the session."""
+        self.reply = reply
+        await self._deny(reason, self._client.conn.send_reply(reply), error)
+
+    async def addresses_to_use(self) -> tuple[IPAddress, ...]:
+        """The checked addresses of the destination (resolving it if nobody did yet)."""
+        if self.addresses is None:
+            try:
+                self.addresses = await self.resolve()
+            except ResolveError as exc:
+                await self._fail(exc.reply, f"cannot resolve {self.destination.host}: {exc}")
+            except PluginError as exc:
+                await self._fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.destination.host}", exc)
+            if not self.addresses:
+                await self._fail(Reply.HOST_UNREACHABLE, f"{self.destination.host} has no address")
+        return self.addresses
+
+    async def _connect(self) -> None:
+        ips = await self.addresses_to_use()
+        targets = tuple(Address(ip, self.destination.port) for ip in ips)
+        timeout = self.config.timeouts.connect
+        try:
+            sock, _ = await self.pm.call_first(
+                "socksflow_open_connection", timeout, session=self, addresses=targets
+            )
+            if sock is None:
+                async with asyncio.timeout(timeout):
+                    sock = await dial(targets)
+        except PluginError as exc:
+            cause = exc.__cause__
+            reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
+            await self._fail(reply, f"connect failed: {exc}", exc)
+        except (OSError, TimeoutError) as exc:
+            await self._fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
+        await self.start_relay(sock)
+
+    async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
+        """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
+        try:
+            self.remote = Address.from_sockaddr(sock.getpeername())
+            self.bound = bound or Address.from_sockaddr(sock.getsockname())
+        except OSError as exc:  # the destination already closed
+            sock.close()
+            await self._fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
+        try:
+            limiters = self.pm.call_all_sync("socksflow_relay_start", session=self)
+        except PluginError as exc:
+            sock.close()
+            await self._fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
+        tunnel = Tunnel(self._tunnel_closed, self.server.transform_for(self), limiters)
+        loop = asyncio.get_running_loop()
+        try:
+            upstream, _ = await loop.create_connection(lambda: tunnel.upstream, sock=sock)
+        except OSError as exc:
+            sock.close()
+            await self._fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
+        client = self._client
+        self.reply = Reply.SUCCEEDED
+        client.write(self._reply_bytes(self.bound))
+        self.tunnel = tunnel
+        tunnel.start(client.transport, upstream, client.conn.trailing_data, client.eof)
+        self.server.tunnel_started(self)
+
+    def _reply_bytes(self, bound: Address) -> bytes:
+        conn = self._client.conn
+        if conn.phase is protocol.Phase.DONE:  # BIND's second reply
+            return conn.send_second_reply(Reply.SUCCEEDED, bound)
+        return conn.send_reply(Reply.SUCCEEDED, bound)
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        if tunnel.error is not None and not self.close_reason:
+            self.close_reason = f"relay error: {_describe(tunnel.error)}"
+        self.close_reason = self.close_reason or "closed"
+        self.server.session_ended(self)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+__all__ = ["AuthChannel", "ClientProtocol", "Direction", "Session"]
