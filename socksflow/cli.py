@@ -15,7 +15,8 @@ import socksflow
 from socksflow import app
 from socksflow.errors import ConfigErrors
 from socksflow.plugins import PluginLoadError
-from socksflow.protocol import Address
+from socksflow.explain import ExplainQuery, explain, run_checks
+from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
 
 log = logging.getLogger("socksflow")
@@ -58,10 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="event loop")
     run.set_defaults(handler=_run)
 
-    check = commands.add_parser("check", help="validate a configuration file")
+    check = commands.add_parser("check", help="validate a configuration file and run its tests")
     check.add_argument("config", nargs="?", help="the file (default: ./rules.yaml)")
     check.add_argument("--disable-plugin", action="append", default=[], metavar="NAME")
     check.set_defaults(handler=_check)
+
+    explain = commands.add_parser("explain", help="show how a request would be decided, and why")
+    _config_options(explain)
+    explain.add_argument("destination", type=_address, metavar="HOST:PORT")
+    explain.add_argument("--from", dest="client", default="127.0.0.1", help="client IP (default 127.0.0.1)")
+    explain.add_argument("--user", help="authenticated user name")
+    explain.add_argument(
+        "--command", default="connect", choices=[c.name.lower() for c in Command], help="SOCKS command"
+    )
+    explain.set_defaults(handler=_explain)
 
     plugins = commands.add_parser("plugins", help="list the loaded plugins and their hooks")
     _config_options(plugins)
@@ -147,8 +158,32 @@ async def _serve(server: Server) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config, _ = app.prepare(args.config, args.disable_plugin)
+    config, pm = app.prepare(args.config, args.disable_plugin)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    failures = run_checks(config, pm)
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    if failures:
+        return 1
     print(f"{config.file}: OK")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    config, pm = app.prepare(args.config, args.disable_plugin)
+    try:
+        client = Address(parse_host(args.client), 0)
+    except ValueError as exc:
+        raise SystemExit(f"socksflow: --from: {exc}") from None
+    if client.is_domain:
+        raise SystemExit("socksflow: --from takes an IP address")
+    query = ExplainQuery(client, args.destination, Command[args.command.upper()], args.user)
+    lines = explain(config, pm, query)
+    if not lines:
+        print("no loaded plugin rules on requests: every request is allowed")
+    for line in lines:
+        print(line)
     return 0
 
 

@@ -292,6 +292,7 @@ class Config:
         self.root = root
         self.file = file
         self.errors = ErrorCollector()
+        self.warnings: list[ConfigError] = []  # lints: the file works, but probably not as meant
         for error in errors or ():
             self.errors.add(error)
         self.stash = Stash()

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import socket
 
     from socksflow.config import Config
+    from socksflow.errors import ConfigError
+    from socksflow.explain import ExplainQuery, Resolver
     from socksflow.decisions import Identity, Verdict
     from socksflow.protocol import Address, IPAddress, Request
     from socksflow.relay import Direction, Limiter
@@ -79,6 +81,38 @@ def socksflow_shutdown(server: Server) -> None:
 
     Returns nothing.  May be async.  Raising is logged; the other plugins still shut down.
     Called once per server.
+    """
+
+
+@hookspec
+def socksflow_check(config: Config, resolve: Resolver) -> list[ConfigError] | None:
+    """Run the configuration's own tests (``socksflow check``): e.g. the rules file's ``tests:``.
+
+    When: ``socksflow check`` after :func:`socksflow_configure` accepted the file.
+
+    :param config: the validated configuration.
+    :param resolve: ``await resolve(host, port)`` resolves through the ``socksflow_resolve``
+        hook, as a live session would.
+
+    Returns the failures as located :class:`~socksflow.errors.ConfigError` objects (an empty
+    list or ``None`` when everything passed).  Every plugin is called.  May be async.
+    Raising fails the check, naming the plugin.
+    """
+
+
+@hookspec
+def socksflow_explain(config: Config, query: ExplainQuery, resolve: Resolver) -> list[str] | None:
+    """Explain how this plugin would decide a hypothetical request (``socksflow explain``).
+
+    When: ``socksflow explain``; no client is connected and nothing is dialled.
+
+    :param config: the configuration in force.
+    :param query: the request: ``client``, ``user``, ``command``, ``destination``.
+    :param resolve: as for :func:`socksflow_check`.
+
+    Returns lines of explanation (each rule tried and why it did or did not match, DNS
+    answers used, the verdict and the reply code), or ``None`` when the plugin has no part in
+    such decisions.  Every plugin is called.  May be async.  Raising is reported.
     """
 
 

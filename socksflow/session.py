@@ -373,11 +373,11 @@ class Session:
         try:
             verdict = await self._decide("socksflow_request", session=self, request=request)
         except PluginError as exc:
-            await self._fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
+            await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
         if verdict is not None:
             self.verdict = verdict
             if not verdict.allowed:
-                await self._fail(verdict.reply, f"denied: {verdict.reason or verdict.rule or self.decided_by}")
+                await self.fail(verdict.reply, f"denied: {verdict.reason or verdict.rule or self.decided_by}")
             if verdict.destination is not None:
                 self.destination = verdict.destination
             if verdict.addresses is not None:
@@ -387,13 +387,33 @@ class Session:
         else:
             handler = self.server.command_handler(request.command)
             if handler is None:
-                await self._fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
+                await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
             await handler(self)
 
-    async def _fail(self, reply: Reply, reason: str, error: Exception | None = None) -> None:
-        """Answer the request with a failure ``reply`` and end the session."""
+    async def fail(self, reply: Reply, reason: str, error: Exception | None = None) -> None:
+        """Answer the request with a failure ``reply`` and end the session (raises SessionDenied)."""
         self.reply = reply
-        await self._deny(reason, self._client.conn.send_reply(reply), error)
+        conn = self._client.conn
+        response = conn.send_second_reply(reply) if conn.phase is protocol.Phase.DONE else conn.send_reply(reply)
+        await self._deny(reason, response, error)
+
+    def send_reply(self, reply: Reply, bound: Address) -> None:
+        """Send the (first) reply to the request: for commands that reply before relaying (BIND, UDP)."""
+        self.reply = reply
+        self._client.write(self._client.conn.send_reply(reply, bound))
+
+    async def wait_client_closed(self) -> None:
+        """Wait until the client closes its connection; bytes it sends meanwhile are discarded."""
+        client = self._client
+        while not (client.eof or client.closed):
+            client.conn.trailing_data  # noqa: B018 - drop what arrived, keep the buffer bounded
+            client._waiter = asyncio.get_running_loop().create_future()
+            await client._waiter
+            client._waiter = None
+
+    @property
+    def client_transport(self) -> asyncio.Transport:
+        return self._client.transport
 
     async def addresses_to_use(self) -> tuple[IPAddress, ...]:
         """The checked addresses of the destination (resolving it if nobody did yet)."""
@@ -401,11 +421,11 @@ class Session:
             try:
                 self.addresses = await self.resolve()
             except ResolveError as exc:
-                await self._fail(exc.reply, f"cannot resolve {self.destination.host}: {exc}")
+                await self.fail(exc.reply, f"cannot resolve {self.destination.host}: {exc}")
             except PluginError as exc:
-                await self._fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.destination.host}", exc)
+                await self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.destination.host}", exc)
             if not self.addresses:
-                await self._fail(Reply.HOST_UNREACHABLE, f"{self.destination.host} has no address")
+                await self.fail(Reply.HOST_UNREACHABLE, f"{self.destination.host} has no address")
         return self.addresses
 
     async def _connect(self) -> None:
@@ -422,9 +442,9 @@ class Session:
         except PluginError as exc:
             cause = exc.__cause__
             reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
-            await self._fail(reply, f"connect failed: {exc}", exc)
+            await self.fail(reply, f"connect failed: {exc}", exc)
         except (OSError, TimeoutError) as exc:
-            await self._fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
+            await self.fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
         await self.start_relay(sock)
 
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
@@ -434,19 +454,19 @@ class Session:
             self.bound = bound or Address.from_sockaddr(sock.getsockname())
         except OSError as exc:  # the destination already closed
             sock.close()
-            await self._fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
+            await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
         try:
             limiters = self.pm.call_all_sync("socksflow_relay_start", session=self)
         except PluginError as exc:
             sock.close()
-            await self._fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
+            await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
         tunnel = Tunnel(self._tunnel_closed, self.server.transform_for(self), limiters)
         loop = asyncio.get_running_loop()
         try:
             upstream, _ = await loop.create_connection(lambda: tunnel.upstream, sock=sock)
         except OSError as exc:
             sock.close()
-            await self._fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
+            await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
         client = self._client
         self.reply = Reply.SUCCEEDED
         client.write(self._reply_bytes(self.bound))
