@@ -9,6 +9,7 @@ line, duplicate keys and YAML 1.1 surprises are errors, and validators raise
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from socksflow.errors import ConfigError, ConfigErrors
-from socksflow.protocol import Address
+from socksflow.protocol import Address, IPAddress
 from socksflow.stash import Stash
 from socksflow.units import parse_duration, parse_rate, parse_size
 
@@ -164,8 +165,15 @@ class _Composer(yaml.SafeLoader):
     """Composes nodes only; construction is ours (see :func:`_build`)."""
 
 
-def _build(node: yaml.Node, path: str, file: str, errors: list[ConfigError]) -> Node:
+def _build(
+    node: yaml.Node, path: str, file: str, errors: list[ConfigError], parents: frozenset[int] = frozenset()
+) -> Node:
     line = node.start_mark.line + 1
+    if isinstance(node, yaml.CollectionNode):
+        if id(node) in parents:  # an alias inside its own anchor ("&x [*x]") would never end
+            errors.append(ConfigError("recursive alias (the value contains itself)", file, line, path))
+            return Node(None, line, path, file)
+        parents = parents | {id(node)}
     if isinstance(node, yaml.MappingNode):
         items: dict[str, Node] = {}
         for key_node, value_node in node.value:
@@ -180,11 +188,11 @@ def _build(node: yaml.Node, path: str, file: str, errors: list[ConfigError]) -> 
                     file, key_node.start_mark.line + 1, child_path,
                 ))  # fmt: skip
                 continue
-            items[key] = _build(value_node, child_path, file, errors)
+            items[key] = _build(value_node, child_path, file, errors, parents)
         return Node(items, line, path, file)
     if isinstance(node, yaml.SequenceNode):
         return Node(
-            [_build(child, f"{path}[{i}]", file, errors) for i, child in enumerate(node.value)],
+            [_build(child, f"{path}[{i}]", file, errors, parents) for i, child in enumerate(node.value)],
             line, path, file,
         )  # fmt: skip
     try:
@@ -228,6 +236,10 @@ def parse_yaml(text: str, file: str) -> tuple[Node, list[ConfigError]]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         problem = exc.problem or str(exc)
+        raise ConfigErrors([ConfigError(f"YAML syntax error: {problem}", file, line)]) from None
+    except yaml.reader.ReaderError as exc:  # a control character: not a MarkedYAMLError
+        line = text.count("\n", 0, exc.position) + 1
+        problem = f"character #x{exc.character:04x} is not allowed in YAML"
         raise ConfigErrors([ConfigError(f"YAML syntax error: {problem}", file, line)]) from None
     if root is None:
         return Node({}, 1, "", file), errors
@@ -274,6 +286,68 @@ class Timeouts:
 
 
 @dataclass(slots=True)
+class UdpSettings:
+    """UDP ASSOCIATE (section ``udp``).
+
+    ``advertise``: the IP put in replies instead of the relay socket's own address (for NAT;
+    never a wildcard).  ``idle``: an association in which no datagram moved for this long is
+    ended, its control connection closed (0 means never).  ``max_per_client``: associations
+    one client IP may hold at once.  ``replies_from``: which remote hosts may send datagrams
+    back to the client — ``sent`` (only addresses the client has sent to) or ``any``.
+    """
+
+    advertise: IPAddress | None = None
+    idle: float = 120.0
+    max_per_client: int = 16
+    replies_from: str = "sent"
+
+
+@dataclass(slots=True)
+class BindSettings:
+    """BIND (section ``bind``).
+
+    ``timeout``: how long to wait for the peer before the second reply 0x06 (TTL expired).
+    ``peer_check``: which incoming peers are accepted when the request named one —
+    ``strict`` (its IP, and its port when DST.PORT is not 0), ``ip`` (its IP; DST.PORT is
+    often the client's control port, as in FTP), ``any``.  A DST.ADDR of 0.0.0.0 or ``::``
+    names no peer.  ``advertise``: the IP put in the first reply instead of the listening
+    socket's own address (for NAT; never a wildcard).
+    """
+
+    timeout: float = 30.0
+    peer_check: str = "ip"
+    advertise: IPAddress | None = None
+
+
+def _advertised_ip(node: Node) -> IPAddress:
+    """An IP address clients can reach: a wildcard is refused."""
+
+    def parse(value: Any) -> IPAddress:
+        ip = ipaddress.ip_address(str(value))
+        if ip.is_unspecified:
+            raise ValueError(f"{value!r} is a wildcard; give an address clients can reach")
+        return ip
+
+    return node.convert(parse)
+
+
+_SETTING_READERS: dict[str, dict[str, Callable[[Node], Any]]] = {
+    "timeouts": {key: Node.as_duration for key in Timeouts.__slots__},
+    "udp": {
+        "advertise": _advertised_ip,
+        "idle": Node.as_duration,
+        "max_per_client": lambda node: node.as_int(minimum=1),
+        "replies_from": lambda node: node.as_choice(("sent", "any")),
+    },
+    "bind": {
+        "timeout": Node.as_duration,
+        "peer_check": lambda node: node.as_choice(("strict", "ip", "any")),
+        "advertise": _advertised_ip,
+    },
+}
+
+
+@dataclass(slots=True)
 class PluginSettings:
     paths: list[Path] = field(default_factory=list)
     disable: list[str] = field(default_factory=list)
@@ -286,7 +360,7 @@ DEFAULT_LISTEN = (Address.parse("127.0.0.1:1080"),)
 class Config:
     """One loaded configuration: the node tree, the core's settings and plugins' stash."""
 
-    CORE_SECTIONS = frozenset({"listen", "timeouts", "plugins"})
+    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "plugins"})
 
     def __init__(self, root: Node, file: str, errors: list[ConfigError] | None = None) -> None:
         self.root = root
@@ -299,6 +373,8 @@ class Config:
         self._claimed: set[str] = set()
         self.listen: tuple[Address, ...] = DEFAULT_LISTEN
         self.timeouts = Timeouts()
+        self.udp = UdpSettings()
+        self.bind = BindSettings()
         self.plugins = PluginSettings()
         self._read_core()
 
@@ -346,12 +422,13 @@ class Config:
                 if not listen:
                     raise node.error("give at least one address to listen on")
                 self.listen = listen
-        with self.errors.capture():
-            node = self.section("timeouts")
-            if node is not None:
-                for key, child in node.as_map(set(Timeouts.__slots__)).items():
-                    with self.errors.capture():
-                        setattr(self.timeouts, key, child.as_duration())
+        for name, readers in _SETTING_READERS.items():
+            with self.errors.capture():
+                node = self.section(name)
+                if node is not None:
+                    for key, child in node.as_map(set(readers)).items():
+                        with self.errors.capture():
+                            setattr(getattr(self, name), key, readers[key](child))
         with self.errors.capture():
             node = self.section("plugins")
             if node is not None:

@@ -219,7 +219,9 @@ def socksflow_request(session: Session, request: Request) -> Verdict | None:
 
 
 @hookspec(firstresult=True)
-def socksflow_resolve(session: Session | None, host: str, port: int) -> list[IPAddress] | None:
+def socksflow_resolve(
+    session: Session | None, host: str, port: int, config: Config
+) -> list[IPAddress] | None:
     """Resolve a domain name to the addresses to connect or send to.
 
     When: a CONNECT or BIND destination, or a UDP datagram's destination, is a domain name
@@ -227,6 +229,8 @@ def socksflow_resolve(session: Session | None, host: str, port: int) -> list[IPA
 
     :param session: the session asking, or ``None`` when asked outside a session (e.g.
         ``socksflow explain``).
+    :param config: the configuration to resolve by (the session's, or the one being
+        checked or explained): where a resolver keeps its per-configuration state.
     :param host: the normalised name (lower case, no trailing dot, IDNA).
     :param port: the destination port (for SRV-style or per-port policies).
 

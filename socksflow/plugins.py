@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,10 @@ class PluginManager(pluggy.PluginManager):
         return opts
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
-        registered = super().register(plugin, name)
+        try:
+            registered = super().register(plugin, name)
+        except pluggy.PluginValidationError as exc:  # e.g. a misspelt argument name
+            raise PluginLoadError(str(exc)) from exc
         if registered is not None:
             try:
                 self._validate(registered)
@@ -123,19 +127,26 @@ class PluginManager(pluggy.PluginManager):
         if not path.exists():
             raise PluginLoadError(f"plugin path {str(path)!r} does not exist")
         for file in files:
+            if self.is_blocked(file.stem):  # a disabled plugin's code is not even run
+                continue
             module_name = f"socksflow_local_{file.stem}"
             spec = importlib.util.spec_from_file_location(module_name, file)
             if spec is None or spec.loader is None:
                 raise PluginLoadError(f"{file}: not a Python file")
             module = importlib.util.module_from_spec(spec)
+            # As an import would: dataclasses and typing look the module up in sys.modules.
+            sys.modules[module_name] = module
             try:
                 spec.loader.exec_module(module)
             except Exception as exc:
+                del sys.modules[module_name]
                 raise PluginLoadError(f"{file}: {type(exc).__name__}: {exc}") from exc
             self._register_named(module, file.stem, str(file))
 
     def load_module(self, dotted: str) -> None:
         """Register an importable module by its dotted name."""
+        if self.is_blocked(dotted.rpartition(".")[2]):
+            return
         try:
             module = importlib.import_module(dotted)
         except Exception as exc:
@@ -143,8 +154,6 @@ class PluginManager(pluggy.PluginManager):
         self._register_named(module, dotted.rpartition(".")[2], dotted)
 
     def _register_named(self, plugin: object, name: str, origin: str) -> None:
-        if self.is_blocked(name):
-            return
         if self.has_plugin(name):
             raise PluginLoadError(f"two plugins are named {name!r} ({origin} and {self._source(name)})")
         self.register(plugin, name)

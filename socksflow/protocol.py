@@ -107,9 +107,12 @@ class Address:
             host = host[1:-1]
         elif ":" in host:
             raise ValueError(f"{text!r}: write IPv6 addresses as [addr]:port")
-        if not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
-        return cls(parse_host(host), int(port))
+        try:
+            return cls(parse_host(host), int(port))
+        except InvalidAddress as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
 
 
 def parse_host(text: str) -> Host:
@@ -119,13 +122,7 @@ def parse_host(text: str) -> Host:
     addresses see it; names are lower-cased, lose one trailing dot and are checked against
     the DNS length limits.  Raises :class:`InvalidAddress` for names that cannot exist.
     """
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        pass
-    name = text.lower()
-    if name.endswith("."):
-        name = name[:-1]
+    name = text[:-1] if text.endswith(".") else text
     try:
         name.encode("ascii")
     except UnicodeEncodeError:
@@ -133,6 +130,12 @@ def parse_host(text: str) -> Host:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
             raise InvalidAddress(f"{text!r} is not a valid host name") from None
+    # Only now: "127.0.0.1." and IDNA forms such as "１２７.０.０.１" are IP literals too.
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    name = name.lower()
     if not name or len(name) > MAX_DOMAIN_LENGTH:
         raise InvalidAddress(f"host name of {len(name)} characters")
     for label in name.split("."):

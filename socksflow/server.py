@@ -10,9 +10,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from socksflow import app
+from socksflow import app, bind, udp
 from socksflow.config import Config
-from socksflow.errors import ConfigErrors, ResolveError
+from socksflow.errors import ConfigErrors, PluginError, ResolveError
 from socksflow.protocol import Address, Command, IPAddress, parse_host
 from socksflow.relay import Direction, Transform
 from socksflow.session import ClientProtocol, Session
@@ -40,6 +40,8 @@ class Server:
         self._drained = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._commands: dict[Command, CommandHandler] = {}
+        self.register_command(Command.BIND, bind.handle)
+        self.register_command(Command.UDP_ASSOCIATE, udp.handle)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,7 +152,15 @@ class Server:
         pm = self.pm
 
         def transform(direction: Direction, data: bytes) -> bytes | None:
-            for result in pm.call_all_sync("socksflow_relay_data", session=session, direction=direction, data=data):
+            try:
+                results = pm.call_all_sync("socksflow_relay_data", session=session, direction=direction, data=data)
+            except PluginError as exc:  # fail closed: this tunnel ends, the server goes on
+                log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
+                session.close_reason = str(exc)
+                if session.tunnel is not None:
+                    session.tunnel.abort()
+                return b""
+            for result in results:
                 data = result
             return data
 
@@ -158,8 +168,9 @@ class Server:
 
     async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
         """Resolve through the plugins' hook, else the system resolver (off the event loop)."""
+        config = session.config if session is not None else self.config
         answer, _ = await self.pm.call_first(
-            "socksflow_resolve", self.config.timeouts.hook, session=session, host=host, port=port
+            "socksflow_resolve", config.timeouts.hook, session=session, host=host, port=port, config=config
         )
         if answer is not None:
             return tuple(answer)

@@ -35,10 +35,14 @@ from socksflow.stash import Stash
 if TYPE_CHECKING:
     from socksflow.config import Config
     from socksflow.server import Server
+    from socksflow.udp import Association
 
 log = logging.getLogger("socksflow.session")
 
 MAX_HANDSHAKE_BUFFER = 64 * 1024  # bytes accepted ahead of the reply before reading pauses
+# After a refusal, wait this long for the client to close first: closing a socket with unread
+# input sends a reset, which can destroy the reply in flight (RFC 1928 §6 allows up to 10 s).
+LINGER_SECONDS = 2.0
 _ids = itertools.count(1)
 
 
@@ -53,7 +57,7 @@ class SessionDenied(Exception):
 class ClientProtocol(asyncio.Protocol):
     """The client's connection during the handshake."""
 
-    __slots__ = ("_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
+    __slots__ = ("_linger", "_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -62,6 +66,7 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._linger: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -69,6 +74,8 @@ class ClientProtocol(asyncio.Protocol):
         self.server.session_started(self.session)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            return  # the session is over: discard
         self.conn.receive_data(data)
         if self.conn.buffered > MAX_HANDSHAKE_BUFFER and not self._paused:
             self._paused = True
@@ -77,12 +84,29 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self._linger is not None:
+            self.transport.close()
         self._wake()
         return True  # a client may shut down its sending side and still await the reply
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         self._wake()
+        self.session.client_lost()
+
+    def finish(self) -> None:
+        """Close gracefully: send FIN after what is queued, drain the client's input, then close."""
+        if self.closed or self._linger is not None:
+            return
+        transport = self.transport
+        if self.eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -148,8 +172,12 @@ class Session:
     Stable attributes: ``id``, ``client``, ``local``, ``config``, ``stash``, ``method``,
     ``identity``, ``request``, ``destination`` (after rewrites), ``addresses`` (what the
     destination resolved to), ``remote`` (the address actually connected to), ``bound``,
-    ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down``, ``started``,
-    ``duration``, ``close_reason``.
+    ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down`` (payload bytes, TCP
+    or UDP), ``datagrams_up``, ``datagrams_down`` (UDP ASSOCIATE), ``started``,
+    ``duration``, ``close_reason``, ``authenticated`` (``None`` when no credentials were
+    checked, else whether they were accepted) and ``timings`` (seconds spent in the phases
+    that took place: ``"handshake"`` from accept to the request, ``"resolve"`` in DNS,
+    ``"connect"`` dialling the destination).
     """
 
     def __init__(self, server: Server, client: ClientProtocol) -> None:
@@ -172,10 +200,15 @@ class Session:
         self.decided_by = ""
         self.reply: Reply | None = None
         self.close_reason = ""
+        self.authenticated: bool | None = None
+        self.timings: dict[str, float] = {}
         self.started = time.time()
+        self._clock = time.monotonic()
         self.ended: float | None = None
         self.tunnel: Tunnel | None = None
+        self.association: Association | None = None  # UDP ASSOCIATE
         self._task: asyncio.Task[None] | None = None
+        self._client_closed = False
         self._resolved: dict[str, tuple[IPAddress, ...]] = {}
 
     def __repr__(self) -> str:
@@ -183,11 +216,21 @@ class Session:
 
     @property
     def bytes_up(self) -> int:
-        return self.tunnel.bytes_up if self.tunnel else 0
+        relay = self.tunnel or self.association
+        return relay.bytes_up if relay else 0
 
     @property
     def bytes_down(self) -> int:
-        return self.tunnel.bytes_down if self.tunnel else 0
+        relay = self.tunnel or self.association
+        return relay.bytes_down if relay else 0
+
+    @property
+    def datagrams_up(self) -> int:
+        return self.association.datagrams_up if self.association else 0
+
+    @property
+    def datagrams_down(self) -> int:
+        return self.association.datagrams_down if self.association else 0
 
     @property
     def duration(self) -> float:
@@ -206,7 +249,6 @@ class Session:
             self._task.cancel()
         if self._client is not None:
             self._client.transport.abort()
-        self.server.session_ended(self)
 
     # ------------------------------------------------------------------ resolution
 
@@ -222,7 +264,11 @@ class Session:
             host, port = self.destination.host, self.destination.port  # type: ignore[assignment]
         cached = self._resolved.get(host)
         if cached is None:
-            cached = await self.server.resolve(self, host, port or 0)
+            began = time.monotonic()
+            try:
+                cached = await self.server.resolve(self, host, port or 0)
+            finally:
+                self.timings["resolve"] = self.timings.get("resolve", 0.0) + time.monotonic() - began
             self._resolved[host] = cached
         return cached
 
@@ -241,6 +287,7 @@ class Session:
                 request = await client.next_event()
             assert isinstance(request, Request)
             self.request = request
+            self.timings["handshake"] = time.monotonic() - self._clock
             self.destination = request.destination
             await self._dispatch(request)
         except SessionDenied:
@@ -265,7 +312,17 @@ class Session:
             self._finish_handshake_failure(f"internal error: {exc!r}")
         finally:
             self._task = None
-            self._client = None  # type: ignore[assignment]  # the handshake state is garbage now
+            self._maybe_ended()
+
+    def client_lost(self) -> None:
+        """The client's connection closed while the handshake protocol owned it."""
+        self._client_closed = True
+        self._maybe_ended()
+
+    def _maybe_ended(self) -> None:
+        # A session without a tunnel ends when both its task and its client connection are done.
+        if self._task is None and self._client_closed and self.tunnel is None:
+            self.server.session_ended(self)
 
     async def _report(self, error: Exception) -> None:
         await self.pm.notify("socksflow_session_error", self.config.timeouts.hook, session=self, error=error)
@@ -275,10 +332,7 @@ class Session:
         self._close()
 
     def _close(self) -> None:
-        transport = self._client.transport
-        if not transport.is_closing():
-            transport.close()
-        self.server.session_ended(self)
+        self._client.finish()
 
     async def _decide(self, hook: str, timeout: float | None = None, **kwargs: Any) -> Any:
         result, plugin = await self.pm.call_first(hook, timeout or self.config.timeouts.hook, **kwargs)
@@ -349,8 +403,10 @@ class Session:
             reason = result.reason if isinstance(result, Verdict) and result.reason else "credentials rejected"
             self.verdict = result if isinstance(result, Verdict) else Verdict.deny(reason)
             self.identity = Identity(user)  # who tried, for the access log; never the password
+            self.authenticated = False
             await self._deny(f"authentication failed for {user!r}: {reason}", conn.send_auth_status(False))
         self.identity = result
+        self.authenticated = True
         self._client.write(conn.send_auth_status(True))
 
     async def _subnegotiate(self, method: int, deadline: float) -> None:
@@ -365,9 +421,11 @@ class Session:
             await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)
         if not isinstance(result, Identity):
             conn.finish_subnegotiation(False)
+            self.authenticated = False
             await self._deny(f"method 0x{method:02x}: not authenticated")
         conn.finish_subnegotiation(True)
         self.identity = result
+        self.authenticated = True
 
     async def _dispatch(self, request: Request) -> None:
         try:
@@ -389,6 +447,9 @@ class Session:
             if handler is None:
                 await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
             await handler(self)
+            if self.tunnel is None:  # the command ended without handing the client to a tunnel
+                self.close_reason = self.close_reason or "closed"
+                self._close()
 
     async def fail(self, reply: Reply, reason: str, error: Exception | None = None) -> None:
         """Answer the request with a failure ``reply`` and end the session (raises SessionDenied)."""
@@ -407,6 +468,9 @@ class Session:
         client = self._client
         while not (client.eof or client.closed):
             client.conn.trailing_data  # noqa: B018 - drop what arrived, keep the buffer bounded
+            if client._paused:  # paused by a burst during the handshake: the EOF must still arrive
+                client._paused = False
+                client.transport.resume_reading()
             client._waiter = asyncio.get_running_loop().create_future()
             await client._waiter
             client._waiter = None
@@ -432,6 +496,7 @@ class Session:
         ips = await self.addresses_to_use()
         targets = tuple(Address(ip, self.destination.port) for ip in ips)
         timeout = self.config.timeouts.connect
+        began = time.monotonic()
         try:
             sock, _ = await self.pm.call_first(
                 "socksflow_open_connection", timeout, session=self, addresses=targets
@@ -445,6 +510,7 @@ class Session:
             await self.fail(reply, f"connect failed: {exc}", exc)
         except (OSError, TimeoutError) as exc:
             await self.fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
+        self.timings["connect"] = time.monotonic() - began
         await self.start_relay(sock)
 
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
@@ -468,10 +534,14 @@ class Session:
             sock.close()
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
         client = self._client
+        if client.closed:  # the client left while we were connecting
+            upstream.close()
+            raise ClientGone("client closed the connection before the reply")
         self.reply = Reply.SUCCEEDED
         client.write(self._reply_bytes(self.bound))
         self.tunnel = tunnel
         tunnel.start(client.transport, upstream, client.conn.trailing_data, client.eof)
+        self._client = None  # type: ignore[assignment]  # the tunnel owns the transport now
         self.server.tunnel_started(self)
 
     def _reply_bytes(self, bound: Address) -> bytes:

@@ -1,0 +1,171 @@
+"""BIND (RFC 1928 §4, §6): wait for one incoming connection from the expected peer, then relay.
+
+The request's DST.ADDR/DST.PORT name the host expected to connect.  The listening socket is
+bound where ``socksflow_bind`` says, by default on the control connection's local IP (port 0);
+the first reply carries that address (or ``bind.advertise``).  Each incoming connection is
+checked against the expected peer (``bind.peer_check``) and ``socksflow_bind_peer``.  A refused
+peer is closed and the wait goes on — a stray connection (a port scan) must not end the
+client's BIND — until ``bind.timeout``, which sends the second reply 0x06 (TTL expired).  The
+accepted peer's address goes in the second reply, the listener is closed, and the two
+connections are relayed as for CONNECT.  If the client closes its connection meanwhile, the
+wait ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from socksflow.decisions import Verdict
+from socksflow.dial import reply_for_error
+from socksflow.errors import PluginError
+from socksflow.protocol import Address, IPAddress, Reply
+
+if TYPE_CHECKING:
+    from socksflow.config import BindSettings
+    from socksflow.session import Session
+
+log = logging.getLogger("socksflow.bind")
+
+
+async def handle(session: Session) -> None:
+    """Serve a BIND request: listen, first reply, accept the expected peer, second reply, relay."""
+    settings = session.config.bind
+    listen = await _listen_address(session)
+    expected = await _expected_peer(session, settings)
+    try:
+        listener = _listening_socket(listen)
+    except OSError as exc:
+        await session.fail(reply_for_error(exc), f"cannot listen on {listen}: {exc.strerror or exc}")
+    try:
+        port = listener.getsockname()[1]
+        host = session.local.host if listen.host.is_unspecified else listen.host  # type: ignore[union-attr]
+        session.bound = Address(settings.advertise or host, port)
+        session.send_reply(Reply.SUCCEEDED, session.bound)
+        peer = await _wait_for_peer(session, listener, expected, settings.timeout)
+    finally:
+        listener.close()
+    if peer is not None:
+        sock, address = peer
+        await session.start_relay(sock, bound=address)
+
+
+async def _listen_address(session: Session) -> Address:
+    """Where to listen: the ``socksflow_bind`` answer, else the control connection's local IP."""
+    try:
+        answer, plugin = await session.pm.call_first(
+            "socksflow_bind", session.config.timeouts.hook, session=session
+        )
+    except PluginError as exc:
+        await session.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", exc)
+    if isinstance(answer, Verdict):
+        if not answer.allowed:
+            session.verdict, session.decided_by = answer, plugin
+            await session.fail(answer.reply, f"BIND refused by {plugin}: {answer.reason or answer.rule}")
+        answer = None
+    if answer is None:
+        return Address(session.local.host, 0)
+    if not isinstance(answer, Address) or answer.is_domain:
+        error = PluginError(plugin, "socksflow_bind", f"answered {answer!r}, not an IP address")
+        await session.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", error)
+    return answer
+
+
+async def _expected_peer(session: Session, settings: BindSettings) -> tuple[frozenset[IPAddress], int] | None:
+    """The IPs (and port, 0 for any) a peer must come from; ``None`` accepts any peer."""
+    destination = session.destination
+    assert destination is not None
+    if settings.peer_check == "any" or (not destination.is_domain and destination.host.is_unspecified):  # type: ignore[union-attr]
+        return None
+    ips = await session.addresses_to_use()  # a name is resolved once, as for CONNECT
+    port = destination.port if settings.peer_check == "strict" else 0
+    return frozenset(ips), port
+
+
+def _listening_socket(address: Address) -> socket.socket:
+    family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((str(address.host), address.port))
+        sock.listen(1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _wait_for_peer(
+    session: Session,
+    listener: socket.socket,
+    expected: tuple[frozenset[IPAddress], int] | None,
+    timeout: float,
+) -> tuple[socket.socket, Address] | None:
+    """The accepted peer; ``None`` if the client went away.  Fails the session on timeout."""
+    accepting = asyncio.ensure_future(_accept_peer(session, listener, expected))
+    closed = asyncio.ensure_future(session.wait_client_closed())
+    try:
+        await asyncio.wait((accepting, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (accepting, closed):
+            task.cancel()
+        # Let the cancelled accept unregister the listener before the caller closes it.
+        await asyncio.wait((accepting, closed))
+    if accepting.cancelled():
+        if closed.done() and not closed.cancelled():
+            session.close_reason = "client closed the connection while waiting for the BIND peer"
+            return None
+        await session.fail(Reply.TTL_EXPIRED, f"no acceptable peer connected within {timeout:g}s")
+    error = accepting.exception()
+    if isinstance(error, PluginError):
+        await session.fail(Reply.GENERAL_FAILURE, "BIND peer check failed: plugin error", error)
+    if error is not None:
+        await session.fail(reply_for_error(error), f"accepting the BIND peer failed: {error}")
+    peer = accepting.result()
+    if closed.done() and not closed.cancelled():  # both at once: nobody is left to relay to
+        peer[0].close()
+        session.close_reason = "client closed the connection while waiting for the BIND peer"
+        return None
+    return peer
+
+
+async def _accept_peer(
+    session: Session, listener: socket.socket, expected: tuple[frozenset[IPAddress], int] | None
+) -> tuple[socket.socket, Address]:
+    """Accept connections until one passes the checks; the refused ones are closed."""
+    loop = asyncio.get_running_loop()
+    while True:
+        sock, sockaddr = await loop.sock_accept(listener)
+        try:
+            peer = Address.from_sockaddr(sockaddr)
+            refusal = _check_peer(peer, expected)
+            if refusal is None:
+                verdict, plugin = await session.pm.call_first(
+                    "socksflow_bind_peer", session.config.timeouts.hook, session=session, peer=peer
+                )
+                if verdict is not None and not verdict.allowed:
+                    refusal = f"refused by {plugin}: {verdict.reason or verdict.rule or 'no reason given'}"
+        except BaseException:
+            sock.close()
+            raise
+        if refusal is None:
+            return sock, peer
+        log.info("session %s: BIND peer %s refused (%s); still waiting", session.id, peer, refusal)
+        sock.close()
+
+
+def _check_peer(peer: Address, expected: tuple[frozenset[IPAddress], int] | None) -> str | None:
+    """Why ``peer`` is not the expected one, or ``None`` if it is."""
+    if expected is None:
+        return None
+    ips, port = expected
+    ip = peer.host
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # type: ignore[union-attr]
+        ip = ip.ipv4_mapped  # type: ignore[union-attr]
+    if ip not in ips:
+        return f"expected a peer from {', '.join(map(str, sorted(ips, key=str)))}"
+    if port and peer.port != port:
+        return f"expected a peer from port {port}"
+    return None
