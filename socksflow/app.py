@@ -47,8 +47,7 @@ def configure(pm: PluginManager, config: Config) -> None:
 
 def prepare(path: str | Path | None, disabled: Iterable[str] = ()) -> tuple[Config, PluginManager]:
     """Load, build the plugin manager and configure: what every command starts with."""
-    config = load_config(path)
-    config.raise_errors()
+    config = load_config(path)  # errors found so far are reported with the plugins' own
     pm = build_plugin_manager(config, disabled)
     configure(pm, config)
     return config, pm

@@ -166,9 +166,16 @@ class _Composer(yaml.SafeLoader):
 
 
 def _build(
-    node: yaml.Node, path: str, file: str, errors: list[ConfigError], parents: frozenset[int] = frozenset()
+    node: yaml.Node,
+    path: str,
+    file: str,
+    errors: list[ConfigError],
+    parents: frozenset[int] = frozenset(),
+    key_line: int = 0,
 ) -> Node:
-    line = node.start_mark.line + 1
+    # A mapping's value is located at its key: errors about ``auth`` point at ``auth:``, not at
+    # the first line of the block below it.
+    line = key_line or node.start_mark.line + 1
     if isinstance(node, yaml.CollectionNode):
         if id(node) in parents:  # an alias inside its own anchor ("&x [*x]") would never end
             errors.append(ConfigError("recursive alias (the value contains itself)", file, line, path))
@@ -177,18 +184,18 @@ def _build(
     if isinstance(node, yaml.MappingNode):
         items: dict[str, Node] = {}
         for key_node, value_node in node.value:
+            child_line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
-                errors.append(ConfigError("keys must be plain text", file, key_node.start_mark.line + 1, path))
+                errors.append(ConfigError("keys must be plain text", file, child_line, path))
                 continue
             key = key_node.value
             child_path = f"{path}.{key}" if path else key
             if key in items:
                 errors.append(ConfigError(
-                    f"duplicate key (first given on line {items[key].line})",
-                    file, key_node.start_mark.line + 1, child_path,
+                    f"duplicate key (first given on line {items[key].line})", file, child_line, child_path,
                 ))  # fmt: skip
                 continue
-            items[key] = _build(value_node, child_path, file, errors, parents)
+            items[key] = _build(value_node, child_path, file, errors, parents, child_line)
         return Node(items, line, path, file)
     if isinstance(node, yaml.SequenceNode):
         return Node(

@@ -348,14 +348,16 @@ def socksflow_bind(session: Session) -> Address | Verdict | None:
 def socksflow_bind_peer(session: Session, peer: Address) -> Verdict | None:
     """Accept or refuse the host that connected to a BIND listener.
 
-    When: a peer connected; the second reply is not sent yet.
+    When: a peer connected and passed the core's check against the request's address
+    (``bind.peer_check``); the second reply is not sent yet.
 
     :param session: the BIND session.
     :param peer: the connecting host's address.
 
-    Returns a :class:`~socksflow.decisions.Verdict`; ``None`` is no opinion (the core
-    checks the peer against the request's address as configured).  *First result*, may be
-    async.  Raising refuses the peer with REP 0x01.
+    Returns a :class:`~socksflow.decisions.Verdict`: a denial closes that connection and the
+    wait for the expected peer goes on (until ``bind.timeout``); ``None`` is no opinion (the
+    peer is accepted).  *First result*, may be async.  Raising ends the BIND with the second
+    reply 0x01.  Called once per incoming connection that passed the core's check.
     """
 
 

@@ -15,7 +15,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -83,6 +83,7 @@ class PluginManager(pluggy.PluginManager):
         try:
             registered = super().register(plugin, name)
         except pluggy.PluginValidationError as exc:  # e.g. a misspelt argument name
+            self.unregister(plugin)  # pluggy leaves the plugin half-registered
             raise PluginLoadError(str(exc)) from exc
         if registered is not None:
             try:
@@ -145,13 +146,14 @@ class PluginManager(pluggy.PluginManager):
 
     def load_module(self, dotted: str) -> None:
         """Register an importable module by its dotted name."""
-        if self.is_blocked(dotted.rpartition(".")[2]):
+        name = dotted.rpartition(".")[2]
+        if self.is_blocked(name):
             return
         try:
             module = importlib.import_module(dotted)
         except Exception as exc:
             raise PluginLoadError(f"cannot import plugin {dotted!r}: {exc!r}") from exc
-        self._register_named(module, dotted.rpartition(".")[2], dotted)
+        self._register_named(module, name, dotted)
 
     def _register_named(self, plugin: object, name: str, origin: str) -> None:
         if self.has_plugin(name):
@@ -159,7 +161,9 @@ class PluginManager(pluggy.PluginManager):
         self.register(plugin, name)
         self._origins[name] = origin
 
-    def load_all(self, *, paths: Iterable[Path] = (), disabled: Iterable[str] = (), autoload: bool = True) -> None:
+    def load_all(
+        self, *, paths: Iterable[Path] = (), disabled: Iterable[str] = (), autoload: bool = True
+    ) -> None:
         """Load plugins as a server does: entry points, then files, then ``$SOCKSFLOW_PLUGINS``."""
         disabled = list(disabled)
         for name in disabled:
@@ -173,8 +177,12 @@ class PluginManager(pluggy.PluginManager):
                 self.load_path(Path(extra))
             else:
                 self.load_module(extra)
+        self.check_pending()
+
+    def check_pending(self) -> None:
+        """Raise PluginLoadError for an implementation of a hook that does not exist (a misspelt name)."""
         try:
-            self.check_pending()
+            super().check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginLoadError(str(exc)) from exc
 
@@ -220,7 +228,40 @@ class PluginManager(pluggy.PluginManager):
         Raises :class:`PluginError` (the cause chained) when an implementation raises or
         exceeds ``timeout``.
         """
-        for impl in self.impls(hook):
+        answer = self.call_first_nowait(hook, timeout, **kwargs)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    def call_first_nowait(
+        self, hook: str, timeout: float | None, /, **kwargs: Any
+    ) -> tuple[Any, str] | Awaitable[tuple[Any, str]]:
+        """As :meth:`call_first`, without a coroutine while the implementations answer synchronously.
+
+        For hooks called per datagram: the ``(answer, plugin)`` pair at once when no
+        implementation tried returned an awaitable; otherwise an awaitable that finishes the
+        call (await it for the pair).  Failures raise :class:`PluginError` as in
+        :meth:`call_first`, from this call or from the awaitable.
+        """
+        impls = self.impls(hook)
+        for index, impl in enumerate(impls):
+            result = _invoke(impl, hook, kwargs)
+            if inspect.isawaitable(result):
+                return self._finish_first(hook, timeout, impls[index:], result, kwargs)
+            if result is not None:
+                return result, impl.plugin
+        return None, ""
+
+    async def _finish_first(
+        self,
+        hook: str,
+        timeout: float | None,
+        impls: tuple[Impl, ...],
+        pending: Awaitable[Any],
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, str]:
+        result = await _settle(impls[0], hook, pending, timeout)
+        if result is not None:
+            return result, impls[0].plugin
+        for impl in impls[1:]:
             result = await _call(impl, hook, kwargs, timeout)
             if result is not None:
                 return result, impl.plugin
@@ -239,10 +280,7 @@ class PluginManager(pluggy.PluginManager):
         """As :meth:`call_all` for sync-only hooks (no event loop needed)."""
         results = []
         for impl in self.impls(hook):
-            try:
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-            except Exception as exc:
-                raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
+            result = _invoke(impl, hook, kwargs)
             if result is not None:
                 results.append(result)
         return results
@@ -257,15 +295,26 @@ class PluginManager(pluggy.PluginManager):
 
 
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
-    deadline = None
+    result = _invoke(impl, hook, kwargs)
+    if inspect.isawaitable(result):
+        result = await _settle(impl, hook, result, timeout)
+    return result
+
+
+def _invoke(impl: Impl, hook: str, kwargs: dict[str, Any]) -> Any:
     try:
-        result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-        if inspect.isawaitable(result):
-            deadline = asyncio.timeout(timeout)
-            async with deadline:
-                result = await result
+        return impl.function(*[kwargs[arg] for arg in impl.argnames])
     except Exception as exc:  # never BaseException: cancellation must pass through
-        if deadline is not None and deadline.expired():
+        raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _settle(impl: Impl, hook: str, pending: Awaitable[Any], timeout: float | None) -> Any:
+    """Await an implementation's awaitable answer within ``timeout``."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            return await pending
+    except Exception as exc:
+        if deadline.expired():
             raise PluginError(impl.plugin, hook, f"no answer within {timeout:g}s") from exc
         raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
-    return result

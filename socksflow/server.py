@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -62,7 +63,8 @@ class Server:
                 self.addresses.extend(Address.from_sockaddr(s.getsockname()) for s in listener.sockets)
         except OSError as exc:
             await self._close_listeners()
-            raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"cannot listen on {address}: {reason}") from None
         await self.pm.call_all("socksflow_startup", None, server=self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
@@ -101,7 +103,6 @@ class Server:
         """Re-read the configuration file; a bad file is logged and the old one stays."""
         try:
             config = app.load_config(self.config.file)
-            config.raise_errors()
             app.configure(self.pm, config)
         except ConfigErrors as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
@@ -169,9 +170,15 @@ class Server:
     async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
         """Resolve through the plugins' hook, else the system resolver (off the event loop)."""
         config = session.config if session is not None else self.config
-        answer, _ = await self.pm.call_first(
-            "socksflow_resolve", config.timeouts.hook, session=session, host=host, port=port, config=config
-        )
+        try:
+            answer, _ = await self.pm.call_first(
+                "socksflow_resolve", config.timeouts.hook,
+                session=session, host=host, port=port, config=config,
+            )  # fmt: skip
+        except PluginError as exc:
+            if isinstance(exc.__cause__, ResolveError):  # the hook's documented "no such name", not a fault
+                raise exc.__cause__ from None
+            raise
         if answer is not None:
             return tuple(answer)
         loop = asyncio.get_running_loop()

@@ -350,12 +350,18 @@ class Session:
         self.close_reason = reason
         raise SessionDenied(reason)
 
+    def _refused_by_fault(self, error: PluginError) -> None:
+        """A decision hook raised and the session fails closed: record that as the plugin's denial."""
+        self.verdict = Verdict.deny(f"plugin error in {error.hook}", reply=Reply.GENERAL_FAILURE)
+        self.decided_by = error.plugin
+
     # ------------------------------------------------------------------ phases
 
     async def _accept(self) -> None:
         try:
             verdict = await self._decide("socksflow_client_connected", session=self)
         except PluginError as exc:
+            self._refused_by_fault(exc)
             await self._deny("client refused: plugin failed", error=exc)
         if verdict is not None and not verdict.allowed:
             self.verdict = verdict
@@ -397,6 +403,7 @@ class Session:
                 "socksflow_authenticate", session=self, username=credentials.username, password=credentials.password
             )
         except PluginError as exc:
+            self._refused_by_fault(exc)
             await self._deny("authentication failed: plugin error", conn.send_auth_status(False), exc)
         user = credentials.username.decode("utf-8", "backslashreplace")
         if not isinstance(result, Identity):
@@ -431,6 +438,7 @@ class Session:
         try:
             verdict = await self._decide("socksflow_request", session=self, request=request)
         except PluginError as exc:
+            self._refused_by_fault(exc)
             await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
         if verdict is not None:
             self.verdict = verdict

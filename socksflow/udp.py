@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import ipaddress
 import logging
 import socket
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError, ResolveError
 from socksflow.protocol import (
@@ -62,7 +65,8 @@ _SOURCES: dict[tuple[int, bool], IPAddress] = {
 
 ASSOCIATIONS = StashKey[collections.Counter[str]]("UDP associations per client IP")
 
-Route = tuple["asyncio.DatagramTransport", tuple[str, int], "_Outbound"]
+# What the worker gets with a datagram: nothing yet, the hook's pending answer, or its answer.
+Answer = tuple[Verdict | None, str] | Awaitable[tuple[Verdict | None, str]] | None
 
 
 async def handle(session: Session) -> None:
@@ -105,8 +109,8 @@ class Association(asyncio.DatagramProtocol):
         self.loop = asyncio.get_running_loop()
         client = session.client.host
         assert not isinstance(client, str) and session.request is not None
-        self.family = socket.AF_INET6 if client.version == 6 else socket.AF_INET
-        self.client_ip = socket.inet_ntop(self.family, client.packed)  # as recvfrom spells it
+        family = socket.AF_INET6 if client.version == 6 else socket.AF_INET
+        self.client_ip = socket.inet_ntop(family, client.packed)  # as recvfrom spells it
         self.client_port = session.request.destination.port  # 0 until the first datagram
         self.client_addr: tuple[str, int] | None = None  # where replies go, once the port is known
         if self.client_port:
@@ -115,9 +119,9 @@ class Association(asyncio.DatagramProtocol):
         self.relay: asyncio.DatagramTransport | None = None
         self.relay_paused = False
         self.outbound: dict[tuple[int, bool], _Outbound] = {}
-        self.routes: dict[bytes, Route] = {}  # header bytes → where its datagrams go (fast path)
+        self.routes: dict[bytes, _Route] = {}  # header bytes → where its datagrams go (fast path)
         self.reply_headers: dict[tuple[str, int], bytes] = {}  # remote → header for its replies
-        self.backlog: collections.deque[tuple[UdpHeader, bytes]] = collections.deque()
+        self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
         self.hooked = bool(session.pm.impls("socksflow_udp_datagram"))
         self.any_reply = settings.replies_from == "any"
@@ -149,6 +153,8 @@ class Association(asyncio.DatagramProtocol):
             self._timer.cancel()
         if self.worker is not None:
             self.worker.cancel()
+        for _, _, answer in self.backlog:
+            _discard(answer)
         self.backlog.clear()
         if self.relay is not None:
             self.relay.close()
@@ -175,13 +181,16 @@ class Association(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
         if (addr[1] != self.client_port or addr[0] != self.client_ip) and not self._admit(addr):
             return
-        if self.worker is None and not self.hooked:
+        if self.worker is None:  # else the queue decides, so datagrams keep their order
             atyp = data[3] if len(data) > 4 else 0
             length = _HEADER_LENGTH.get(atyp) or (7 + data[4] if atyp == 0x03 else 0)
             # A known key is a header that parsed before: right RSV, FRAG 0, and data is long enough.
             route = self.routes.get(data[:length])
             if route is not None:
-                self._send(route, memoryview(data)[length:])
+                if not self.hooked:
+                    self._send(route, memoryview(data)[length:])
+                else:
+                    self._send(route, memoryview(data)[length:])
                 return
         self._queue(data)
 
@@ -197,6 +206,28 @@ class Association(asyncio.DatagramProtocol):
         self.client_addr = (addr[0], addr[1])
         return True
 
+    def _decide_now(self, route: _Route, data: bytes) -> None:
+        """A datagram to a known destination: ask the hook without a task while it answers synchronously."""
+        header = route.header
+        try:
+            answer = self.session.pm.call_first_nowait(
+                "socksflow_udp_datagram", self.session.config.timeouts.hook,
+                session=self.session, destination=header.destination, payload=data[header.offset :],
+            )  # fmt: skip
+        except PluginError as exc:
+            self._plugin_failed(header.destination, exc)
+            return
+        if inspect.isawaitable(answer):
+            self._enqueue(header, data, answer)
+            return
+        decided = self._apply(header.destination, answer)
+        if decided is None:
+            return
+        if decided[0] is header.destination and decided[1] is None:
+            self._send(route, memoryview(data)[header.offset :])
+        else:  # redirected: resolving and routing are the worker's
+            self._enqueue(header, data, answer)
+
     def _queue(self, data: bytes) -> None:
         try:
             header = parse_udp_header(data)
@@ -206,10 +237,15 @@ class Association(asyncio.DatagramProtocol):
         if header.frag:
             self._drop("fragment (FRAG != 0): reassembly is not supported")
             return
+        self._enqueue(header, data, None)
+
+    def _enqueue(self, header: UdpHeader, data: bytes, answer: Answer) -> None:
+        """Queue a datagram for the worker, with the hook's answer if it was asked already."""
         if len(self.backlog) >= MAX_BACKLOG:
+            _discard(answer)
             self._drop("backlog full")
             return
-        self.backlog.append((header, data))
+        self.backlog.append((header, data, answer))
         if self.worker is None:
             self.worker = self.loop.create_task(self._drain())
 
@@ -217,36 +253,37 @@ class Association(asyncio.DatagramProtocol):
         """Forward queued datagrams in order; returns once the queue is empty (idle means no task)."""
         try:
             while self.backlog:
-                header, data = self.backlog.popleft()
+                header, data, answer = self.backlog.popleft()
                 try:
-                    await self._forward(header, data)
+                    await self._forward(header, data, answer)
                 except Exception as exc:  # one bad datagram must not stop the association
                     log.exception("session %s: UDP datagram to %s", self.session.id, header.destination)
                     self._drop(f"internal error: {exc!r}")
         finally:
             self.worker = None
 
-    async def _forward(self, header: UdpHeader, data: bytes) -> None:
-        """Decide, resolve and send one datagram; remember its route when no hook must see the next."""
+    async def _forward(self, header: UdpHeader, data: bytes, answer: Answer) -> None:
+        """Decide, resolve and send one datagram; remember the route of a destination sent to as asked."""
         session = self.session
         destination = header.destination
         addresses: tuple[IPAddress, ...] | None = None
         if self.hooked:
             try:
-                verdict, plugin = await session.pm.call_first(
-                    "socksflow_udp_datagram", session.config.timeouts.hook,
-                    session=session, destination=destination, payload=data[header.offset :],
-                )  # fmt: skip
+                if answer is None:
+                    answer = await session.pm.call_first(
+                        "socksflow_udp_datagram", session.config.timeouts.hook,
+                        session=session, destination=destination, payload=data[header.offset :],
+                    )  # fmt: skip
+                elif inspect.isawaitable(answer):
+                    answer = await answer
             except PluginError as exc:
-                self._drop(f"to {destination}: {exc}", exc)
+                self._plugin_failed(destination, exc)
                 return
-            if verdict is not None:
-                if not verdict.allowed:
-                    why = verdict.reason or verdict.rule or "no reason given"
-                    self._drop(f"to {destination} denied by {plugin}: {why}")
-                    return
-                destination = verdict.destination or destination
-                addresses = verdict.addresses
+            decided = self._apply(destination, answer)  # type: ignore[arg-type]
+            if decided is None:
+                return
+            destination, addresses = decided
+        as_asked = destination is header.destination and addresses is None
         if destination.port == 0:
             self._drop(f"to {destination}: port 0")
             return
@@ -262,14 +299,37 @@ class Association(asyncio.DatagramProtocol):
         if not addresses:
             self._drop(f"to {destination}: no address")
             return
-        route = await self._route(addresses[0], destination.port)
-        if not self.hooked:
+        route = await self._route(header, addresses[0], destination.port)
+        if as_asked:
             if len(self.routes) >= MAX_DESTINATIONS:
                 self.routes.clear()
             self.routes[data[: header.offset]] = route
         self._send(route, memoryview(data)[header.offset :])
 
-    async def _route(self, ip: IPAddress, port: int) -> Route:
+    def _apply(
+        self, destination: Address, answer: tuple[Verdict | None, str]
+    ) -> tuple[Address, tuple[IPAddress, ...] | None] | None:
+        """Where a hook's answer sends a datagram (and to which addresses); ``None`` if denied."""
+        verdict, plugin = answer
+        if verdict is None:
+            return destination, None
+        if not verdict.allowed:
+            why = verdict.reason or verdict.rule or "no reason given"
+            self._drop(f"to {destination} denied by {plugin}: {why}")
+            return None
+        return verdict.destination or destination, verdict.addresses
+
+    def _plugin_failed(self, destination: Address, error: PluginError) -> None:
+        """A plugin raised on a datagram: that datagram is dropped (fail closed), the association goes on."""
+        self._drop(f"to {destination}: {error}", error)
+        session = self.session
+        session.server.spawn(
+            session.pm.notify(
+                "socksflow_session_error", session.config.timeouts.hook, session=session, error=error
+            )
+        )
+
+    async def _route(self, header: UdpHeader, ip: IPAddress, port: int) -> _Route:
         """The socket and address to send to ``ip``:``port``; registers the remote for replies."""
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         sockaddr = (socket.inet_ntop(family, ip.packed), port)
@@ -278,10 +338,10 @@ class Association(asyncio.DatagramProtocol):
         key = (ip.version, ip.is_loopback)
         outbound = self.outbound.get(key)
         if outbound is None:
-            outbound = _Outbound(self)
-            await self.loop.create_datagram_endpoint(lambda: outbound, sock=_bound_socket(_SOURCES[key], 0))
+            outbound = _Outbound(self, _bound_socket(_SOURCES[key], 0))
+            await self.loop.create_datagram_endpoint(lambda: outbound, sock=outbound.sock)
             self.outbound[key] = outbound
-        return outbound.transport, sockaddr, outbound
+        return _Route(header, outbound, sockaddr)
 
     def _remember(self, sockaddr: tuple[str, int], ip: IPAddress) -> bytes:
         if len(self.reply_headers) >= MAX_DESTINATIONS:
@@ -291,12 +351,15 @@ class Association(asyncio.DatagramProtocol):
         self.reply_headers[sockaddr] = header
         return header
 
-    def _send(self, route: Route, payload: memoryview) -> None:
-        transport, sockaddr, outbound = route
+    def _send(self, route: _Route, payload: memoryview) -> None:
+        outbound = route.outbound
         if outbound.paused:
             self._drop("outbound socket congested")
             return
-        transport.sendto(payload, sockaddr)
+        if payload:
+            outbound.transport.sendto(payload, route.sockaddr)
+        else:  # asyncio's sendto (3.11) silently skips empty datagrams, which are valid UDP
+            outbound.send_empty(route.sockaddr)
         self.bytes_up += len(payload)
         self.datagrams_up += 1
         self.active = True
@@ -344,13 +407,25 @@ class Association(asyncio.DatagramProtocol):
         )  # fmt: skip
 
 
+class _Route:
+    """Where datagrams with one header go: the parsed header, the socket, the remote's address."""
+
+    __slots__ = ("header", "outbound", "sockaddr")
+
+    def __init__(self, header: UdpHeader, outbound: _Outbound, sockaddr: tuple[str, int]) -> None:
+        self.header = header
+        self.outbound = outbound
+        self.sockaddr = sockaddr
+
+
 class _Outbound(asyncio.DatagramProtocol):
     """A socket that sends to remote hosts and receives their replies."""
 
-    __slots__ = ("association", "paused", "transport")
+    __slots__ = ("association", "paused", "sock", "transport")
 
-    def __init__(self, association: Association) -> None:
+    def __init__(self, association: Association, sock: socket.socket) -> None:
         self.association = association
+        self.sock = sock
         self.paused = False
         self.transport: asyncio.DatagramTransport = None  # type: ignore[assignment]
 
@@ -363,11 +438,23 @@ class _Outbound(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         log.debug("session %s: UDP outbound socket: %s", self.association.session.id, exc)
 
+    def send_empty(self, sockaddr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(b"", sockaddr)
+        except OSError as exc:  # a full buffer drops it, as it would any datagram
+            self.error_received(exc)
+
     def pause_writing(self) -> None:
         self.paused = True
 
     def resume_writing(self) -> None:
         self.paused = False
+
+
+def _discard(answer: Answer) -> None:
+    """Close a pending hook answer that will never be awaited (no "never awaited" warning)."""
+    if inspect.iscoroutine(answer):
+        answer.close()
 
 
 def _bound_socket(ip: IPAddress, port: int) -> socket.socket:

@@ -1,0 +1,214 @@
+"""The command line as an operator uses it: real processes, signals, exit codes, messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import socksflow
+from socksflow.testing import socks5_handshake
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+READY = re.compile(r"^socksflow: listening on (\S+):(\d+)$")
+
+
+def socksflow_cmd(*args: str, cwd: Path | None = None, timeout: float = 30, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "socksflow", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+class Proxy:
+    """``socksflow run`` as a subprocess; stopped (by PID) when the test ends."""
+
+    def __init__(self, *args: str, cwd: Path, env: dict | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+        )  # fmt: skip
+        line = self.process.stdout.readline().strip()
+        match = READY.match(line)
+        if not match:
+            self.process.kill()
+            raise AssertionError(f"no ready line: {line!r}\n{self.process.stderr.read()}")
+        self.address = (match[1], int(match[2]))
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        self.process.send_signal(signum)
+        _, stderr = self.process.communicate(timeout=20)
+        return self.process.returncode, stderr
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[Proxy]]:
+    started: list[Proxy] = []
+    yield started
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.process.kill()
+            proxy.process.wait(10)
+
+
+@pytest.mark.smoke
+def test_version():
+    result = socksflow_cmd("--version")
+    assert result.stdout.strip() == f"socksflow {socksflow.__version__}"
+
+
+def test_run_serves_and_stops_on_sigterm(tmp_path, proxies, http_target):
+    (tmp_path / "rules.yaml").write_text("auth: {methods: [none]}\n")
+    proxy = Proxy(cwd=tmp_path)
+    proxies.append(proxy)
+    code, client = socks5_handshake(proxy.address, f"127.0.0.1:{http_target.port}")
+    assert code == 0
+    client.sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    response = b""
+    while chunk := client.sock.recv(4096):
+        response += chunk
+    assert response.endswith(b"hello from the target\n")
+    client.close()
+    returncode, stderr = proxy.stop()
+    assert returncode == 0
+    assert "SIGTERM received: stopping" in stderr
+    assert "plugin auth" in stderr  # the start-up log lists every plugin
+
+
+def test_sigterm_lets_running_sessions_finish(tmp_path, proxies, echo_target):
+    (tmp_path / "rules.yaml").write_text("timeouts: {shutdown: 1s}\n")
+    proxy = Proxy(cwd=tmp_path)
+    proxies.append(proxy)
+    code, client = socks5_handshake(proxy.address, f"127.0.0.1:{echo_target[1]}")
+    assert code == 0
+    proxy.process.send_signal(signal.SIGTERM)
+    client.sock.sendall(b"still here")  # the session keeps working during the drain
+    assert client.recv_exactly(10) == b"still here"
+    assert client.sock.recv(1) == b""  # closed at the 1 s deadline
+    client.close()
+    proxy.process.wait(20)
+    assert proxy.process.returncode == 0
+    assert "closing 1 sessions still open after 1s" in proxy.process.stderr.read()
+
+
+def test_sighup_reloads_and_keeps_the_old_config_on_errors(tmp_path, proxies):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("timeouts: {connect: 5s}\n")
+    proxy = Proxy(cwd=tmp_path)
+    proxies.append(proxy)
+    rules.write_text("timeouts: {connect: five seconds}\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    rules_ok = "timeouts: {connect: 3s}\n"
+    # Wait for the rejection to be logged before fixing the file.
+    line = proxy.process.stderr.readline()
+    while "reload" not in line:
+        line = proxy.process.stderr.readline()
+    assert "reload rejected, keeping the running configuration" in line
+    assert "rules.yaml:1: timeouts.connect: 'five seconds' is not a duration" in proxy.process.stderr.readline()
+    rules.write_text(rules_ok)
+    proxy.process.send_signal(signal.SIGHUP)
+    line = proxy.process.stderr.readline()
+    while "reload" not in line:
+        line = proxy.process.stderr.readline()
+    assert "configuration reloaded from rules.yaml" in line
+    assert proxy.stop()[0] == 0
+
+
+def test_port_in_use_is_one_clear_line(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = socksflow_cmd("run", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(f"socksflow: cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+@pytest.mark.smoke
+def test_bad_config_lists_every_error_with_file_line_and_key(tmp_path):
+    (tmp_path / "rules.yaml").write_text(
+        textwrap.dedent("""\
+            listen: [127.0.0.1:99999]
+            timeouts:
+              connect: 8:30
+            auth: {methods: [none]}
+            auth: {methods: [userpass]}
+            nonsense: 1
+        """)
+    )
+    result = socksflow_cmd("check", "rules.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "rules.yaml:1: listen[0]: '127.0.0.1:99999': port must be a number from 0 to 65535",
+        "rules.yaml:3: timeouts.connect: '8:30' is an ambiguous number in YAML (octal, sexagesimal…); quote it",
+        "rules.yaml:5: auth: duplicate key (first given on line 4)",
+        "rules.yaml:6: nonsense: unknown section (no loaded plugin reads it)",
+    ]
+
+
+@pytest.mark.smoke
+def test_missing_users_file(tmp_path):
+    (tmp_path / "rules.yaml").write_text("auth: {methods: [userpass], users: nobody.htpasswd}\n")
+    result = socksflow_cmd("run", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "rules.yaml:1: auth.users: cannot read users file 'nobody.htpasswd': No such file or directory"
+    )
+
+
+@pytest.mark.smoke
+def test_plaintext_users_file_is_refused(tmp_path):
+    (tmp_path / "users").write_text("alice:secret\n")
+    (tmp_path / "rules.yaml").write_text("auth: {methods: [userpass], users: users}\n")
+    result = socksflow_cmd("check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "user 'alice' has no bcrypt hash; only htpasswd -B files are accepted" in result.stderr
+
+
+@pytest.mark.smoke
+def test_plugins_lists_the_standard_plugins(tmp_path):
+    result = socksflow_cmd("plugins", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^auth \S+  \(.*auth\.py\)$", result.stdout, re.M)
+    assert "    socksflow_authenticate" in result.stdout
+    disabled = socksflow_cmd("plugins", "--disable-plugin", "auth", cwd=tmp_path)
+    assert not re.search(r"^auth ", disabled.stdout, re.M)
+    env = dict(os.environ, SOCKSFLOW_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert socksflow_cmd("plugins", cwd=tmp_path, env=env).stdout == ""
+
+
+@pytest.mark.smoke
+def test_misspelt_hook_fails_at_start(tmp_path):
+    (tmp_path / "typo.py").write_text("def socksflow_reqeust(session, request):\n    return None\n")
+    (tmp_path / "rules.yaml").write_text("plugins: {paths: [typo.py]}\n")
+    result = socksflow_cmd("check", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "socksflow_reqeust" in result.stderr and "unknown hook" in result.stderr
+
+
+def readme_plugin() -> str:
+    text = README.read_text()
+    block = text.split("<!-- readme-plugin-example -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_plugin_example_works(tmp_path, proxies, echo_target):
+    (tmp_path / "deny_smtp.py").write_text(readme_plugin())
+    (tmp_path / "rules.yaml").write_text("plugins: {paths: [deny_smtp.py]}\n")
+    proxy = Proxy(cwd=tmp_path)
+    proxies.append(proxy)
+    code, client = socks5_handshake(proxy.address, "127.0.0.1:25")
+    assert code == 0x02  # denied by the plugin, before any connection attempt
+    client.close()
+    code, client = socks5_handshake(proxy.address, f"127.0.0.1:{echo_target[1]}")
+    assert code == 0
+    client.close()
+    _, stderr = proxy.stop()
+    assert re.search(r"WARNING deny_smtp: session \w+: 127\.0\.0\.1:\d+ asked for 127\.0\.0\.1:25: refused", stderr)
+    assert len(readme_plugin().strip().splitlines()) <= 20
