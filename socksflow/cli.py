@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -18,6 +19,7 @@ from socksflow.plugins import PluginLoadError
 from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
+from socksflow.workers import supervise
 
 log = logging.getLogger("socksflow")
 
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         help="listen here instead of the config's addresses (repeatable; port 0 picks one)",
     )  # fmt: skip
     run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="event loop")
+    run.add_argument(
+        "--workers", type=_worker_count, default=1, metavar="N",
+        help="worker processes sharing the ports (SO_REUSEPORT); 'auto' = one per core",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check", help="validate a configuration file and run its tests")
@@ -104,10 +110,25 @@ def _run(args: argparse.Namespace) -> int:
         config.listen = tuple(args.listen)
     for info in pm.plugin_info():
         log.info("plugin %s %s from %s", info.name, info.version, info.source)
+    runner = _event_loop_runner(args.loop)
+    if args.workers == 1:
+        try:
+            return runner(_serve(Server(config, pm)))
+        except KeyboardInterrupt:
+            return 130
     try:
-        return _event_loop_runner(args.loop)(_serve(Server(config, pm)))
-    except KeyboardInterrupt:
-        return 130
+        return supervise(config, args.workers, lambda ready_fd: runner(_serve(Server(config, pm, reuse_port=True), ready_fd)))
+    except OSError as exc:
+        print(f"socksflow: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def _worker_count(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("a number of processes, or 'auto'")
+    return int(text)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -127,13 +148,18 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
     return asyncio.run
 
 
-async def _serve(server: Server) -> int:
+async def _serve(server: Server, ready_fd: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; ``ready_fd`` (a worker's) gets one byte instead of the ready line."""
     try:
         await server.start()
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
         return 1
-    print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
+    if ready_fd is None:
+        print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
+    elif ready_fd >= 0:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []

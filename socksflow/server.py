@@ -30,9 +30,10 @@ CommandHandler = Callable[[Session], Awaitable[None]]
 class Server:
     """A running socksflow server: one plugin manager, one configuration in force at a time."""
 
-    def __init__(self, config: Config, pm: PluginManager) -> None:
+    def __init__(self, config: Config, pm: PluginManager, *, reuse_port: bool = False) -> None:
         self.config = config
         self.pm = pm
+        self.reuse_port = reuse_port  # one of several worker processes sharing the ports
         self.stash = Stash()
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []
@@ -57,6 +58,7 @@ class Server:
                     port=address.port,
                     family=socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET,
                     reuse_address=True,
+                    reuse_port=self.reuse_port or None,
                     backlog=1024,
                 )
                 self._listeners.append(listener)

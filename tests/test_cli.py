@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -212,3 +213,36 @@ def test_readme_plugin_example_works(tmp_path, proxies, echo_target):
     _, stderr = proxy.stop()
     assert re.search(r"WARNING deny_smtp: session \w+: 127\.0\.0\.1:\d+ asked for 127\.0\.0\.1:25: refused", stderr)
     assert len(readme_plugin().strip().splitlines()) <= 20
+
+
+def worker_pids(parent: int) -> set[int]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return set(map(int, children))
+
+
+def test_workers_share_the_port_restart_and_stop_together(tmp_path, proxies, echo_target):
+    (tmp_path / "rules.yaml").write_text("timeouts: {shutdown: 2s}\n")
+    proxy = Proxy("--workers", "2", cwd=tmp_path)
+    proxies.append(proxy)
+    first = worker_pids(proxy.process.pid)
+    assert len(first) == 2
+    for _ in range(20):
+        code, client = socks5_handshake(proxy.address, f"127.0.0.1:{echo_target[1]}")
+        assert code == 0
+        client.close()
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):  # the supervisor restarts it after a one-second back-off
+        now = worker_pids(proxy.process.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.1)
+    assert len(now) == 2 and victim not in now
+    code, client = socks5_handshake(proxy.address, f"127.0.0.1:{echo_target[1]}")
+    assert code == 0
+    client.close()
+    returncode, stderr = proxy.stop()
+    assert returncode == 0
+    assert re.search(rf"worker \d \(pid {victim}\) exited with -9: restarting it", stderr)
+    assert stderr.count("SIGTERM received: stopping") == 2
+    assert all(not Path(f"/proc/{pid}").exists() for pid in now)

@@ -1,0 +1,133 @@
+"""``socksflow run --workers N``: N processes sharing the listening ports with SO_REUSEPORT.
+
+The parent validates the configuration and loads the plugins once, reserves each listening
+port (so ``:0`` means the same port for every worker), forks the workers, prints the ready
+line when all of them listen, passes SIGTERM/SIGINT/SIGHUP on, and restarts a worker that
+dies unexpectedly.  Each worker is a complete server: limits kept in memory (session rates,
+concurrent sessions, bandwidth buckets) apply per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from socksflow.config import Config
+from socksflow.protocol import Address
+
+log = logging.getLogger("socksflow.workers")
+
+RESTART_BACKOFF_SECONDS = 1.0
+READY_TIMEOUT_SECONDS = 30.0
+
+
+def reserve_ports(config: Config) -> list[socket.socket]:
+    """Bind (without listening) each address with SO_REUSEPORT and fix ``:0`` to the port got."""
+    reserved = []
+    addresses = []
+    for address in config.listen:
+        family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((str(address.host), address.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {address}: {os.strerror(exc.errno or 0)}") from None
+        reserved.append(sock)
+        addresses.append(Address(address.host, sock.getsockname()[1]))
+    config.listen = tuple(addresses)
+    return reserved
+
+
+def supervise(config: Config, count: int, serve: Callable[[int], int]) -> int:
+    """Run ``serve(ready_fd)`` in ``count`` forked workers until a stop signal; the exit code."""
+    reserved = reserve_ports(config)
+    workers: dict[int, int] = {}  # pid -> worker number
+    stopping: list[int] = []
+
+    def spawn(number: int, ready_fd: int | None) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)  # the worker's loop installs its own
+            for sock in reserved:
+                sock.close()
+            code = 1
+            try:
+                code = serve(ready_fd if ready_fd is not None else -1)
+            finally:
+                os._exit(code)
+        workers[pid] = number
+
+    def forward(signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping.append(signum)
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    read_fd, write_fd = os.pipe()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    for number in range(count):
+        spawn(number, write_fd)
+    os.close(write_fd)
+    if not _await_ready(read_fd, count):
+        forward(signal.SIGTERM, None)
+        _reap_all(workers)
+        print("socksflow: the workers did not start (see the log above)", file=sys.stderr)
+        return 1
+    print("socksflow: listening on " + ", ".join(str(a) for a in config.listen), flush=True)
+    log.info("%d workers running (pids %s)", count, " ".join(map(str, workers)))
+    exit_code = 0
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        number = workers.pop(pid, None)
+        if number is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            exit_code = exit_code or code
+            continue
+        log.error("worker %d (pid %d) exited with %d: restarting it", number, pid, code)
+        time.sleep(RESTART_BACKOFF_SECONDS)
+        spawn(number, None)
+    for sock in reserved:
+        sock.close()
+    return exit_code
+
+
+def _await_ready(read_fd: int, count: int) -> bool:
+    """True once every worker wrote its ready byte; False if one died first."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    ready = 0
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while ready < count and time.monotonic() < deadline:
+            data = pipe.read(count - ready)
+            if not data:  # every write end closed: a worker exited before it was ready
+                return False
+            ready += len(data)
+    return ready == count
+
+
+def _reap_all(workers: dict[int, int]) -> None:
+    for pid in list(workers):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        workers.pop(pid, None)
