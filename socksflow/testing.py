@@ -14,6 +14,7 @@ Client helpers (blocking, for use from tests): :func:`socks5_handshake` and
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -55,7 +56,7 @@ class RunningServer:
         for plugin in plugins:
             self.pm.register(plugin)
         app.configure(self.pm, self.config)
-        self._loop_factory = loop_factory or asyncio.new_event_loop
+        self._loop_factory = loop_factory or default_loop_factory()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -135,6 +136,15 @@ class RunningServer:
             if not self.leftover_tasks and not self.server.sessions:
                 break
             await asyncio.sleep(0.02)
+
+
+def default_loop_factory() -> Any:
+    """asyncio's loop, or uvloop's when ``SOCKSFLOW_TEST_LOOP=uvloop`` (to run a suite on both)."""
+    if os.environ.get("SOCKSFLOW_TEST_LOOP") == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 @pytest.fixture
