@@ -1,0 +1,69 @@
+"""Deciding for live sessions: the query a session's request or datagram makes, and UDP verdicts kept."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+
+from socksflow import Address, Command, StashKey, Verdict
+
+from .evaluate import Decision, Query, decide, evaluate
+from .matchers import normalize
+from .rules import RuleSet
+
+DATAGRAM_VERDICTS = StashKey[dict[Address, Verdict]]("acl.datagram_verdicts")
+MAX_REMEMBERED_DESTINATIONS = 4096  # per UDP association; a client spraying destinations starts over
+
+
+def session_query(ruleset: RuleSet, session, destination: Address, command: Command,
+                  association: bool = False) -> Query:  # fmt: skip
+    """The query ``session`` makes for ``destination``: its client, identity and local address."""
+    identity = session.identity
+    return Query(
+        session.client.host,
+        destination,
+        command,
+        identity.user,
+        ruleset.groups_of(identity.user, identity.groups),
+        ruleset.local | {normalize(session.local.host)},
+        association,
+    )
+
+
+async def decide_request(ruleset: RuleSet, session, request) -> Verdict:
+    """The verdict on a CONNECT, BIND or UDP ASSOCIATE request (resolving once if a rule needs it)."""
+    association = request.command == Command.UDP_ASSOCIATE
+    query = session_query(ruleset, session, request.destination, request.command, association)
+    decision = await decide(ruleset, query, session.resolve)
+    return decision.verdict()
+
+
+def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict | Awaitable[Verdict]:
+    """The verdict on a datagram to ``destination``: remembered per association and destination.
+
+    Returns a coroutine only when a name must be resolved first.
+    """
+    verdicts = session.stash.get(DATAGRAM_VERDICTS)
+    if verdicts is None:
+        verdicts = session.stash[DATAGRAM_VERDICTS] = {}
+    verdict = verdicts.get(destination)
+    if verdict is not None:
+        return verdict
+    query = session_query(ruleset, session, destination, Command.UDP_ASSOCIATE)
+    result = evaluate(ruleset, query)
+    if isinstance(result, Decision):
+        return _remember(verdicts, destination, result)
+    return _resolve_and_decide(ruleset, session, query, verdicts)
+
+
+async def _resolve_and_decide(ruleset: RuleSet, session, query: Query,
+                              verdicts: dict[Address, Verdict]) -> Verdict:  # fmt: skip
+    destination = query.destination
+    decision = await decide(ruleset, query, lambda: session.resolve(destination.host, destination.port))
+    return _remember(verdicts, destination, decision)
+
+
+def _remember(verdicts: dict[Address, Verdict], destination: Address, decision: Decision) -> Verdict:
+    if len(verdicts) >= MAX_REMEMBERED_DESTINATIONS:
+        verdicts.clear()
+    verdict = verdicts[destination] = decision.verdict()
+    return verdict
