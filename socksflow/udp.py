@@ -12,10 +12,11 @@ Replies are wrapped with the remote host's real IP and port.  The association en
 control connection, or after ``udp.idle`` without a datagram (the control connection is then
 closed, so the client learns it).
 
-The fast path: when no plugin implements ``socksflow_udp_datagram``, a datagram whose header
-was seen before is sent on straight from ``datagram_received`` — one dict look-up, no task,
-no parsing.  Everything else (new destinations, hooks, look-ups) goes through a per-association
-worker that handles datagrams in arrival order.
+The fast path: a datagram whose header was seen before is sent on straight from
+``datagram_received`` — one dict look-up, no task, no parsing; when a plugin implements
+``socksflow_udp_datagram`` the hook is still asked about every datagram, without a task
+while it answers synchronously.  Everything else (new destinations, redirects, async answers,
+look-ups) goes through a per-association worker that handles datagrams in arrival order.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class Association(asyncio.DatagramProtocol):
                 if not self.hooked:
                     self._send(route, memoryview(data)[length:])
                 else:
-                    self._send(route, memoryview(data)[length:])
+                    self._decide_now(route, data)
                 return
         self._queue(data)
 
