@@ -1,37 +1,118 @@
 """Testing helpers for plugin authors (and socksflow's own tests): a pytest plugin.
 
-Fixtures:
+Installed with socksflow (entry point ``pytest11``), so its fixtures need no import:
 
 * ``socksflow_server`` — a factory: ``socksflow_server(config="...", plugins=[obj])`` starts a
   real server on ``127.0.0.1:0`` in a background thread and returns a :class:`RunningServer`
   (``.address``, ``.host``, ``.port``); every server is stopped after the test and must have
-  left no session or task behind.
+  left no session or task behind.  Use it from plain (blocking) tests.
+* ``socksflow_async_server`` — the same server on the caller's event loop:
+  ``async with socksflow_async_server(config="...", plugins=[obj]) as server:`` (an
+  :class:`AsyncServer`), for tests that run their own loop (``asyncio.run``).  Leaving the
+  block stops the server and fails if a task or session is left behind.
 
-Client helpers (blocking, for use from tests): :func:`socks5_handshake` and
-:class:`Socks5Client` speak SOCKS5 byte by byte and return the reply codes.
+Both load the installed plugins (entry points) unless given ``autoload=False``, and write the
+configuration to ``rules.yaml`` in the test's ``tmp_path``, so relative paths in it resolve there.
+
+Clients that expose every reply code: :class:`Socks5Client` (blocking) and
+:class:`AsyncSocks5Client` speak SOCKS5 byte by byte for CONNECT, UDP ASSOCIATE and BIND;
+:func:`socks5_handshake` greets and connects in one call; :func:`wrap_datagram` and
+:func:`unwrap_datagram` add and remove the UDP relay header.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from socksflow import app, protocol
 from socksflow.config import Config
+from socksflow.plugins import PluginManager
 from socksflow.protocol import Address, Command, Method, Reply
 from socksflow.server import Server
 
-__all__ = ["RunningServer", "Socks5Client", "socks5_handshake"]
+__all__ = [
+    "AsyncServer",
+    "AsyncSocks5Client",
+    "RunningServer",
+    "Socks5Client",
+    "sockaddr",
+    "socks5_handshake",
+    "unwrap_datagram",
+    "wrap_datagram",
+]
+
+T = TypeVar("T")
+NO_ADDRESS = "0.0.0.0:0"
+SETTLE_SECONDS = 1.0  # how long a stopped server's closing transports and sessions may take
 
 
-class RunningServer:
+# ---------------------------------------------------------------------------- servers
+
+
+def _configured(
+    config: str, plugins: Sequence[object], directory: Path | None, autoload: bool
+) -> tuple[Config, PluginManager]:
+    """Load ``config`` (listening on 127.0.0.1:0 unless it says otherwise) and configure the plugins."""
+    text = config if "listen" in config else "listen: [127.0.0.1:0]\n" + config
+    if directory is not None:
+        path = directory / "rules.yaml"
+        path.write_text(text, encoding="utf-8")
+        loaded = Config.from_file(path)
+    else:
+        loaded = Config.from_text(text, "<test config>")
+    loaded.raise_errors()
+    loaded.plugins.autoload = autoload and loaded.plugins.autoload
+    pm = app.build_plugin_manager(loaded)
+    for plugin in plugins:
+        if not pm.is_registered(plugin):  # e.g. a package's module, already loaded from its entry point
+            pm.register(plugin)
+    app.configure(pm, loaded)
+    return loaded, pm
+
+
+async def _stop_and_settle(server: Server, ignore: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    """Stop ``server``; return the tasks still running once it had time to settle (not ``ignore``)."""
+    await server.stop(timeout=2.0)
+    current = asyncio.current_task()
+    leftover: list[asyncio.Task[Any]] = []
+    for _ in range(int(SETTLE_SECONDS / 0.02)):
+        leftover = [t for t in asyncio.all_tasks() if t is not current and t not in ignore and not t.done()]
+        if not leftover and not server.sessions:
+            break
+        await asyncio.sleep(0.02)
+    return leftover
+
+
+class _Addressed:
+    """``address``, ``host`` and ``port`` of the first listener."""
+
+    server: Server | None
+
+    @property
+    def address(self) -> Address:
+        assert self.server is not None, "the server is not started"
+        return self.server.addresses[0]
+
+    @property
+    def host(self) -> str:
+        return str(self.address.host)
+
+    @property
+    def port(self) -> int:
+        return self.address.port
+
+
+class RunningServer(_Addressed):
     """A socksflow server running its own event loop in a daemon thread."""
 
     def __init__(
@@ -43,19 +124,7 @@ class RunningServer:
         autoload: bool = True,
         loop_factory: Any = None,
     ) -> None:
-        text = config if "listen" in config else "listen: [127.0.0.1:0]\n" + config
-        if directory is not None:
-            path = directory / "rules.yaml"
-            path.write_text(text, encoding="utf-8")
-            self.config = Config.from_file(path)
-        else:
-            self.config = Config.from_text(text, "<test config>")
-        self.config.raise_errors()
-        self.config.plugins.autoload = autoload and self.config.plugins.autoload
-        self.pm = app.build_plugin_manager(self.config)
-        for plugin in plugins:
-            self.pm.register(plugin)
-        app.configure(self.pm, self.config)
+        self.config, self.pm = _configured(config, plugins, directory, autoload)
         self._loop_factory = loop_factory or default_loop_factory()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: Server | None = None
@@ -64,19 +133,6 @@ class RunningServer:
         self._stopped: asyncio.Event | None = None
         self._error: BaseException | None = None
         self.leftover_tasks: list[asyncio.Task[Any]] = []
-
-    @property
-    def address(self) -> Address:
-        assert self.server is not None
-        return self.server.addresses[0]
-
-    @property
-    def host(self) -> str:
-        return str(self.address.host)
-
-    @property
-    def port(self) -> int:
-        return self.address.port
 
     def start(self) -> RunningServer:
         self._thread = threading.Thread(target=self._main, name="socksflow-test-server", daemon=True)
@@ -129,13 +185,41 @@ class RunningServer:
         await self.server.start()
         self._ready.set()
         await self._stopped.wait()
-        await self.server.stop(timeout=2.0)
-        current = asyncio.current_task()
-        for _ in range(50):  # let closing transports and finished sessions settle
-            self.leftover_tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-            if not self.leftover_tasks and not self.server.sessions:
-                break
-            await asyncio.sleep(0.02)
+        self.leftover_tasks = await _stop_and_settle(self.server, set())
+
+
+class AsyncServer(_Addressed):
+    """A socksflow server on the running event loop: ``async with AsyncServer(config) as server:``.
+
+    Leaving the block stops the server; when the block itself raised nothing, a task started
+    inside it (by the server or the test) that is still running, or a session still open,
+    fails with :class:`AssertionError`.
+    """
+
+    def __init__(
+        self,
+        config: str = "",
+        plugins: Sequence[object] = (),
+        *,
+        directory: Path | None = None,
+        autoload: bool = True,
+    ) -> None:
+        self.config, self.pm = _configured(config, plugins, directory, autoload)
+        self.server: Server | None = None
+        self._before: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> AsyncServer:
+        self._before = asyncio.all_tasks()
+        self.server = Server(self.config, self.pm)
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        assert self.server is not None
+        leftover = await _stop_and_settle(self.server, self._before)
+        if exc_type is None:
+            assert not leftover, f"tasks left running: {leftover}"
+            assert not self.server.sessions, f"sessions left open: {self.server.sessions}"
 
 
 def default_loop_factory() -> Any:
@@ -166,15 +250,65 @@ def socksflow_server(tmp_path: Path) -> Iterator[Any]:
         assert server.server is not None and not server.server.sessions, "sessions left open"
 
 
-# ---------------------------------------------------------------------------- a raw client
+@pytest.fixture
+def socksflow_async_server(tmp_path: Path) -> Any:
+    """Factory fixture: ``async with socksflow_async_server(config="...", plugins=[...]) as server:``."""
+    return functools.partial(AsyncServer, directory=tmp_path)
+
+
+# ---------------------------------------------------------------------------- the exchanges
+#
+# Each exchange is written once, as a generator that yields ``bytes`` to send and an ``int``
+# to receive exactly that many bytes (sent back in); the blocking and the asyncio client
+# each drive it over their own connection.
+
+Exchange = Generator[bytes | int, bytes, T]
+
+
+def _greet(methods: Sequence[int]) -> Exchange[int]:
+    yield protocol.build_greeting(list(methods))
+    answer = yield 2
+    assert answer[0] == 5, f"not a SOCKS5 method selection: {answer!r}"
+    return answer[1]
+
+
+def _login(username: bytes | str, password: bytes | str) -> Exchange[int]:
+    user = username.encode() if isinstance(username, str) else username
+    secret = password.encode() if isinstance(password, str) else password
+    yield protocol.build_userpass(user, secret)
+    answer = yield 2
+    assert answer[0] == 1, f"not an RFC 1929 status: {answer!r}"
+    return answer[1]
+
+
+def _read_reply() -> Exchange[tuple[int, Address]]:
+    head = yield 5  # the shortest reply (an empty domain name) has 7 bytes
+    sizes = {protocol.AddressType.IPV4: 10, protocol.AddressType.IPV6: 22}
+    size = sizes.get(head[3], 7 + head[4])
+    data = head + (yield size - 5)
+    parsed = protocol.parse_reply(data)
+    assert parsed is not None, f"not a SOCKS5 reply: {data!r}"
+    code, bound, _ = parsed
+    return int(code), bound
+
+
+def _request(command: Command, destination: Address | str) -> Exchange[tuple[int, Address]]:
+    if isinstance(destination, str):
+        destination = Address.parse(destination)
+    yield protocol.build_request(command, destination)
+    return (yield from _read_reply())
 
 
 class Socks5Client:
-    """A blocking SOCKS5 client that exposes every reply, for tests."""
+    """A blocking SOCKS5 client that exposes every reply, for tests.
+
+    ``sock`` is the connected socket: after a successful CONNECT (or BIND's second reply),
+    send and receive the relayed bytes on it.
+    """
 
     def __init__(self, proxy: Address | tuple[str, int], timeout: float = 10.0) -> None:
         if isinstance(proxy, Address):
-            proxy = (str(proxy.host), proxy.port)
+            proxy = sockaddr(proxy)
         self.sock = socket.create_connection(proxy, timeout=timeout)
 
     def close(self) -> None:
@@ -187,6 +321,7 @@ class Socks5Client:
         self.close()
 
     def recv_exactly(self, n: int) -> bytes:
+        """``n`` bytes; :class:`ConnectionError` if the server closes first."""
         data = b""
         while len(data) < n:
             chunk = self.sock.recv(n - len(data))
@@ -195,45 +330,130 @@ class Socks5Client:
             data += chunk
         return data
 
+    def _run(self, exchange: Exchange[T]) -> T:
+        step = next(exchange)
+        while True:
+            if isinstance(step, bytes):
+                self.sock.sendall(step)
+                received = b""
+            else:
+                received = self.recv_exactly(step)
+            try:
+                step = exchange.send(received)
+            except StopIteration as done:
+                return done.value
+
     def greet(self, methods: Sequence[int] = (Method.NO_AUTH,)) -> int:
-        """Send the greeting; return the method the server chose."""
-        self.sock.sendall(protocol.build_greeting(list(methods)))
-        answer = self.recv_exactly(2)
-        assert answer[0] == 5, answer
-        return answer[1]
+        """Send the greeting; return the method the server chose (0xFF: none acceptable)."""
+        return self._run(_greet(methods))
 
     def login(self, username: bytes | str, password: bytes | str) -> int:
         """RFC 1929: return the status byte (0 = success)."""
-        user = username.encode() if isinstance(username, str) else username
-        secret = password.encode() if isinstance(password, str) else password
-        self.sock.sendall(protocol.build_userpass(user, secret))
-        answer = self.recv_exactly(2)
-        assert answer[0] == 1, answer
-        return answer[1]
+        return self._run(_login(username, password))
 
     def request(self, command: Command, destination: Address | str) -> tuple[int, Address]:
-        """Send a request; return (reply code, bound address)."""
-        if isinstance(destination, str):
-            destination = Address.parse(destination)
-        self.sock.sendall(protocol.build_request(command, destination))
-        return self.read_reply()
+        """Send a request; return (reply code, BND address)."""
+        return self._run(_request(command, destination))
 
     def read_reply(self) -> tuple[int, Address]:
-        data = self.recv_exactly(4)
-        atyp = data[3]
-        rest = {1: 4 + 2, 4: 16 + 2}.get(atyp)
-        if rest is None:
-            length = self.recv_exactly(1)
-            data += length
-            rest = length[0] + 2
-        data += self.recv_exactly(rest)
-        parsed = protocol.parse_reply(data)
-        assert parsed is not None
-        code, bound, _ = parsed
-        return int(code), bound
+        """Read one reply: (reply code, address)."""
+        return self._run(_read_reply())
 
     def connect(self, destination: Address | str) -> tuple[int, Address]:
+        """CONNECT: (reply code, the proxy's outbound address)."""
         return self.request(Command.CONNECT, destination)
+
+    def udp_associate(self, source: Address | str = NO_ADDRESS) -> tuple[int, Address]:
+        """UDP ASSOCIATE from ``source`` (default: not known yet): (reply code, relay address).
+
+        Send datagrams made with :func:`wrap_datagram` to ``sockaddr(relay)`` while this
+        connection stays open; closing it ends the association.
+        """
+        return self.request(Command.UDP_ASSOCIATE, source)
+
+    def bind(self, peer: Address | str = NO_ADDRESS) -> tuple[int, Address]:
+        """BIND for ``peer`` (default: any): the first reply, (reply code, listening address)."""
+        return self.request(Command.BIND, peer)
+
+    def second_reply(self) -> tuple[int, Address]:
+        """BIND's second reply, when a peer connected or the wait ended: (reply code, peer address)."""
+        return self.read_reply()
+
+
+class AsyncSocks5Client:
+    """The asyncio counterpart of :class:`Socks5Client`: ``client = await AsyncSocks5Client.open(proxy)``.
+
+    Every method of :class:`Socks5Client` is here as a coroutine with the same answer;
+    ``reader`` and ``writer`` carry the relayed bytes after a successful reply.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+
+    @classmethod
+    async def open(cls, proxy: Address | tuple[str, int], timeout: float = 10.0) -> AsyncSocks5Client:
+        host, port = sockaddr(proxy) if isinstance(proxy, Address) else proxy
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> AsyncSocks5Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def recv_exactly(self, n: int) -> bytes:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self.reader.readexactly(n)
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionError(f"closed after {len(exc.partial)} of {n} bytes: {exc.partial!r}") from None
+
+    async def _run(self, exchange: Exchange[T]) -> T:
+        step = next(exchange)
+        while True:
+            if isinstance(step, bytes):
+                self.writer.write(step)
+                await self.writer.drain()
+                received = b""
+            else:
+                received = await self.recv_exactly(step)
+            try:
+                step = exchange.send(received)
+            except StopIteration as done:
+                return done.value
+
+    async def greet(self, methods: Sequence[int] = (Method.NO_AUTH,)) -> int:
+        return await self._run(_greet(methods))
+
+    async def login(self, username: bytes | str, password: bytes | str) -> int:
+        return await self._run(_login(username, password))
+
+    async def request(self, command: Command, destination: Address | str) -> tuple[int, Address]:
+        return await self._run(_request(command, destination))
+
+    async def read_reply(self) -> tuple[int, Address]:
+        return await self._run(_read_reply())
+
+    async def connect(self, destination: Address | str) -> tuple[int, Address]:
+        return await self.request(Command.CONNECT, destination)
+
+    async def udp_associate(self, source: Address | str = NO_ADDRESS) -> tuple[int, Address]:
+        return await self.request(Command.UDP_ASSOCIATE, source)
+
+    async def bind(self, peer: Address | str = NO_ADDRESS) -> tuple[int, Address]:
+        return await self.request(Command.BIND, peer)
+
+    async def second_reply(self) -> tuple[int, Address]:
+        return await self.read_reply()
 
 
 def socks5_handshake(
@@ -256,3 +476,24 @@ def socks5_handshake(
         return Reply.GENERAL_FAILURE, client
     code, _ = client.connect(destination)
     return code, client
+
+
+# ---------------------------------------------------------------------------- UDP datagrams
+
+
+def sockaddr(address: Address) -> tuple[str, int]:
+    """``(host, port)`` for the socket module, e.g. to ``sendto`` a UDP relay."""
+    return str(address.host), address.port
+
+
+def wrap_datagram(destination: Address | str, payload: bytes) -> bytes:
+    """A datagram for the UDP relay: the RFC 1928 §7 header naming ``destination``, then ``payload``."""
+    if isinstance(destination, str):
+        destination = Address.parse(destination)
+    return protocol.build_udp_header(destination) + payload
+
+
+def unwrap_datagram(datagram: bytes) -> tuple[Address, bytes]:
+    """Split a datagram from the UDP relay into (the address it came from, payload)."""
+    header = protocol.parse_udp_header(datagram)
+    return header.destination, bytes(datagram[header.offset :])
