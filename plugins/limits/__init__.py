@@ -1,0 +1,206 @@
+"""Limits: the ``limits`` section — session rates, concurrent sessions, bandwidth, auth throttling.
+
+```yaml
+limits:                            # evaluated for every session: EVERY matching entry applies
+  - match: {user: alice}           # from: CIDRs, user: names, group: names; all given must match,
+    bandwidth: 10MiB/s             #   any item of a list may; no match = every session
+  - match: {from: 0.0.0.0/0}
+    sessions_per_second: 50        # new sessions: a number, or a rate (100/s, 600/m)
+    burst: 100                     # sessions accepted at once before the rate applies (default: the rate)
+    max_sessions: 200              # open at the same time
+    per: address                   # who shares one limit: address | /24 (a network; "/24 /56" for IPv6) |
+                                   #   user | session | all.  Default: user if match names users or
+                                   #   groups, else address.  Anonymous sessions' "user" is their address.
+  - match: {group: guests}
+    bandwidth: {up: 1MiB/s, down: 8MiB/s, burst: 1MiB}   # a bare rate applies to each direction
+  - auth_failures: {max: 5, within: 1m, block: 15m}    # brute-force defence, per client address
+```
+
+When each limit is checked:
+
+* Entries that need no identity (no ``user``/``group`` in ``match``, ``per`` not ``user``) are
+  checked as the connection is accepted: over the limit, it is closed before the greeting, so
+  a flood costs no handshake and no password check.
+* The others are checked on the request, before the rules decide: over the limit, the client
+  gets REP 0x02 (not allowed).  This plugin's decision hooks run ``tryfirst`` so an allowing
+  plugin cannot skip them; they only ever deny.
+* Bandwidth is a :class:`~socksflow.Limiter` handed to the relay of CONNECT and BIND tunnels,
+  which pauses reading for as long as the token buckets ask: memory stays bounded and nothing
+  is dropped.  Per-user and wider buckets are shared by every tunnel they cover, and exist while
+  one does.  UDP associations are not paced.
+* ``group`` matches the groups of ``session.identity`` (as set by the authenticating plugin).
+
+Counters, buckets and failure records live in ``server.stash`` and so survive reloads; each
+session remembers what it counted and gives it back in ``socksflow_session_end``, which the
+core calls exactly once per accepted connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable
+
+from socksflow import Config, StashKey, Verdict, hookimpl
+
+from .buckets import Bandwidth, TokenBucket
+from .settings import Entry, Limits, parse_entry
+from .state import Failures, State
+
+log = logging.getLogger("socksflow.limits")
+
+SETTINGS = StashKey[Limits]("limits")
+STATE = StashKey[State]("limits.state")
+COUNTED = StashKey[set[Hashable]]("limits.counted")  # per session: the concurrency keys it holds
+
+
+@hookimpl
+def socksflow_configure(config: Config) -> None:
+    node = config.section("limits")
+    if node is None:
+        return
+    entries = []
+    for item in node.as_list(scalar_ok=False):
+        with config.errors.capture():
+            entries.append(parse_entry(item))
+    admission = [e for e in entries if e.session_rate or e.max_sessions is not None]
+    config.stash[SETTINGS] = Limits(
+        at_accept=tuple(e for e in admission if e.at_accept),
+        at_request=tuple(e for e in admission if not e.at_accept),
+        bandwidth=tuple(e for e in entries if e.up or e.down),
+        auth=tuple(e for e in entries if e.auth),
+    )
+
+
+# ---------------------------------------------------------------------------- runtime state
+
+
+def _state(session) -> State:
+    return session.server.stash.setdefault(STATE, State())
+
+
+def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
+    """Check session rates and concurrency; count the session in when every entry lets it in."""
+    state = _state(session)
+    now = time.monotonic()
+    counted = session.stash.setdefault(COUNTED, set())
+    wanted: set[Hashable] = set()
+    for entry in entries:
+        if not entry.match.matches(session):
+            continue
+        key = entry.per.key(session)
+        if entry.max_sessions is not None:
+            if state.active[key] - (key in counted) >= entry.max_sessions:
+                return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
+            wanted.add(key)
+        if entry.session_rate is not None:
+            bucket_key = (entry.ident, key)
+            bucket = state.session_buckets.get(bucket_key)
+            if bucket is None:
+                state.prune(now)
+                bucket = state.session_buckets[bucket_key] = TokenBucket(
+                    entry.session_rate.per_second, entry.session_rate.burst, now
+                )
+            if not bucket.take(now):
+                what = f"{entry.session_rate.per_second:g} new sessions/s"
+                return _refuse(session, entry, entry.describe(what))
+    for key in wanted - counted:
+        state.active[key] += 1
+        counted.add(key)
+    return None
+
+
+def _refuse(session, entry: Entry, what: str) -> Verdict:
+    """A denial (REP 0x02 on a request; before the greeting the connection is just closed)."""
+    reason = f"limit reached: {what}"
+    log.info("session %s from %s refused: %s", session.id, session.client, reason)
+    return Verdict.deny(reason, rule=entry.location)
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+@hookimpl(tryfirst=True)
+def socksflow_client_connected(session) -> Verdict | None:
+    limits = session.config.stash.get(SETTINGS)
+    if limits is None:
+        return None
+    if limits.auth:
+        state = _state(session)
+        now = time.monotonic()
+        for entry in limits.auth:
+            if entry.match.client_matches(session):
+                until = state.blocked.get((entry.ident, entry.per.key(session)), 0.0)
+                if until > now:
+                    what = f"{entry.auth.failures} failed logins, blocked for {until - now:.0f}s more"
+                    return _refuse(session, entry, entry.describe(what))
+    return _admit(session, limits.at_accept) if limits.at_accept else None
+
+
+@hookimpl(tryfirst=True)
+def socksflow_request(session) -> Verdict | None:
+    limits = session.config.stash.get(SETTINGS)
+    if limits is None or not limits.at_request:
+        return None
+    return _admit(session, limits.at_request)
+
+
+@hookimpl
+def socksflow_relay_start(session) -> Bandwidth | None:
+    limits = session.config.stash.get(SETTINGS)
+    if limits is None or not limits.bandwidth:
+        return None
+    state = _state(session)
+    now = time.monotonic()
+    up: list[TokenBucket] = []
+    down: list[TokenBucket] = []
+    for entry in limits.bandwidth:
+        if not entry.match.matches(session):
+            continue
+        for way, rate, found in (("up", entry.up, up), ("down", entry.down, down)):
+            if rate is None:
+                continue
+            if entry.per.kind == "session":
+                found.append(TokenBucket(rate.per_second, rate.burst, now))
+                continue
+            key = (entry.ident, way, entry.per.key(session))
+            bucket = state.byte_buckets.get(key)
+            if bucket is None:
+                bucket = state.byte_buckets[key] = TokenBucket(rate.per_second, rate.burst, now)
+            found.append(bucket)
+    return Bandwidth(up, down) if up or down else None
+
+
+@hookimpl
+def socksflow_session_end(session) -> None:
+    counted = session.stash.get(COUNTED)
+    state = session.server.stash.get(STATE)
+    if counted and state is not None:
+        for key in counted:
+            state.active[key] -= 1
+            if not state.active[key]:
+                del state.active[key]
+        counted.clear()
+    limits = session.config.stash.get(SETTINGS)
+    if session.authenticated is False and limits is not None and limits.auth:
+        _record_auth_failure(session, limits.auth)
+
+
+def _record_auth_failure(session, entries: tuple[Entry, ...]) -> None:
+    state = _state(session)
+    now = time.monotonic()
+    for entry in entries:
+        if not entry.match.client_matches(session):
+            continue
+        assert entry.auth is not None
+        key = (entry.ident, entry.per.key(session))
+        record = state.failures.get(key)
+        if record is None:
+            state.prune(now)
+            record = state.failures[key] = Failures(entry.auth)
+        if record.add(now):
+            state.blocked[key] = now + entry.auth.block
+            log.warning(
+                "%s: %d failed logins within %gs: refusing it for %gs (%s)",
+                session.client.host, entry.auth.failures, entry.auth.within, entry.auth.block, entry.location,
+            )  # fmt: skip

@@ -1,0 +1,215 @@
+"""Access log: the ``log`` section — one line per session, whatever became of it.
+
+```yaml
+log:
+  access:
+    format: json          # json (one object per line) | text (key=value, for people and grep)
+    file: access.log      # a path (relative to this file), "-" for stdout, or stderr
+```
+
+Each line: ``time`` (when the session was accepted, ISO 8601 UTC), ``session``, ``client``,
+``user`` (the user name given, also when the login failed; never a password), ``command``,
+``destination`` (as requested), ``remote`` (the address actually connected to), ``verdict``
+(allow / deny / - when the session ended before a request), ``rule`` and ``plugin`` (what
+decided), ``reply`` (the SOCKS reply code), ``bytes_up``, ``bytes_down``, ``duration`` (seconds),
+``authenticated`` and ``reason`` (why the session closed).
+
+Non-ASCII and control characters in JSON (and in quoted text values) are escaped, so a user
+name cannot forge or split lines.  Files are opened for appending, line-buffered: each line
+is one ``write(2)`` of a few hundred bytes into the page cache, cheap enough to do on the
+event loop.  SIGUSR1 reopens the file (after logrotate moved it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from socksflow import Config, StashKey, hookimpl
+
+log = logging.getLogger("socksflow.log")
+
+STDOUT = "-"
+STDERR = "stderr"
+FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessSettings:
+    format: str = "text"
+    target: str = STDOUT  # STDOUT, STDERR or a file path
+
+
+SETTINGS = StashKey[AccessSettings]("log.access")
+
+
+@hookimpl
+def socksflow_configure(config: Config) -> None:
+    node = config.section("log")
+    if node is None:
+        return
+    access = node.as_map({"access"}).get("access")
+    if access is None:
+        return
+    items = access.as_map({"format", "file"})
+    settings = AccessSettings()
+    if "format" in items:
+        settings = AccessSettings(items["format"].as_choice(FORMATS), settings.target)
+    if "file" in items:
+        name = items["file"].as_str()
+        target = name if name in (STDOUT, STDERR) else str(items["file"].as_path())
+        if target not in (STDOUT, STDERR) and not os.access(Path(target).parent, os.W_OK):
+            raise items["file"].error(f"cannot write in {str(Path(target).parent)!r}")
+        settings = AccessSettings(settings.format, target)
+    config.stash[SETTINGS] = settings
+
+
+# ---------------------------------------------------------------------------- the output
+
+
+class AccessLog:
+    """Where access lines go: a file (reopened on demand), stdout or stderr."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._file: TextIO | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if self.target not in (STDOUT, STDERR):
+            self._file = open(self.target, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - kept open
+
+    def write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line + "\n")
+            return
+        stream = sys.stdout if self.target == STDOUT else sys.stderr  # looked up late: may be replaced
+        stream.write(line + "\n")
+        stream.flush()
+
+    def reopen(self) -> None:
+        """Close and reopen the file (logrotate moved it); nothing to do for stdout/stderr."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._open()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+OUTPUT = StashKey[AccessLog]("log.output")
+
+
+def output(server: Any, settings: AccessSettings) -> AccessLog:
+    """The server's open access log, (re)opened for ``settings`` (a reload may have moved it)."""
+    current = server.stash.get(OUTPUT)
+    if current is not None and current.target == settings.target:
+        return current
+    if current is not None:
+        current.close()
+    server.stash[OUTPUT] = current = AccessLog(settings.target)
+    return current
+
+
+def reopen(server: Any) -> None:
+    """Reopen the access log file: what SIGUSR1 does."""
+    current = server.stash.get(OUTPUT)
+    if current is not None:
+        try:
+            current.reopen()
+        except OSError as exc:
+            log.error("cannot reopen the access log %s: %s", current.target, exc.strerror)
+            del server.stash[OUTPUT]  # the next line tries again
+        else:
+            log.info("access log %s reopened", current.target)
+
+
+@hookimpl
+def socksflow_startup(server: Any) -> None:
+    settings = server.config.stash.get(SETTINGS)
+    if settings is not None:
+        output(server, settings)
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, reopen, server)
+    except (RuntimeError, ValueError):  # not the main thread (tests, embedding): no signals here
+        log.debug("SIGUSR1 is not handled by this server: it does not run in the main thread")
+
+
+@hookimpl
+def socksflow_shutdown(server: Any) -> None:
+    with contextlib.suppress(RuntimeError, ValueError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+    current = server.stash.get(OUTPUT)
+    if current is not None:
+        current.close()
+        del server.stash[OUTPUT]
+
+
+# ---------------------------------------------------------------------------- the lines
+
+
+@hookimpl
+def socksflow_session_end(session: Any) -> None:
+    settings = session.server.config.stash.get(SETTINGS)
+    if settings is None:
+        return
+    fields = record(session)
+    line = json.dumps(fields) if settings.format == "json" else text_line(fields)
+    output(session.server, settings).write(line)
+
+
+def record(session: Any) -> dict[str, Any]:
+    """The access log fields of a finished session."""
+    request = session.request
+    verdict = session.verdict
+    denied = verdict is not None and not verdict.allowed
+    return {
+        "time": datetime.fromtimestamp(session.started, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
+        "session": session.id,
+        "client": str(session.client),
+        "user": session.identity.user or None,
+        "command": request.command.name.lower() if request else None,
+        "destination": str(request.destination) if request else None,
+        "remote": str(session.remote) if session.remote else None,
+        "verdict": "deny" if denied else "allow" if request else None,
+        "rule": (verdict.rule or None) if verdict else None,
+        "plugin": (session.decided_by or None) if verdict else None,
+        "reply": int(session.reply) if session.reply is not None else None,
+        "bytes_up": session.bytes_up,
+        "bytes_down": session.bytes_down,
+        "duration": round(session.duration, 3),
+        "authenticated": session.authenticated,
+        "reason": session.close_reason or None,
+    }
+
+
+def text_line(fields: dict[str, Any]) -> str:
+    """``time key=value …``: values with spaces, quotes or control characters are JSON-quoted."""
+    parts = [fields["time"]]
+    for key, value in fields.items():
+        if key == "time":
+            continue
+        if key == "reply" and value is not None:
+            text = f"0x{value:02x}"
+        elif value is None:
+            text = "-"
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        else:
+            text = str(value)
+        if not text or not text.isprintable() or any(c in text for c in ' "=\\'):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

@@ -1,0 +1,629 @@
+"""The limits plugin: session rates, concurrency caps, bandwidth and failed-login throttling, end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import bcrypt
+import pytest
+import socks
+from socksflow_plugins import limits
+from socksflow_plugins.limits.buckets import TokenBucket
+from socksflow_plugins.limits.state import PRUNE_FLOOR, State
+
+import socksflow
+from socksflow import Identity
+from socksflow.app import configure
+from socksflow.config import Config
+from socksflow.errors import ConfigErrors
+from socksflow.plugins import PluginManager
+from socksflow.protocol import Address, Command, Method, Reply, build_request
+from socksflow.stash import Stash
+from socksflow.testing import Socks5Client
+
+PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret", "dave": "dave-secret"}
+AUTH = "auth: {methods: [userpass, none], users: users.htpasswd}\n"  # userpass when offered
+MiB = 1 << 20
+
+
+@pytest.fixture
+def htpasswd(tmp_path: Path) -> Path:
+    """users.htpasswd (bcrypt, cost 4 to keep tests fast) next to the fixture's rules.yaml."""
+    path = tmp_path / "users.htpasswd"
+    hashes = {user: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode() for user, pw in PASSWORDS.items()}
+    path.write_text("".join(f"{user}:{hashed}\n" for user, hashed in hashes.items()))
+    path.chmod(0o600)
+    return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def active_counts(server) -> dict:
+    state = server.server.stash.get(limits.STATE)
+    return server.call(lambda: dict(state.active) if state else {})
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+class Bulk(socketserver.BaseRequestHandler):
+    """``GET n\\n``: sends n bytes of BLOCK repeated; ``PUT n\\n``: reads n bytes, answers ``OK\\n``."""
+
+    def handle(self) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = self.request.recv(1)
+            if not chunk:
+                return
+            line += chunk
+        verb, size = line.split()
+        remaining = int(size)
+        if verb == b"GET":
+            view = memoryview(BLOCK)
+            while remaining:
+                sent = self.request.send(view[: min(remaining, len(BLOCK))])
+                remaining -= sent
+        else:
+            while remaining:
+                chunk = self.request.recv(min(remaining, 1 << 16))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+            self.request.sendall(b"OK\n")
+
+
+BLOCK = os.urandom(MiB)
+
+
+def expected_digest(size: int) -> str:
+    digest = hashlib.sha256()
+    for start in range(0, size, MiB):
+        digest.update(BLOCK[: min(MiB, size - start)])
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bulk() -> Iterator[tuple[str, int]]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Bulk)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound but not listening, held for the test: connections to it are refused.
+
+    (A port merely released may be taken again by the next ephemeral bind, such as a listener's.)
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def echo(echo_target: tuple[str, int]) -> str:
+    """``host:port`` of an echo server that closes when its client half-closes (tunnels then end)."""
+    return "{}:{}".format(*echo_target)
+
+
+def via_proxy(server, user: str | None = None) -> socks.socksocket:
+    sock = socks.socksocket()
+    sock.settimeout(30)
+    password = PASSWORDS.get(user or "")
+    sock.set_proxy(socks.SOCKS5, server.host, server.port, username=user, password=password)
+    return sock
+
+
+def download(server, target: tuple[str, int], size: int, user: str | None = None) -> tuple[float, str]:
+    """Fetch ``size`` bytes through the proxy; return the seconds it took and the sha256."""
+    with via_proxy(server, user) as sock:
+        sock.connect(target)
+        began = time.monotonic()
+        sock.sendall(b"GET %d\n" % size)
+        digest, received = hashlib.sha256(), 0
+        while received < size:
+            chunk = sock.recv(1 << 18)
+            assert chunk, f"closed after {received} bytes"
+            digest.update(chunk)
+            received += len(chunk)
+        return time.monotonic() - began, digest.hexdigest()
+
+
+def upload(server, target: tuple[str, int], size: int, user: str | None = None) -> float:
+    with via_proxy(server, user) as sock:
+        sock.connect(target)
+        began = time.monotonic()
+        sock.sendall(b"PUT %d\n" % size)
+        view = memoryview(BLOCK)
+        for start in range(0, size, MiB):
+            sock.sendall(view[: min(MiB, size - start)])
+        assert sock.recv(3) == b"OK\n"
+        return time.monotonic() - began
+
+
+def connect_from(server, source: str) -> Socks5Client:
+    """A raw client whose connection comes from ``source`` (any 127.0.0.0/8 address)."""
+    client = Socks5Client.__new__(Socks5Client)
+    client.sock = socket.create_connection((server.host, server.port), timeout=10, source_address=(source, 0))
+    return client
+
+
+def login(server, user: str, password: str | None = None, source: str = "127.0.0.1") -> Socks5Client:
+    client = connect_from(server, source)
+    assert client.greet([Method.USERPASS]) == Method.USERPASS
+    assert client.login(user, password or PASSWORDS[user]) == 0
+    return client
+
+
+def refused_before_greeting(server, source: str = "127.0.0.1") -> bool:
+    """Connect from ``source`` and greet: True when the server closed without choosing a method."""
+    sock = connect_from(server, source).sock
+    try:
+        sock.sendall(bytes((5, 1, Method.NO_AUTH)))
+        return sock.recv(2) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def config_errors(text: str) -> str:
+    pm = PluginManager()
+    pm.register(limits, "limits")
+    config = Config.from_text(text, "rules.yaml")
+    with pytest.raises(ConfigErrors) as info:
+        configure(pm, config)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (
+            "{match: {from: 10.0.0.0/33}, max_sessions: 1}",
+            "rules.yaml:2: limits[0].match.from: '10.0.0.0/33' is not a network",
+        ),
+        ("{match: {user: a}}", "rules.yaml:2: limits[0]: no limit given"),
+        ("{per: session, max_sessions: 3}", "limits[0].per: per session only applies to bandwidth"),
+        ("{burst: 5}", "limits[0].burst: burst goes with sessions_per_second"),
+        ("{bandwidth: 10MiB}", "limits[0].bandwidth: '10MiB' is not a rate"),
+        ("{bandwidth: {burst: 1MiB}}", "limits[0].bandwidth: give up:, down: or both"),
+        ("{per: /40, max_sessions: 1}", "limits[0].per: '/40': IPv4 prefixes go up to /32"),
+        ("{per: house, max_sessions: 1}", "limits[0].per: 'house' is not one of"),
+        ("{match: {user: a}, auth_failures: {max: 3}}", "auth_failures counts per client address"),
+        ("{sessions_per_second: 0}", "limits[0].sessions_per_second: the rate must be above zero"),
+        ("{max_sessions: 1, speed: 3}", "limits[0].speed: unknown key"),
+    ],
+)
+def test_config_errors_are_located(entry, message):
+    assert message in config_errors(f"limits:\n  - {entry}\n")
+
+
+def test_every_bad_entry_is_reported():
+    errors = config_errors("limits:\n  - {burst: 1}\n  - {max_sessions: -1}\n")
+    assert "limits[0].burst" in errors and "limits[1].max_sessions: -1 is below the minimum 0" in errors
+
+
+def test_entries_are_sorted_by_when_they_can_be_judged():
+    pm = PluginManager()
+    pm.register(limits, "limits")
+    config = Config.from_text(
+        "limits:\n"
+        "  - {match: {from: 10.0.0.0/8}, sessions_per_second: 600/m, per: /24}\n"
+        "  - {match: {user: alice}, max_sessions: 2, bandwidth: {down: 1MiB/s}}\n"
+        "  - {per: user, max_sessions: 5}\n"
+        "  - {auth_failures: {max: 5, within: 10m, block: 1h}}\n",
+        "rules.yaml",
+    )
+    configure(pm, config)
+    settings = config.stash[limits.SETTINGS]
+    assert [e.location for e in settings.at_accept] == ["rules.yaml:2"]
+    assert settings.at_accept[0].session_rate == limits.settings.Rate(10.0, 10.0)
+    assert [e.location for e in settings.at_request] == ["rules.yaml:3", "rules.yaml:4"]
+    assert settings.at_request[0].per.kind == "user"  # the default when the match names users
+    assert settings.bandwidth[0].up is None and settings.bandwidth[0].down.per_second == MiB
+    assert settings.auth[0].auth == limits.settings.AuthThrottle(5, 600.0, 3600.0)
+
+
+# ---------------------------------------------------------------------------- buckets and scopes
+
+
+def test_token_bucket_takes_whole_tokens_and_refills_at_its_rate():
+    bucket = TokenBucket(rate=2.0, burst=3.0, now=100.0)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(100.5)  # one token back after half a second at 2/s
+    assert not bucket.take(100.5)
+    assert bucket.full(200.0) and bucket.tokens == 3.0  # never more than the burst
+
+
+def test_token_bucket_charges_bytes_into_debt_and_says_how_long_to_wait():
+    bucket = TokenBucket(rate=1000.0, burst=100.0, now=0.0)
+    assert bucket.charge(100, 0.0) == 0.0
+    assert bucket.charge(500, 0.0) == pytest.approx(0.5)  # 500 bytes owed at 1000/s
+    assert bucket.charge(0, 0.25) == pytest.approx(0.25)  # half the debt paid meanwhile
+
+
+def test_state_forgets_full_buckets_and_expired_records_once_it_grows():
+    state = State()
+    for number in range(PRUNE_FLOOR):
+        state.session_buckets[number] = TokenBucket(1.0, 5.0, now=0.0)
+    state.session_buckets["busy"] = busy = TokenBucket(1.0, 5.0, now=0.0)
+    for _ in range(5):
+        busy.take(0.0)
+    state.blocked["over"], state.blocked["still"] = 1.0, 100.0
+    state.prune(2.0)  # the busy bucket has 2 of 5 tokens back: not forgettable yet
+    assert list(state.session_buckets) == ["busy"] and list(state.blocked) == ["still"]
+    assert state.prune_at == PRUNE_FLOOR
+
+
+def fake_session(client: str, user: str = "", server: object | None = None) -> SimpleNamespace:
+    return SimpleNamespace(
+        client=Address.parse(client),
+        identity=Identity(user),
+        stash=Stash(),
+        server=server or SimpleNamespace(stash=Stash()),
+    )
+
+
+def test_scopes_group_sessions_as_configured():
+    network = limits.settings.Scope("network", 24, 64)
+    assert network.key(fake_session("10.1.2.3:5")) == network.key(fake_session("10.1.2.200:6"))
+    assert network.key(fake_session("10.1.2.3:5")) != network.key(fake_session("10.1.3.3:5"))
+    assert network.key(fake_session("[2001:db8::1]:5")) == network.key(fake_session("[2001:db8::ffff:1]:5"))
+    assert network.key(fake_session("[2001:db8::1]:5")) != network.key(fake_session("[2001:db8:0:1::1]:5"))
+    assert network.key(fake_session("10.1.2.3:5")) != network.key(fake_session("[::a01:203]:5"))  # not mixed
+    user = limits.settings.Scope("user")
+    assert user.key(fake_session("10.0.0.1:1", "alice")) == user.key(fake_session("10.0.0.2:1", "alice"))
+    # an anonymous session's "user" is its address: anonymous clients do not share one budget
+    assert user.key(fake_session("10.0.0.1:1")) != user.key(fake_session("10.0.0.2:1"))
+
+
+def test_bandwidth_buckets_are_shared_per_scope_and_fresh_per_session():
+    pm = PluginManager()
+    pm.register(limits, "limits")
+    config = Config.from_text(
+        "limits:\n"
+        "  - {match: {user: alice}, bandwidth: 1MiB/s}\n"
+        "  - {match: {user: alice}, bandwidth: {down: 8MiB/s}, per: session}\n"
+        "  - {per: all, bandwidth: {up: 100MiB/s}}\n",
+        "rules.yaml",
+    )
+    configure(pm, config)
+    server = SimpleNamespace(stash=Stash())
+    one, two, other = sessions = [
+        fake_session(client, user, server)
+        for client, user in (("127.0.0.1:1", "alice"), ("127.0.0.2:2", "alice"), ("127.0.0.1:3", "bob"))
+    ]
+    for session in sessions:
+        session.config = config
+    first, second, third = (limits.socksflow_relay_start(s) for s in (one, two, other))
+    up = [b.rate for b in first.up]
+    assert sorted(up) == [MiB, 100 * MiB]
+    assert first.up[0] is second.up[0]  # alice's, shared
+    assert first.down[1] is not second.down[1]  # per session
+    assert third.up == (first.up[1],)  # the global one only
+    assert third.down == ()
+
+
+# ---------------------------------------------------------------------------- session rates
+
+
+def pipelined_requests(clients: list[Socks5Client], destination: str) -> tuple[list[int], float]:
+    """Send every client's CONNECT at once, then read the replies; return them and the seconds spent."""
+    request = build_request(Command.CONNECT, Address.parse(destination))
+    began = time.monotonic()
+    for client in clients:
+        client.sock.sendall(request)
+    codes = [client.read_reply()[0] for client in clients]
+    return codes, time.monotonic() - began
+
+
+def admitted_window(rate: float, burst: int, seconds: float) -> range:
+    """What a bucket starting full may admit in ``seconds``: the burst, plus what refilled meanwhile."""
+    return range(burst, burst + math.floor(rate * seconds) + 1)
+
+
+def test_user_session_rate_refuses_the_excess_with_rep_02(socksflow_server, htpasswd, echo):
+    server = socksflow_server(AUTH + "limits: [{match: {user: alice}, sessions_per_second: 10, burst: 10}]")
+    clients = [login(server, "alice") for _ in range(50)]
+    try:
+        codes, seconds = pipelined_requests(clients, echo)
+    finally:
+        for client in clients:
+            client.close()
+    assert set(codes) <= {Reply.SUCCEEDED, Reply.NOT_ALLOWED}, codes
+    admitted = codes.count(Reply.SUCCEEDED)
+    # 10 tokens at the start; the replies all came back in `seconds`, so at most 10/s × seconds
+    # more can have refilled.  On an idle machine seconds < 0.1 and this is exactly 10 of 50.
+    assert admitted in admitted_window(10, 10, seconds), (admitted, seconds)
+    assert codes.count(Reply.NOT_ALLOWED) == 50 - admitted
+    bob = login(server, "bob")  # another user has his own budget (none here)
+    assert bob.connect(echo)[0] == Reply.SUCCEEDED
+    bob.close()
+
+
+def test_address_session_rate_closes_before_the_greeting(socksflow_server, echo):
+    server = socksflow_server("limits: [{match: {from: 127.0.0.0/8}, sessions_per_second: 10, burst: 10}]")
+    began = time.monotonic()
+    socks_ = [socket.create_connection((server.host, server.port), timeout=10) for _ in range(50)]
+    try:
+        for sock in socks_:
+            sock.sendall(bytes((5, 1, Method.NO_AUTH)))
+        answers = []
+        for sock in socks_:
+            try:
+                answers.append(sock.recv(2))
+            except ConnectionResetError:
+                answers.append(b"")
+        seconds = time.monotonic() - began
+    finally:
+        for sock in socks_:
+            sock.close()
+    assert set(answers) <= {b"\x05\x00", b""}
+    admitted = answers.count(b"\x05\x00")
+    assert admitted in admitted_window(10, 10, seconds), (admitted, seconds)
+
+
+def test_per_address_rate_keeps_addresses_apart(socksflow_server):
+    server = socksflow_server("limits:\n  - {sessions_per_second: 1, burst: 1}\n")
+    assert not refused_before_greeting(server, "127.0.0.1")
+    assert refused_before_greeting(server, "127.0.0.1")
+    assert not refused_before_greeting(server, "127.0.0.2")  # its own bucket
+    prefix = socksflow_server("limits:\n  - {sessions_per_second: 1, burst: 1, per: /24}\n")
+    assert not refused_before_greeting(prefix, "127.0.0.1")
+    assert refused_before_greeting(prefix, "127.0.0.2")  # the same /24 shares one bucket
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+
+def test_max_sessions_per_address_counts_from_accept(socksflow_server):
+    server = socksflow_server("limits:\n  - {match: {from: 127.0.0.1/32}, max_sessions: 3}\n")
+    held = [Socks5Client(server.address) for _ in range(3)]
+    try:
+        for client in held:
+            assert client.greet() == Method.NO_AUTH
+        assert refused_before_greeting(server)
+        assert not refused_before_greeting(server, "127.0.0.2")  # not matched by the entry
+        held.pop().close()
+        wait_for(lambda: list(active_counts(server).values()) == [2])
+        assert not refused_before_greeting(server)
+    finally:
+        for client in held:
+            client.close()
+    wait_for(lambda: not active_counts(server))
+
+
+def test_max_sessions_per_user_answers_rep_02(socksflow_server, htpasswd, echo):
+    server = socksflow_server(AUTH + "limits:\n  - {match: {user: alice}, max_sessions: 2}\n")
+    alice = [login(server, "alice") for _ in range(3)]
+    bob = [login(server, "bob") for _ in range(3)]
+    try:
+        assert [c.connect(echo)[0] for c in alice] == [Reply.SUCCEEDED] * 2 + [Reply.NOT_ALLOWED]
+        assert [c.connect(echo)[0] for c in bob] == [Reply.SUCCEEDED] * 3
+        alice[0].close()
+        wait_for(lambda: active_counts(server) == {("user", "alice"): 1})
+        again = login(server, "alice")
+        assert again.connect(echo)[0] == Reply.SUCCEEDED
+        again.close()
+    finally:
+        for client in alice + bob:
+            client.close()
+    wait_for(lambda: not active_counts(server))
+
+
+def test_global_max_sessions(socksflow_server):
+    server = socksflow_server("limits:\n  - {per: all, max_sessions: 4}\n")
+    held = [Socks5Client(server.address) for _ in range(4)]
+    try:
+        for client in held:
+            assert client.greet() == Method.NO_AUTH
+        assert refused_before_greeting(server, "127.0.0.2")
+        assert refused_before_greeting(server, "127.0.0.3")
+    finally:
+        for client in held:
+            client.close()
+    wait_for(lambda: not active_counts(server))
+    assert not refused_before_greeting(server)
+
+
+def test_counts_and_buckets_survive_a_reload(socksflow_server, tmp_path):
+    server = socksflow_server("limits: [{max_sessions: 1}]\n")
+    first = Socks5Client(server.address)
+    try:
+        assert first.greet() == Method.NO_AUTH
+        assert refused_before_greeting(server)
+        (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nlimits: [{max_sessions: 2}]\n")
+        assert server.call(server.server.reload)
+        with Socks5Client(server.address) as second:
+            assert second.greet() == Method.NO_AUTH
+            assert refused_before_greeting(server)  # the session from before the reload still counts
+    finally:
+        first.close()
+    wait_for(lambda: not active_counts(server))
+
+
+class Recorder:
+    """Denies requests to one port; records every session's start and end."""
+
+    __name__ = "recorder"
+
+    def __init__(self, deny_port: int) -> None:
+        self.deny_port = deny_port
+        self.started: list[str] = []
+        self.ended: list[str] = []
+
+    @socksflow.hookimpl(tryfirst=True)
+    def socksflow_client_connected(self, session):
+        self.started.append(session.id)
+
+    @socksflow.hookimpl
+    def socksflow_request(self, request):
+        if request.destination.port == self.deny_port:
+            return socksflow.Verdict.deny("not this one")
+        return None
+
+    @socksflow.hookimpl
+    def socksflow_session_end(self, session):
+        self.ended.append(session.id)
+
+
+def test_every_session_ends_once_and_gives_its_counts_back(
+    socksflow_server, htpasswd, echo, bulk, refusing_port
+):
+    recorder = Recorder(deny_port=9)
+    server = socksflow_server(
+        AUTH + "limits:\n"
+        "  - {max_sessions: 100}\n"  # per address, from accept
+        "  - {match: {user: alice}, max_sessions: 100}\n"  # per user, from the request
+        "  - {per: all, max_sessions: 100}\n"
+        "  - {match: {from: 127.0.0.3/32}, max_sessions: 0}\n",  # refused at once
+        plugins=[recorder],
+    )
+    assert download(server, bulk, 1000)[1] == expected_digest(1000)  # anonymous, completed
+    assert download(server, bulk, 1000, "alice")[1] == expected_digest(1000)  # alice, completed
+    with login(server, "alice") as client:
+        assert client.connect("127.0.0.1:9")[0] == Reply.NOT_ALLOWED  # denied by another plugin
+    with login(server, "alice") as client:
+        assert client.connect(f"127.0.0.1:{refusing_port}")[0] == Reply.CONNECTION_REFUSED
+    with Socks5Client(server.address) as client:
+        assert client.greet([Method.USERPASS]) == Method.USERPASS
+        assert client.login("alice", "wrong") != 0  # authentication failed
+    with Socks5Client(server.address) as client:
+        client.greet()  # and gone mid-handshake
+    socket.create_connection((server.host, server.port)).close()  # gone before the greeting
+    assert refused_before_greeting(server, "127.0.0.3")  # refused by a limit
+    with login(server, "alice") as client:  # a tunnel the client closes
+        assert client.connect(echo)[0] == Reply.SUCCEEDED
+    wait_for(lambda: len(recorder.ended) == 9)
+    assert sorted(recorder.ended) == sorted(recorder.started) and len(set(recorder.ended)) == 9
+    wait_for(lambda: not server.server.sessions)
+    assert active_counts(server) == {}
+
+
+# ---------------------------------------------------------------------------- failed logins
+
+
+def test_failed_logins_block_the_address_for_the_cool_down(socksflow_server, htpasswd):
+    server = socksflow_server(AUTH + "limits:\n  - {auth_failures: {max: 3, within: 1m, block: 1s}}\n")
+    with login(server, "alice") as client:  # a success does not count
+        pass
+    for _ in range(3):
+        with Socks5Client(server.address) as client:
+            client.greet([Method.USERPASS])
+            assert client.login("alice", "guess") == 1
+    state = server.server.stash[limits.STATE]
+    wait_for(lambda: server.call(lambda: bool(state.blocked)))
+    blocked_at = time.monotonic()
+    assert refused_before_greeting(server)  # even with the right password, nothing is read
+    assert not refused_before_greeting(server, "127.0.0.2")  # another address is not blocked
+    with login(server, "bob", source="127.0.0.2"):
+        pass
+    time.sleep(max(0.0, blocked_at + 1.1 - time.monotonic()))
+    with login(server, "alice"):
+        pass  # the cool-down is over
+
+
+def recorded_failures(server) -> int:
+    state = server.server.stash.get(limits.STATE)
+    return server.call(lambda: sum(len(r.times) for r in state.failures.values()) if state else 0)
+
+
+def test_failures_outside_the_window_do_not_block(socksflow_server, htpasswd):
+    server = socksflow_server(AUTH + "limits:\n  - {auth_failures: {max: 2, within: 200ms, block: 1m}}\n")
+    for expected in (1, 2):
+        with Socks5Client(server.address) as client:
+            client.greet([Method.USERPASS])
+            assert client.login("alice", "guess") == 1
+        wait_for(lambda n=expected: recorded_failures(server) == n)
+        time.sleep(0.3)
+    assert not server.server.stash[limits.STATE].blocked
+    assert not refused_before_greeting(server)
+
+
+# ---------------------------------------------------------------------------- bandwidth
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_user_bandwidth_limit_paces_the_download_and_spares_others(socksflow_server, htpasswd, bulk):
+    server = socksflow_server(AUTH + "limits:\n  - {match: {user: alice}, bandwidth: 2MiB/s}\n")
+    size = 20 * MiB
+    results: dict[str, tuple[float, str]] = {}
+    peak = [0]
+    done = threading.Event()
+
+    def fetch(user: str) -> None:
+        results[user] = download(server, bulk, size, user)
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], rss())
+
+    download(server, bulk, 4 * MiB, "bob")  # warm up allocator pools before the baseline
+    baseline = rss()
+    threads = [threading.Thread(target=fetch, args=(user,)) for user in ("alice", "bob")]
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    done.set()
+    sampler.join()
+    assert results["alice"][1] == results["bob"][1] == expected_digest(size)
+    # 20 MiB at 2 MiB/s: 10 s (less the 0.1 s burst the bucket starts with)
+    assert 8.5 <= results["alice"][0] <= 11.5, results["alice"][0]
+    assert results["bob"][0] < 3.0, results["bob"][0]  # no limit: loopback speed
+    # reading pauses while the bucket is in debt: the server never holds more than a chunk or two
+    assert peak[0] - baseline < 6 * MiB, (peak[0] - baseline) / MiB
+
+
+def test_a_user_limit_is_shared_by_that_users_sessions(socksflow_server, htpasswd, bulk):
+    server = socksflow_server(AUTH + "limits:\n  - {match: {user: carol}, bandwidth: {down: 4MiB/s}}\n")
+    times: list[float] = []
+
+    def fetch() -> None:
+        times.append(download(server, bulk, 4 * MiB, "carol")[0])
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # 8 MiB in all at 4 MiB/s shared: about 2 s.  Separate budgets would finish in about 1 s.
+    assert 1.6 <= max(times) <= 2.8, times
+
+
+def test_upload_limit_paces_only_the_upload(socksflow_server, htpasswd, bulk):
+    server = socksflow_server(AUTH + "limits:\n  - {match: {user: dave}, bandwidth: {up: 4MiB/s}}\n")
+    assert 0.75 <= upload(server, bulk, 4 * MiB, "dave") <= 1.6  # 4 MiB at 4 MiB/s, less the burst
+    assert download(server, bulk, 4 * MiB, "dave")[0] < 0.6

@@ -1,0 +1,204 @@
+"""The metrics plugin: /metrics scraped over HTTP after known traffic, every series checked."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from socksflow_plugins import metrics
+
+import socksflow
+from socksflow.app import configure
+from socksflow.config import Config
+from socksflow.errors import ConfigErrors
+from socksflow.plugins import PluginManager
+from socksflow.protocol import Method, Reply, parse_host
+from socksflow.testing import Socks5Client
+
+METRICS = "listen: [127.0.0.1:0]\nmetrics: {listen: 127.0.0.1:0}\n"  # both: the fixture adds no listen then
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an environment proxy
+
+
+@pytest.fixture
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound but not listening, held for the test: connections to it are refused.
+
+    (A port merely released may be taken again by the next ephemeral bind, such as a listener's.)
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def echo(echo_target: tuple[str, int]) -> str:
+    return "{}:{}".format(*echo_target)
+
+
+class Policy:
+    """Port 9 is denied by a rule, port 10 makes the plugin fail; echo.test resolves to 127.0.0.1;
+    clients offering username/password get it, and every user but mallory is welcome."""
+
+    __name__ = "policy"
+
+    @socksflow.hookimpl
+    def socksflow_select_method(self, offered):
+        return Method.USERPASS if Method.USERPASS in offered else None
+
+    @socksflow.hookimpl
+    def socksflow_authenticate(self, username):
+        return socksflow.Verdict.deny("go away") if username == b"mallory" else socksflow.Identity("someone")
+
+    @socksflow.hookimpl
+    def socksflow_request(self, request):
+        if request.destination.port == 9:
+            return socksflow.Verdict.deny("no", rule="policy.yaml:3")
+        if request.destination.port == 10:
+            raise RuntimeError("policy bug")
+        return None
+
+    @socksflow.hookimpl
+    def socksflow_resolve(self, host):
+        return [parse_host("127.0.0.1")] if host == "echo.test" else None
+
+
+def scrape(server, path: str = "/metrics") -> dict[tuple[str, frozenset], float]:
+    """Every sample of the server's endpoint, keyed by name and labels."""
+    address = server.server.stash[metrics.METRICS].address
+    with HTTP.open(f"http://{address}{path}", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def echo_session(server, destination: str, payload: bytes) -> None:
+    with Socks5Client(server.address) as client:
+        client.greet()
+        assert client.connect(destination)[0] == Reply.SUCCEEDED
+        client.sock.sendall(payload)
+        assert client.recv_exactly(len(payload)) == payload
+
+
+def test_series_after_known_traffic(socksflow_server, echo, refusing_port):
+    server = socksflow_server(
+        METRICS + "limits:\n  - {match: {from: 127.0.0.3/32}, max_sessions: 0}\n", plugins=[Policy()]
+    )
+    limit_rule = f"{server.config.file}:4"  # where the limits entry is
+    with Socks5Client(server.address) as held:
+        held.greet()
+        assert held.connect(echo)[0] == Reply.SUCCEEDED
+        assert value(scrape(server), "socksflow_sessions_active") == 1
+
+    echo_session(server, echo, b"hello")
+    echo_session(server, "echo.test:{}".format(echo.rpartition(":")[2]), b"bonjour")
+    answers = {9: Reply.NOT_ALLOWED, 10: Reply.GENERAL_FAILURE, refusing_port: Reply.CONNECTION_REFUSED}
+    for port, reply in answers.items():
+        with Socks5Client(server.address) as client:
+            client.greet()
+            assert client.connect(f"127.0.0.1:{port}")[0] == reply
+    with Socks5Client(server.address) as client:
+        client.greet([Method.USERPASS])
+        assert client.login("mallory", "secret") == 1
+    with socket.create_connection((server.host, server.port), source_address=("127.0.0.3", 0)) as refused:
+        refused.sendall(bytes((5, 1, Method.NO_AUTH)))
+        assert refused.recv(2) == b""
+
+    deadline = time.monotonic() + 5
+    while (samples := scrape(server)) and sum(
+        v for (name, _), v in samples.items() if name == "socksflow_sessions_total"
+    ) < 8:
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.02)
+
+    sessions = "socksflow_sessions_total"
+    assert value(samples, sessions, command="connect", verdict="allow") == 4  # 3 echo, 1 refused upstream
+    assert value(samples, sessions, command="connect", verdict="deny") == 2  # a rule, a plugin fault
+    assert value(samples, sessions, command="none", verdict="deny") == 2  # the limit, mallory
+    assert value(samples, "socksflow_sessions_active") == 0
+    assert value(samples, "socksflow_relayed_bytes_total", direction="up") == 5 + 7
+    assert value(samples, "socksflow_relayed_bytes_total", direction="down") == 5 + 7
+    assert value(samples, "socksflow_handshake_seconds_count") == 6  # every session that sent a request
+    assert value(samples, "socksflow_connect_seconds_count") == 3  # every successful dial
+    assert value(samples, "socksflow_dns_seconds_count") == 1  # echo.test
+    assert 0 < value(samples, "socksflow_dns_seconds_sum") < 1
+    assert value(samples, "socksflow_handshake_seconds_bucket", le="+Inf") == 6
+    assert value(samples, "socksflow_rule_hits_total", rule="policy.yaml:3", verdict="deny") == 1
+    assert value(samples, "socksflow_rule_hits_total", rule=limit_rule, verdict="deny") == 1
+    assert value(samples, "socksflow_denials_total", plugin="policy", stage="request") == 2
+    assert value(samples, "socksflow_denials_total", plugin="limits", stage="accept") == 1
+    assert value(samples, "socksflow_denials_total", plugin="policy", stage="auth") == 1
+    assert value(samples, "socksflow_plugin_errors_total", plugin="policy", hook="socksflow_request") == 1
+
+
+def test_each_server_has_its_own_registry_and_endpoint(socksflow_server, echo):
+    one = socksflow_server(METRICS)
+    two = socksflow_server(METRICS)
+    echo_session(one, echo, b"x")
+    deadline = time.monotonic() + 5
+    while value(scrape(one), "socksflow_sessions_total", command="connect", verdict="allow") != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert value(scrape(two), "socksflow_sessions_total", command="connect", verdict="allow") == 0
+
+
+def test_other_paths_are_not_found_and_the_endpoint_stops_with_the_server(socksflow_server):
+    server = socksflow_server(METRICS)
+    address = server.server.stash[metrics.METRICS].address
+    with pytest.raises(urllib.error.HTTPError) as info:
+        HTTP.open(f"http://{address}/", timeout=10)
+    assert info.value.code == 404
+    with socket.create_connection((str(address.host), address.port), timeout=5) as sock:
+        sock.sendall(b"\r\n\r\n")  # not HTTP at all
+        assert sock.recv(100).startswith(b"HTTP/1.1 404 ")
+    with socket.create_connection((str(address.host), address.port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * 10000)  # a head past the 8 KiB cap
+        with contextlib.suppress(ConnectionResetError):  # closing with unread input may reset
+            assert sock.recv(100) == b""  # closed without an answer
+    server.stop()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((str(address.host), address.port), timeout=5)
+
+
+def configured(text: str) -> Config:
+    pm = PluginManager()
+    pm.register(metrics, "metrics")
+    config = Config.from_text(text, "rules.yaml")
+    configure(pm, config)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("metrics: {listen: 0.0.0.0:9150}", "rules.yaml:1: metrics.listen: 0.0.0.0:9150 is not a loopback"),
+        ("metrics:\n  listen: '[2001:db8::1]:9'", "rules.yaml:2: metrics.listen: [2001:db8::1]:9 is not"),
+        ("metrics: {listen: localhost:9150}", "metrics.listen: listen on an IP address"),
+        ("metrics: {allow_remote: yes}", "rules.yaml:1: metrics.allow_remote: 'yes' is read as a boolean"),
+        ("metrics: {port: 9150}", "metrics.port: unknown key"),
+    ],
+)
+def test_config_errors_are_located(text, message):
+    with pytest.raises(ConfigErrors) as info:
+        configured(text)
+    assert message in str(info.value)
+
+
+def test_defaults_and_remote_opt_in():
+    assert str(configured("metrics:\n").stash[metrics.SETTINGS].listen) == "127.0.0.1:9150"
+    assert str(configured("metrics: {listen: '[::1]:9'}").stash[metrics.SETTINGS].listen) == "[::1]:9"
+    remote = configured("metrics: {listen: 192.0.2.1:9150, allow_remote: true}")  # checked, never bound
+    assert str(remote.stash[metrics.SETTINGS].listen) == "192.0.2.1:9150"
