@@ -51,9 +51,7 @@ def socksflow_configure(config: Config) -> None:
     items = node.as_map({"methods", "users"})
     methods: tuple[Method, ...] = (Method.NO_AUTH,)
     if "methods" in items:
-        methods = tuple(
-            METHODS[m.as_choice(tuple(METHODS))] for m in items["methods"].as_list()
-        )
+        methods = tuple(METHODS[m.as_choice(tuple(METHODS))] for m in items["methods"].as_list())
         if not methods:
             raise items["methods"].error("list at least one method")
     settings = AuthSettings(methods)
@@ -122,5 +120,3 @@ async def socksflow_authenticate(session, username: bytes, password: bytes) -> I
         settings.verified.clear()
     settings.verified[key] = now + CACHE_SECONDS
     return Identity(username.decode("utf-8", "backslashreplace"))
-
-

@@ -40,7 +40,9 @@ def configure(pm: PluginManager, config: Config) -> None:
         except ConfigError as exc:
             config.errors.add(exc)
         except Exception as exc:  # a plugin bug must not pass for a valid config
-            config.errors.add(ConfigError(f"plugin {impl.plugin!r} failed: {type(exc).__name__}: {exc}", config.file))
+            config.errors.add(
+                ConfigError(f"plugin {impl.plugin!r} failed: {type(exc).__name__}: {exc}", config.file)
+            )
     config.check_unclaimed()
     config.raise_errors()
 

@@ -15,8 +15,8 @@ from typing import Any
 import socksflow
 from socksflow import app
 from socksflow.errors import ConfigErrors
-from socksflow.plugins import PluginLoadError
 from socksflow.explain import ExplainQuery, explain, run_checks
+from socksflow.plugins import PluginLoadError
 from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
 from socksflow.workers import supervise
@@ -49,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="socksflow", description="A SOCKS5 proxy with pluggable rules.")
     parser.add_argument("--version", action="version", version=f"socksflow {socksflow.__version__}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="least severe log lines shown",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the proxy in the foreground")
@@ -67,12 +70,14 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a configuration file and run its tests")
     check.add_argument("config", nargs="?", help="the file (default: ./rules.yaml)")
-    check.add_argument("--disable-plugin", action="append", default=[], metavar="NAME")
+    check.add_argument(
+        "--disable-plugin", action="append", default=[], metavar="NAME", help="do not load this plugin"
+    )
     check.set_defaults(handler=_check)
 
     explain = commands.add_parser("explain", help="show how a request would be decided, and why")
     _config_options(explain)
-    explain.add_argument("destination", type=_address, metavar="HOST:PORT")
+    explain.add_argument("destination", type=_address, metavar="HOST:PORT", help="the destination asked for")
     explain.add_argument("--from", dest="client", default="127.0.0.1", help="client IP (default 127.0.0.1)")
     explain.add_argument("--user", help="authenticated user name")
     explain.add_argument(
@@ -88,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="configuration file (default: ./rules.yaml if present)")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="configuration file (default: ./rules.yaml if present)"
+    )
     parser.add_argument(
         "--disable-plugin", action="append", default=[], metavar="NAME", help="do not load this plugin"
     )
@@ -117,7 +124,11 @@ def _run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             return 130
     try:
-        return supervise(config, args.workers, lambda ready_fd: runner(_serve(Server(config, pm, reuse_port=True), ready_fd)))
+        return supervise(
+            config,
+            args.workers,
+            lambda ready_fd: runner(_serve(Server(config, pm, reuse_port=True), ready_fd)),
+        )
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
         return 1
@@ -137,7 +148,9 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
             import uvloop
         except ImportError:
             if choice == "uvloop":
-                raise SystemExit("socksflow: --loop uvloop needs the uvloop package (pip install socksflow[fast])")
+                raise SystemExit(
+                    "socksflow: --loop uvloop needs the uvloop package (pip install socksflow[fast])"
+                ) from None
         else:
 
             def run_uvloop(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -155,11 +168,6 @@ async def _serve(server: Server, ready_fd: int | None = None) -> int:
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
         return 1
-    if ready_fd is None:
-        print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
-    elif ready_fd >= 0:
-        os.write(ready_fd, b"1")
-        os.close(ready_fd)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
@@ -168,9 +176,16 @@ async def _serve(server: Server, ready_fd: int | None = None) -> int:
         received.append(name)
         stop.set()
 
+    # Before announcing readiness: a signal sent as soon as the ready line appears must stop
+    # the server gracefully, not kill it with the default action.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum.name)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.spawn(server.reload()))
+    if ready_fd is None:
+        print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
+    elif ready_fd >= 0:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
     await stop.wait()
     log.info("%s received: stopping (sessions get up to %gs)", received[0], server.config.timeouts.shutdown)
     for signum in (signal.SIGTERM, signal.SIGINT):

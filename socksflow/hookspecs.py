@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     import socket
 
     from socksflow.config import Config
+    from socksflow.decisions import Identity, Verdict
     from socksflow.errors import ConfigError
     from socksflow.explain import ExplainQuery, Resolver
-    from socksflow.decisions import Identity, Verdict
     from socksflow.protocol import Address, IPAddress, Request
     from socksflow.relay import Direction, Limiter
     from socksflow.server import Server
@@ -381,5 +381,3 @@ ALL_HOOKS: tuple[str, ...] = tuple(name for name in dict(globals()) if name.star
 SYNC_ONLY_HOOKS: frozenset[str] = frozenset(
     {"socksflow_configure", "socksflow_relay_start", "socksflow_relay_data"}
 )
-
-

@@ -9,6 +9,7 @@ the bytes to answer with (if the protocol defines an answer for that phase).
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class Address:
     @classmethod
     def from_sockaddr(cls, sockaddr: tuple) -> Address:
         """From a socket address tuple: ``(ip, port)`` or IPv6's ``(ip, port, flow, scope)``."""
-        return cls(ipaddress.ip_address(sockaddr[0].partition("%")[0]), sockaddr[1])
+        return cls(_ip_from_text(sockaddr[0]), sockaddr[1])
 
     @classmethod
     def parse(cls, text: str) -> Address:
@@ -113,6 +114,12 @@ class Address:
             return cls(parse_host(host), int(port))
         except InvalidAddress as exc:
             raise ValueError(f"{text!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_from_text(text: str) -> IPAddress:
+    # Sessions come from and go to few distinct addresses: parsing each once saves a few µs each.
+    return ipaddress.ip_address(text.partition("%")[0])
 
 
 def parse_host(text: str) -> Host:

@@ -86,9 +86,9 @@ class Server:
             await asyncio.sleep(0)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
-        if self._background:
+        if self._background:  # session_end observers (the access log) run before the plugins shut down
             await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
+        await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
 
     def abort_all(self) -> None:
         """Close every session now."""

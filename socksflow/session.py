@@ -281,9 +281,10 @@ class Session:
         client = self._client
         try:
             await self._accept()
+            # One deadline for greeting, authentication and request, plugin hooks included.
             deadline = asyncio.get_running_loop().time() + self.config.timeouts.handshake
-            await self._negotiate(deadline)
             async with asyncio.timeout_at(deadline):
+                await self._negotiate()
                 request = await client.next_event()
             assert isinstance(request, Request)
             self.request = request
@@ -367,10 +368,9 @@ class Session:
             self.verdict = verdict
             await self._deny(f"client refused: {verdict.reason or self.decided_by}")
 
-    async def _negotiate(self, deadline: float) -> None:
+    async def _negotiate(self) -> None:
         client = self._client
-        async with asyncio.timeout_at(deadline):
-            greeting = await client.next_event()
+        greeting = await client.next_event()
         assert isinstance(greeting, protocol.Greeting)
         try:
             method = await self._decide("socksflow_select_method", session=self, offered=greeting.methods)
@@ -385,12 +385,11 @@ class Session:
         if method == Method.NO_ACCEPTABLE:
             raise SessionDenied(self._set_reason(f"no acceptable method among {list(greeting.methods)}"))
         if method == Method.USERPASS:
-            async with asyncio.timeout_at(deadline):
-                credentials = await client.next_event()
+            credentials = await client.next_event()
             assert isinstance(credentials, protocol.UserPassAuth)
             await self._authenticate(credentials)
         elif method != Method.NO_AUTH:
-            await self._subnegotiate(method, deadline)
+            await self._subnegotiate(method)
 
     def _set_reason(self, reason: str) -> str:
         self.close_reason = reason
@@ -416,13 +415,13 @@ class Session:
         self.authenticated = True
         self._client.write(conn.send_auth_status(True))
 
-    async def _subnegotiate(self, method: int, deadline: float) -> None:
+    async def _subnegotiate(self, method: int) -> None:
         conn = self._client.conn
-        try:
-            async with asyncio.timeout_at(deadline):
-                result = await self._decide(
-                    "socksflow_subnegotiate", session=self, method=method, channel=AuthChannel(self._client)
-                )
+        try:  # a multi-round exchange: bounded by the handshake deadline, not the hook timeout
+            result = await self._decide(
+                "socksflow_subnegotiate", self.config.timeouts.handshake,
+                session=self, method=method, channel=AuthChannel(self._client),
+            )  # fmt: skip
         except PluginError as exc:
             conn.finish_subnegotiation(False)
             await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)

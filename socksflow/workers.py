@@ -9,6 +9,7 @@ concurrent sessions, bandwidth buckets) apply per worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -70,10 +71,8 @@ def supervise(config: Config, count: int, serve: Callable[[int], int]) -> int:
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping.append(signum)
         for pid in workers:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     read_fd, write_fd = os.pipe()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -126,8 +125,6 @@ def _await_ready(read_fd: int, count: int) -> bool:
 
 def _reap_all(workers: dict[int, int]) -> None:
     for pid in list(workers):
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
         workers.pop(pid, None)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +102,33 @@ def test_sigterm_lets_running_sessions_finish(tmp_path, proxies, echo_target):
     assert "closing 1 sessions still open after 1s" in proxy.process.stderr.read()
 
 
+def read_until(stream, text: str, timeout: float = 15) -> list[str]:
+    """Lines from ``stream`` up to and including the first that contains ``text``."""
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+
+    def pump() -> None:
+        for line in iter(stream.readline, ""):
+            lines.put(line)
+            if text in line:
+                return
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if not line:
+            raise AssertionError(f"the process ended before {text!r}: {seen}")
+        seen.append(line)
+        if text in line:
+            return seen
+    raise AssertionError(f"no {text!r} within {timeout}s: {seen}")
+
+
 def test_sighup_reloads_and_keeps_the_old_config_on_errors(tmp_path, proxies):
     rules = tmp_path / "rules.yaml"
     rules.write_text("timeouts: {connect: 5s}\n")
@@ -107,19 +136,15 @@ def test_sighup_reloads_and_keeps_the_old_config_on_errors(tmp_path, proxies):
     proxies.append(proxy)
     rules.write_text("timeouts: {connect: five seconds}\n")
     proxy.process.send_signal(signal.SIGHUP)
-    rules_ok = "timeouts: {connect: 3s}\n"
-    # Wait for the rejection to be logged before fixing the file.
-    line = proxy.process.stderr.readline()
-    while "reload" not in line:
-        line = proxy.process.stderr.readline()
-    assert "reload rejected, keeping the running configuration" in line
-    assert "rules.yaml:1: timeouts.connect: 'five seconds' is not a duration" in proxy.process.stderr.readline()
-    rules.write_text(rules_ok)
+    assert (
+        "reload rejected, keeping the running configuration" in read_until(proxy.process.stderr, "reload")[-1]
+    )
+    assert (
+        "rules.yaml:1: timeouts.connect: 'five seconds' is not a duration" in proxy.process.stderr.readline()
+    )
+    rules.write_text("timeouts: {connect: 3s}\n")
     proxy.process.send_signal(signal.SIGHUP)
-    line = proxy.process.stderr.readline()
-    while "reload" not in line:
-        line = proxy.process.stderr.readline()
-    assert "configuration reloaded from rules.yaml" in line
+    assert "configuration reloaded from rules.yaml" in read_until(proxy.process.stderr, "reload")[-1]
     assert proxy.stop()[0] == 0
 
 
@@ -128,7 +153,9 @@ def test_port_in_use_is_one_clear_line(tmp_path):
         port = busy.getsockname()[1]
         result = socksflow_cmd("run", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().endswith(f"socksflow: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert result.stderr.strip().endswith(
+        f"socksflow: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
 
 
 @pytest.mark.smoke
@@ -211,7 +238,9 @@ def test_readme_plugin_example_works(tmp_path, proxies, echo_target):
     assert code == 0
     client.close()
     _, stderr = proxy.stop()
-    assert re.search(r"WARNING deny_smtp: session \w+: 127\.0\.0\.1:\d+ asked for 127\.0\.0\.1:25: refused", stderr)
+    assert re.search(
+        r"WARNING deny_smtp: session \w+: 127\.0\.0\.1:\d+ asked for 127\.0\.0\.1:25: refused", stderr
+    )
     assert len(readme_plugin().strip().splitlines()) <= 20
 
 

@@ -11,15 +11,12 @@ import threading
 import time
 
 import pytest
+from helpers import require_tool
 
 import socksflow
 from socksflow import Reply, ResolveError, Verdict
 from socksflow.protocol import Address, Method
 from socksflow.testing import Socks5Client, socks5_handshake
-
-from helpers import require_tool
-
-
 
 
 def reply_bytes(code: int, bound: bytes = b"\x01\x00\x00\x00\x00\x00\x00") -> bytes:
@@ -83,10 +80,14 @@ def test_curl_proxy_user(socksflow_server, http_target, tmp_path):
     users.write_text("alice:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode() + "\n")
     users.chmod(0o600)
     server = socksflow_server(f"auth: {{methods: [userpass], users: {users}}}\n")
-    ok = curl("--socks5", f"{server.host}:{server.port}", "--proxy-user", "alice:s3cret", http_target.url("/"))
+    ok = curl(
+        "--socks5", f"{server.host}:{server.port}", "--proxy-user", "alice:s3cret", http_target.url("/")
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == b"hello from the target\n"
-    bad = curl("--socks5", f"{server.host}:{server.port}", "--proxy-user", "alice:wrong", http_target.url("/"))
+    bad = curl(
+        "--socks5", f"{server.host}:{server.port}", "--proxy-user", "alice:wrong", http_target.url("/")
+    )
     assert bad.returncode == 97, bad  # CURLE_PROXY: the SOCKS5 login was refused
     none = curl("--socks5", f"{server.host}:{server.port}", http_target.url("/"))
     assert none.returncode == 97, none  # no acceptable method
@@ -189,7 +190,9 @@ def test_failure_reply_codes(socksflow_server, closed_port, destination, code):
     server = socksflow_server(plugins=[Deny(), Unreachable(), Resolver()])
     with Socks5Client(server.address) as client:
         client.greet()
-        client.sock.sendall(socksflow.protocol.build_request(socksflow.Command.CONNECT, Address.parse(destination)))
+        client.sock.sendall(
+            socksflow.protocol.build_request(socksflow.Command.CONNECT, Address.parse(destination))
+        )
         assert recv_all(client.sock) == reply_bytes(code)  # the reply, then the server closes
 
 
@@ -248,7 +251,9 @@ def test_failed_login_closes_even_with_a_pipelined_request(socksflow_server, ech
     users = tmp_path / "users"
     users.write_text("bob:" + bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4)).decode() + "\n")
     server = socksflow_server(f"auth: {{methods: [userpass], users: {users}}}\n")
-    request = socksflow.protocol.build_request(socksflow.Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}"))
+    request = socksflow.protocol.build_request(
+        socksflow.Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}")
+    )
     with Socks5Client(server.address) as client:
         client.sock.sendall(b"\x05\x01\x02" + b"\x01\x03bob\x05wrong" + request + b"payload")
         assert recv_all(client.sock) == b"\x05\x02\x01\x01"  # method, failure status, then closed
@@ -271,7 +276,9 @@ def test_failed_login_closes_even_with_a_pipelined_request(socksflow_server, ech
 
 def test_handshake_one_byte_at_a_time(socksflow_server, echo_target):
     server = socksflow_server()
-    request = socksflow.protocol.build_request(socksflow.Command.CONNECT, Address.parse("localhost:%d" % echo_target[1]))
+    request = socksflow.protocol.build_request(
+        socksflow.Command.CONNECT, Address.parse(f"localhost:{echo_target[1]}")
+    )
     with Socks5Client(server.address) as client:
         client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for byte in b"\x05\x02\x00\x02":
@@ -289,7 +296,9 @@ def test_handshake_one_byte_at_a_time(socksflow_server, echo_target):
 
 def test_pipelined_handshake_keeps_optimistic_data(socksflow_server, echo_target):
     server = socksflow_server()
-    request = socksflow.protocol.build_request(socksflow.Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}"))
+    request = socksflow.protocol.build_request(
+        socksflow.Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}")
+    )
     with Socks5Client(server.address) as client:
         client.sock.sendall(b"\x05\x01\x00" + request + b"sent before the reply")
         assert client.recv_exactly(2) == b"\x05\x00"
@@ -303,7 +312,9 @@ def test_half_close_is_relayed(socksflow_server, echo_target):
     code, client = socks5_handshake(server.address, f"127.0.0.1:{echo_target[1]}")
     assert code == Reply.SUCCEEDED
     payload = bytes(range(256)) * 4096  # 1 MiB
-    sender = threading.Thread(target=lambda: (client.sock.sendall(payload), client.sock.shutdown(socket.SHUT_WR)))
+    sender = threading.Thread(
+        target=lambda: (client.sock.sendall(payload), client.sock.shutdown(socket.SHUT_WR))
+    )
     sender.start()
     echoed = recv_all(client.sock)  # the echo server sees EOF, finishes echoing, closes
     sender.join()
@@ -316,7 +327,9 @@ def test_200_concurrent_sessions(socksflow_server, echo_target):
 
     async def one(i: int) -> bytes:
         reader, writer = await asyncio.open_connection(server.host, server.port)
-        request = socksflow.protocol.build_request(socksflow.Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}"))
+        request = socksflow.protocol.build_request(
+            socksflow.Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}")
+        )
         writer.write(b"\x05\x01\x00" + request)
         assert await reader.readexactly(2) == b"\x05\x00"
         assert (await reader.readexactly(10))[:2] == b"\x05\x00"
