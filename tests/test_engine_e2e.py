@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import ipaddress
 import socket
 import subprocess
 import threading
@@ -364,3 +365,29 @@ def test_idle_tunnels_are_closed(socksflow_server, echo_target):
     assert recv_all(client.sock) == b""
     assert 0.9 < time.monotonic() - started < 4
     client.close()
+
+
+def test_proxychains4_with_remote_dns(socksflow_server, http_target, tmp_path):
+    proxychains = require_tool("proxychains4")
+    seen = []
+
+    class Recorder:
+        @socksflow.hookimpl
+        def socksflow_request(self, request):
+            seen.append(request.destination)
+
+        @socksflow.hookimpl
+        def socksflow_resolve(self, host):
+            return [ipaddress.ip_address("127.0.0.1")] if host == "target.socksflow.test" else None
+
+    server = socksflow_server(plugins=[Recorder()])
+    conf = tmp_path / "proxychains.conf"
+    conf.write_text(f"strict_chain\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 {server.host} {server.port}\n")
+    result = subprocess.run(
+        [proxychains, "-q", "-f", str(conf), require_tool("curl"), "--silent", "--max-time", "20",
+         http_target.url("/blob", "target.socksflow.test")],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(result.stdout).hexdigest() == http_target.blob_sha256
+    assert seen == [Address("target.socksflow.test", http_target.port)]  # the name went to the proxy
