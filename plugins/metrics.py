@@ -19,6 +19,9 @@ Series (sessions are counted when they end):
   the stage (``accept``, ``auth``, ``request``); limit rejections are ``plugin="limits"``.
 * ``socksflow_plugin_errors_total{plugin, hook}``: plugin faults.
 
+With ``socksflow run --workers N`` every worker counts its own sessions and serves them on
+``listen`` port + its number (9150, 9151, …): scrape each, or sum them in Prometheus.
+
 Each server has its own registry (never prometheus-client's global one), served by an
 asyncio listener on the server's own loop, so metric callbacks never race the sessions.
 """
@@ -146,7 +149,8 @@ class Metrics:
                 status, content_type, body = self._response(head.decode("latin-1"))
                 writer.write(
                     f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n".encode() + body
+                    "Connection: close\r\n\r\n".encode()
+                    + body
                 )
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
@@ -168,7 +172,10 @@ async def socksflow_startup(server: Any) -> None:
         return
     metrics = Metrics(server)
     try:
-        await metrics.serve(settings.listen)
+        listen = settings.listen
+        if server.worker is not None and listen.port:  # --workers N: worker i serves port + i
+            listen = Address(listen.host, listen.port + server.worker)
+        await metrics.serve(listen)
     except OSError as exc:
         raise OSError(exc.errno, f"metrics: cannot listen on {settings.listen}: {exc.strerror}") from None
     server.stash[METRICS] = metrics

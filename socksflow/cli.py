@@ -19,7 +19,7 @@ from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.plugins import PluginLoadError
 from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
-from socksflow.workers import supervise
+from socksflow.workers import STOP_SIGNALS, supervise
 
 log = logging.getLogger("socksflow")
 
@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         return supervise(
             config,
             args.workers,
-            lambda ready_fd: runner(_serve(Server(config, pm, reuse_port=True), ready_fd)),
+            lambda number, ready_fd: runner(_serve(Server(config, pm, worker=number), ready_fd)),
         )
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
@@ -163,6 +163,7 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
 
 async def _serve(server: Server, ready_fd: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT; ``ready_fd`` (a worker's) gets one byte instead of the ready line."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "reopen logs": a no-op unless a plugin handles it
     try:
         await server.start()
     except OSError as exc:
@@ -181,6 +182,7 @@ async def _serve(server: Server, ready_fd: int | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, request_stop, signum.name)
     loop.add_signal_handler(signal.SIGHUP, lambda: server.spawn(server.reload()))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while a worker started
     if ready_fd is None:
         print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
     elif ready_fd >= 0:

@@ -367,7 +367,7 @@ DEFAULT_LISTEN = (Address.parse("127.0.0.1:1080"),)
 class Config:
     """One loaded configuration: the node tree, the core's settings and plugins' stash."""
 
-    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "plugins"})
+    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "groups", "plugins"})
 
     def __init__(self, root: Node, file: str, errors: list[ConfigError] | None = None) -> None:
         self.root = root
@@ -383,6 +383,8 @@ class Config:
         self.udp = UdpSettings()
         self.bind = BindSettings()
         self.plugins = PluginSettings()
+        self.group_names: frozenset[str] = frozenset()
+        self.user_groups: dict[str, frozenset[str]] = {}
         self._read_core()
 
     @classmethod
@@ -437,6 +439,10 @@ class Config:
                         with self.errors.capture():
                             setattr(getattr(self, name), key, readers[key](child))
         with self.errors.capture():
+            node = self.section("groups")
+            if node is not None:
+                self._read_groups(node)
+        with self.errors.capture():
             node = self.section("plugins")
             if node is not None:
                 items = node.as_map({"paths", "disable", "autoload"})
@@ -446,6 +452,20 @@ class Config:
                     self.plugins.disable = [p.as_str() for p in items["disable"].as_list()]
                 if "autoload" in items:
                     self.plugins.autoload = items["autoload"].as_bool()
+
+
+    def _read_groups(self, node: Node) -> None:
+        """``groups: {admins: [alice, bob]}``: every plugin sees them in ``session.identity.groups``."""
+        members: dict[str, set[str]] = {}
+        for group, users in node.as_map().items():
+            for user in users.as_list():
+                members.setdefault(user.as_str(), set()).add(group)
+        self.group_names = frozenset(node.as_map())
+        self.user_groups = {user: frozenset(groups) for user, groups in members.items()}
+
+    def groups_of(self, user: str) -> frozenset[str]:
+        """The groups the ``groups`` section puts ``user`` in."""
+        return self.user_groups.get(user, frozenset())
 
 
 def default_config() -> Config:

@@ -50,12 +50,6 @@ class Half(asyncio.Protocol):
         self.eof = False
         self._blocks = 0  # reasons reading is paused: peer's buffer full, limiter wait
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Only an upstream dialled for this tunnel gets here: hold its bytes until the
-        # SOCKS reply has been written, or they would reach the client before the reply.
-        self.transport = transport  # type: ignore[assignment]
-        transport.pause_reading()  # type: ignore[attr-defined]
-
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
         self.count += len(data)
@@ -85,6 +79,37 @@ class Half(asyncio.Protocol):
         self._blocks -= 1
         if self._blocks == 0 and not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+class Pending(asyncio.Protocol):
+    """Holds what a new upstream connection delivers until its tunnel starts.
+
+    The SOCKS reply must reach the client before any byte of the destination's, and a
+    destination may send (or close) the moment it accepts, before the reply is written.
+    """
+
+    __slots__ = ("chunks", "eof", "error", "lost", "transport")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+        self.error: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
 
 
 class TransformingHalf(Half):
@@ -159,18 +184,23 @@ class Tunnel:
     def bytes_down(self) -> int:
         return self.upstream.count
 
-    def start(
-        self, client: asyncio.Transport, upstream: asyncio.Transport, early_data: bytes, client_eof: bool
-    ) -> None:
-        """Take over both transports; ``early_data`` arrived with the request (optimistic data)."""
-        for half, transport in ((self.client, client), (self.upstream, upstream)):
+    def start(self, client: asyncio.Transport, upstream: Pending, early_data: bytes, client_eof: bool) -> None:
+        """Take over both connections; ``early_data`` arrived with the request (optimistic data)."""
+        for half, transport in ((self.client, client), (self.upstream, upstream.transport)):
             half.transport = transport
             transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
             transport.set_protocol(half)
         if early_data:
             self.client.data_received(early_data)
+        for chunk in upstream.chunks:
+            self.upstream.data_received(chunk)
+        if upstream.lost:  # its connection_lost has been and gone: replay it
+            self.lost(self.upstream, upstream.error)
+        else:
+            upstream.transport.resume_reading()
+            if upstream.eof:
+                self.upstream.eof_received()
         client.resume_reading()
-        upstream.resume_reading()
         if client_eof:
             self.client.eof_received()
 

@@ -30,10 +30,10 @@ CommandHandler = Callable[[Session], Awaitable[None]]
 class Server:
     """A running socksflow server: one plugin manager, one configuration in force at a time."""
 
-    def __init__(self, config: Config, pm: PluginManager, *, reuse_port: bool = False) -> None:
+    def __init__(self, config: Config, pm: PluginManager, *, worker: int | None = None) -> None:
         self.config = config
         self.pm = pm
-        self.reuse_port = reuse_port  # one of several worker processes sharing the ports
+        self.worker = worker  # with --workers N: this process's number, 0 to N-1
         self.stash = Stash()
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []
@@ -58,7 +58,7 @@ class Server:
                     port=address.port,
                     family=socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET,
                     reuse_address=True,
-                    reuse_port=self.reuse_port or None,
+                    reuse_port=self.worker is not None or None,
                     backlog=1024,
                 )
                 self._listeners.append(listener)

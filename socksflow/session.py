@@ -29,7 +29,7 @@ from socksflow.protocol import (
     Reply,
     Request,
 )
-from socksflow.relay import Direction, Tunnel
+from socksflow.relay import Direction, Pending, Tunnel
 from socksflow.stash import Stash
 
 if TYPE_CHECKING:
@@ -411,9 +411,14 @@ class Session:
             self.identity = Identity(user)  # who tried, for the access log; never the password
             self.authenticated = False
             await self._deny(f"authentication failed for {user!r}: {reason}", conn.send_auth_status(False))
-        self.identity = result
+        self.identity = self._with_groups(result)
         self.authenticated = True
         self._client.write(conn.send_auth_status(True))
+
+    def _with_groups(self, identity: Identity) -> Identity:
+        # The groups section is the core's, so every plugin (rules, limits…) sees the same groups.
+        extra = self.config.groups_of(identity.user)
+        return Identity(identity.user, identity.groups | extra) if extra else identity
 
     async def _subnegotiate(self, method: int) -> None:
         conn = self._client.conn
@@ -430,7 +435,7 @@ class Session:
             self.authenticated = False
             await self._deny(f"method 0x{method:02x}: not authenticated")
         conn.finish_subnegotiation(True)
-        self.identity = result
+        self.identity = self._with_groups(result)
         self.authenticated = True
 
     async def _dispatch(self, request: Request) -> None:
@@ -536,13 +541,13 @@ class Session:
         tunnel = Tunnel(self._tunnel_closed, self.server.transform_for(self), limiters)
         loop = asyncio.get_running_loop()
         try:
-            upstream, _ = await loop.create_connection(lambda: tunnel.upstream, sock=sock)
+            _, upstream = await loop.create_connection(Pending, sock=sock)
         except OSError as exc:
             sock.close()
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
         client = self._client
         if client.closed:  # the client left while we were connecting
-            upstream.close()
+            upstream.transport.close()
             raise ClientGone("client closed the connection before the reply")
         self.reply = Reply.SUCCEEDED
         client.write(self._reply_bytes(self.bound))

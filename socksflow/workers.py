@@ -2,7 +2,7 @@
 
 The parent validates the configuration and loads the plugins once, reserves each listening
 port (so ``:0`` means the same port for every worker), forks the workers, prints the ready
-line when all of them listen, passes SIGTERM/SIGINT/SIGHUP on, and restarts a worker that
+line when all of them listen, passes SIGTERM/SIGINT/SIGHUP/SIGUSR1 on, and restarts a worker that
 dies unexpectedly.  Each worker is a complete server: limits kept in memory (session rates,
 concurrent sessions, bandwidth buckets) apply per worker.
 """
@@ -24,6 +24,7 @@ from socksflow.protocol import Address
 log = logging.getLogger("socksflow.workers")
 
 RESTART_BACKOFF_SECONDS = 1.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READY_TIMEOUT_SECONDS = 30.0
 
 
@@ -47,8 +48,8 @@ def reserve_ports(config: Config) -> list[socket.socket]:
     return reserved
 
 
-def supervise(config: Config, count: int, serve: Callable[[int], int]) -> int:
-    """Run ``serve(ready_fd)`` in ``count`` forked workers until a stop signal; the exit code."""
+def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> int:
+    """Run ``serve(number, ready_fd)`` in ``count`` forked workers until a stop signal; the exit code."""
     reserved = reserve_ports(config)
     workers: dict[int, int] = {}  # pid -> worker number
     stopping: list[int] = []
@@ -56,13 +57,16 @@ def supervise(config: Config, count: int, serve: Callable[[int], int]) -> int:
     def spawn(number: int, ready_fd: int | None) -> None:
         pid = os.fork()
         if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)  # the worker's loop installs its own
+            # Held until the worker's loop has its handlers (cli._serve unblocks them): a stop
+            # signal that arrives while a worker starts must stop it gracefully, not kill it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
             for sock in reserved:
                 sock.close()
             code = 1
             try:
-                code = serve(ready_fd if ready_fd is not None else -1)
+                code = serve(number, ready_fd if ready_fd is not None else -1)
             finally:
                 os._exit(code)
         workers[pid] = number
@@ -75,7 +79,7 @@ def supervise(config: Config, count: int, serve: Callable[[int], int]) -> int:
                 os.kill(pid, signum)
 
     read_fd, write_fd = os.pipe()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, forward)
     for number in range(count):
         spawn(number, write_fd)

@@ -391,3 +391,26 @@ def test_proxychains4_with_remote_dns(socksflow_server, http_target, tmp_path):
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(result.stdout).hexdigest() == http_target.blob_sha256
     assert seen == [Address("target.socksflow.test", http_target.port)]  # the name went to the proxy
+
+
+def test_destination_that_speaks_and_closes_at_once(socksflow_server):
+    # Its bytes and its FIN can arrive before the tunnel takes over: the reply must still come
+    # first, then every byte, then the close (regression: this once hung the session).
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def greet_and_close() -> None:
+        for _ in range(50):
+            peer, _ = listener.accept()
+            peer.sendall(b"220 hello\r\n")
+            peer.close()
+
+    thread = threading.Thread(target=greet_and_close, daemon=True)
+    thread.start()
+    server = socksflow_server()
+    for _ in range(50):
+        code, client = socks5_handshake(server.address, f"127.0.0.1:{listener.getsockname()[1]}")
+        assert code == Reply.SUCCEEDED
+        assert recv_all(client.sock) == b"220 hello\r\n"
+        client.close()
+    thread.join(10)
+    listener.close()

@@ -100,11 +100,7 @@ class RuleReader:
 
     def read(self) -> RuleSet | None:
         config = self.config
-        groups = config.section("groups")
-        user_groups: dict[str, frozenset[str]] = {}
-        if groups is not None:
-            with config.errors.capture():
-                user_groups = self.read_groups(groups)
+        self.defined_groups = set(config.group_names)
         node = config.section("rules")
         if node is None:
             return None
@@ -115,16 +111,7 @@ class RuleReader:
                 if rule is not None:
                     rules.append(rule)
         local = frozenset(normalize(a.host) for a in config.listen if not a.is_domain)  # type: ignore[arg-type]
-        return RuleSet(config.file, tuple(rules), user_groups, local)
-
-    def read_groups(self, node: Node) -> dict[str, frozenset[str]]:
-        """``groups: {admins: [alice, bob]}`` as user -> the groups the user is in."""
-        members: dict[str, set[str]] = {}
-        for group, users in node.as_map().items():
-            self.defined_groups.add(group)
-            for user in users.as_list():
-                members.setdefault(user.as_str(), set()).add(group)
-        return {user: frozenset(groups) for user, groups in members.items()}
+        return RuleSet(config.file, tuple(rules), config.user_groups, local)
 
     def read_rule(self, index: int, node: Node) -> Rule | None:
         """The rule, or None when a field had errors (reported in ``config.errors``)."""

@@ -128,9 +128,7 @@ def parse_entry(node: Node) -> Entry:
             )
         entry = replace(entry, auth=parse_auth_throttle(items["auth_failures"]))
     if not (entry.session_rate or entry.max_sessions is not None or entry.up or entry.down or entry.auth):
-        raise node.error(
-            "no limit given (sessions_per_second, max_sessions, bandwidth or auth_failures)"
-        )
+        raise node.error("no limit given (sessions_per_second, max_sessions, bandwidth or auth_failures)")
     # A reload keeps the buckets of an entry that stayed where it was with the same limits.
     return replace(entry, ident=f"{entry.location} {entry.session_rate} {entry.up} {entry.down} {entry.auth}")
 
