@@ -275,3 +275,47 @@ def test_workers_share_the_port_restart_and_stop_together(tmp_path, proxies, ech
     assert re.search(rf"worker \d \(pid {victim}\) exited with -9: restarting it", stderr)
     assert stderr.count("SIGTERM received: stopping") == 2
     assert all(not Path(f"/proc/{pid}").exists() for pid in now)
+
+
+def shipped_rules(tmp_path: Path, test_server_port: int = 8000) -> Path:
+    """The repository's rules.yaml and blocklist in ``tmp_path``, with no way to reach a real DNS
+    server (any query would fail the test instead of leaving the machine)."""
+    root = README.parent
+    text = (root / "rules.yaml").read_text()
+    assert "servers: [system]" in text and "port: 8000" in text
+    text = text.replace("servers: [system]", "servers: [127.0.0.1:9]").replace("port: 8000", f"port: {test_server_port}")
+    (tmp_path / "rules.yaml").write_text(text)
+    (tmp_path / "blocklist.txt").write_text((root / "blocklist.txt").read_text())
+    return tmp_path / "rules.yaml"
+
+
+@pytest.mark.smoke
+def test_shipped_rules_pass_their_own_tests(tmp_path):
+    shipped_rules(tmp_path)
+    result = socksflow_cmd("check", "rules.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "rules.yaml: OK"
+    explained = socksflow_cmd("explain", "--from", "127.0.0.1", "169.254.169.254:80", cwd=tmp_path)
+    assert "deny" in explained.stdout and "internal networks" in explained.stdout, explained.stdout
+
+
+def test_readme_quick_start_with_the_shipped_rules(tmp_path, proxies, http_target):
+    # README: `socksflow run`, then curl through it to a local test server.
+    shipped_rules(tmp_path, http_target.port)
+    proxy = Proxy(cwd=tmp_path)
+    proxies.append(proxy)
+    ok = subprocess.run(
+        ["curl", "--silent", "--max-time", "10", "--socks5-hostname", f"{proxy.address[0]}:{proxy.address[1]}",
+         f"http://localhost:{http_target.port}/"],
+        capture_output=True, timeout=20,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == b"hello from the target\n"
+    metadata = subprocess.run(
+        ["curl", "--silent", "--max-time", "10", "--socks5", f"{proxy.address[0]}:{proxy.address[1]}", "http://169.254.169.254/"],
+        capture_output=True, timeout=20,
+    )  # fmt: skip
+    assert metadata.returncode == 97  # REP 0x02 before any packet left for the metadata address
+    returncode, stderr = proxy.stop()
+    assert returncode == 0
+    assert "verdict=deny" in stderr and "internal networks" in stderr  # the access log, on stderr
