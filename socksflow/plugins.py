@@ -287,7 +287,35 @@ class PluginManager(pluggy.PluginManager):
 
     async def notify(self, hook: str, timeout: float | None, /, **kwargs: Any) -> None:
         """Call every observer; failures are logged, never raised."""
-        for impl in self.impls(hook):
+        pending = self.notify_nowait(hook, timeout, **kwargs)
+        if pending is not None:
+            await pending
+
+    def notify_nowait(self, hook: str, timeout: float | None, /, **kwargs: Any) -> Awaitable[None] | None:
+        """As :meth:`notify`, calling sync observers now: an awaitable only if some were async.
+
+        Observers run in call order; the first async one and all after it run in the awaitable.
+        """
+        impls = self.impls(hook)
+        for index, impl in enumerate(impls):
+            try:
+                result = _invoke(impl, hook, kwargs)
+            except PluginError as exc:
+                log.error("%s", exc, exc_info=exc.__cause__)
+                continue
+            if inspect.isawaitable(result):
+                return self._notify_rest(hook, timeout, impl, result, impls[index + 1 :], kwargs)
+        return None
+
+    async def _notify_rest(
+        self, hook: str, timeout: float | None, first: Impl, pending: Awaitable[Any],
+        rest: tuple[Impl, ...], kwargs: dict[str, Any],
+    ) -> None:  # fmt: skip
+        try:
+            await _settle(first, hook, pending, timeout)
+        except PluginError as exc:
+            log.error("%s", exc, exc_info=exc.__cause__)
+        for impl in rest:
             try:
                 await _call(impl, hook, kwargs, timeout)
             except PluginError as exc:

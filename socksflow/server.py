@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from socksflow import app, bind, udp
+from socksflow.accept import BACKLOG, Acceptor, SpareDescriptor, listening_socket
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
 from socksflow.protocol import Address, Command, IPAddress, parse_host
@@ -37,7 +38,8 @@ class Server:
         self.stash = Stash()
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []
-        self._listeners: list[asyncio.Server] = []
+        self._listeners: list[Acceptor | asyncio.Server] = []
+        self._spare: SpareDescriptor | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
@@ -50,21 +52,22 @@ class Server:
     async def start(self) -> None:
         """Bind every listener, then run the plugins' start-up hooks."""
         loop = asyncio.get_running_loop()
+        if isinstance(loop, asyncio.SelectorEventLoop):  # its own accept loop spins out of descriptors
+            self._spare = SpareDescriptor()
         try:
             for address in self.config.listen:
-                listener = await loop.create_server(
-                    lambda: ClientProtocol(self),
-                    host=str(address.host),
-                    port=address.port,
-                    family=socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET,
-                    reuse_address=True,
-                    reuse_port=self.worker is not None or None,
-                    backlog=1024,
-                )
+                sock = listening_socket(address, reuse_port=self.worker is not None)
+                listener: Acceptor | asyncio.Server
+                if self._spare is not None:
+                    listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
+                else:
+                    listener = await loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=BACKLOG)
                 self._listeners.append(listener)
-                self.addresses.extend(Address.from_sockaddr(s.getsockname()) for s in listener.sockets)
+                self.addresses.append(Address.from_sockaddr(sock.getsockname()))
         except OSError as exc:
             await self._close_listeners()
+            if self._spare is not None:
+                self._spare.release()
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {address}: {reason}") from None
         await self.pm.call_all("socksflow_startup", None, server=self)
@@ -89,6 +92,8 @@ class Server:
         if self._background:  # session_end observers (the access log) run before the plugins shut down
             await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
         await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
+        if self._spare is not None:
+            self._spare.release()
 
     def abort_all(self) -> None:
         """Close every session now."""
@@ -127,8 +132,9 @@ class Server:
             return
         self.sessions.discard(session)
         session.ended = time.time()
-        if self.pm.impls("socksflow_session_end"):
-            self.spawn(self.pm.notify("socksflow_session_end", self.config.timeouts.hook, session=session))
+        pending = self.pm.notify_nowait("socksflow_session_end", self.config.timeouts.hook, session=session)
+        if pending is not None:  # only async observers cost a task
+            self.spawn(pending)
         if not self.sessions:
             self._drained.set()
 

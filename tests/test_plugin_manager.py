@@ -416,3 +416,28 @@ def test_disabled_plugins_are_not_loaded(tmp_path: Path, monkeypatch: pytest.Mon
     assert pm.plugin_info() == []
     assert all(pm.is_blocked(name) for name in ["auth", "disabled_broken", "no_such_module_disabled"])
     assert "socksflow_local_disabled_broken" not in sys.modules
+
+
+def test_notify_nowait_calls_sync_observers_at_once_and_defers_the_rest() -> None:
+    calls: list[str] = []
+
+    def sync_end(session):
+        calls.append("sync")
+
+    async def async_end(session):
+        calls.append("async")
+
+    def failing_end(session):
+        raise RuntimeError("observer bug")
+
+    pm = PluginManager()
+    pm.register(plugin(socksflow_session_end=failing_end), "failing")
+    pm.register(plugin(socksflow_session_end=sync_end), "sync")
+    assert pm.notify_nowait("socksflow_session_end", 1.0, session=SESSION) is None  # no task needed
+    assert calls == ["sync"]  # the failing observer was logged and skipped
+    pm.register(plugin(socksflow_session_end=async_end), "async")  # registered last: called first
+    calls.clear()
+    pending = pm.notify_nowait("socksflow_session_end", 1.0, session=SESSION)
+    assert pending is not None and calls == []
+    asyncio.run(pending)
+    assert calls == ["async", "sync"]
