@@ -139,8 +139,17 @@ def echo_target() -> Iterator[tuple[str, int]]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound but not listening, held for the test: connections to it are refused.
+
+    (A port merely released may be taken again by the next ephemeral bind, such as a listener's.)
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def echo(echo_target: tuple[str, int]) -> str:
+    """``host:port`` of the echo server (it closes when its client half-closes, so tunnels end)."""
+    return "{}:{}".format(*echo_target)

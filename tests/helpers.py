@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,4 +16,14 @@ def require_tool(name: str) -> str:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is not installed, and CI must install it (.ci/run)")
         pytest.skip(f"{name} is not installed")
+    return path
+
+
+def write_htpasswd(path: Path, passwords: dict[str, str]) -> Path:
+    """An ``htpasswd -B`` file (bcrypt at cost 4, to keep tests fast), readable by its owner only."""
+    import bcrypt
+
+    lines = [f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n" for user, pw in passwords.items()]
+    path.write_text("".join(lines), encoding="utf-8")
+    path.chmod(0o600)
     return path

@@ -12,10 +12,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import bcrypt
 import pytest
 import socksflow_plugins.acl as acl
 import socksflow_plugins.auth as auth
+from helpers import write_htpasswd
 
 from socksflow import hookimpl
 from socksflow.protocol import Address, Command, Reply, build_udp_header
@@ -261,12 +261,7 @@ rules:
 
 @pytest.fixture
 def htpasswd(tmp_path: Path) -> Path:
-    path = tmp_path / "users.htpasswd"
-    lines = [f"{user}:{bcrypt.hashpw(b'secret-' + user.encode(), bcrypt.gensalt(rounds=4)).decode()}"
-             for user in ("alice", "bob", "carol", "dave")]  # fmt: skip
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    path.chmod(0o600)
-    return path
+    return write_htpasswd(tmp_path / "users.htpasswd", {u: f"secret-{u}" for u in ("alice", "bob", "carol", "dave")})
 
 
 @pytest.mark.parametrize(

@@ -268,7 +268,7 @@ def test_rewrite_how_to_errors_are_as_documented(socksflow_server, tmp_path):
     assert f"`rules.yaml:3: {message}`" in " ".join((DOCS / "howto/rewrite.md").read_text().split())
 
 
-def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target, closed_port):
+def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target, refusing_port):
     seen = []
 
     class Upstream:
@@ -289,7 +289,7 @@ def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target,
     assert code == 0x00 and echo_roundtrip(client) == b"ping"
     client.close()
     assert seen == [f"127.0.0.1:{echo_target[1]}"]  # the session went through the upstream proxy
-    for destination, expected in [(f"127.0.0.1:{closed_port}", 0x05), ("127.0.0.1:25", 0x02)]:
+    for destination, expected in [(f"127.0.0.1:{refusing_port}", 0x05), ("127.0.0.1:25", 0x02)]:
         code, client = socks5_handshake(front.address, destination)
         client.close()
         assert code == expected, destination  # the upstream's answer, passed on

@@ -185,9 +185,9 @@ class Resolver:
         ("closed", Reply.CONNECTION_REFUSED),
     ],
 )
-def test_failure_reply_codes(socksflow_server, closed_port, destination, code):
+def test_failure_reply_codes(socksflow_server, refusing_port, destination, code):
     if destination == "closed":
-        destination = f"127.0.0.1:{closed_port}"
+        destination = f"127.0.0.1:{refusing_port}"
     server = socksflow_server(plugins=[Deny(), Unreachable(), Resolver()])
     with Socks5Client(server.address) as client:
         client.greet()

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import bcrypt
 import pytest
 import socks
+from helpers import write_htpasswd
 from socksflow_plugins import limits
 from socksflow_plugins.limits.buckets import TokenBucket
 from socksflow_plugins.limits.state import PRUNE_FLOOR, State
@@ -37,12 +37,8 @@ MiB = 1 << 20
 
 @pytest.fixture
 def htpasswd(tmp_path: Path) -> Path:
-    """users.htpasswd (bcrypt, cost 4 to keep tests fast) next to the fixture's rules.yaml."""
-    path = tmp_path / "users.htpasswd"
-    hashes = {user: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode() for user, pw in PASSWORDS.items()}
-    path.write_text("".join(f"{user}:{hashed}\n" for user, hashed in hashes.items()))
-    path.chmod(0o600)
-    return path
+    """users.htpasswd next to the fixture's rules.yaml."""
+    return write_htpasswd(tmp_path / "users.htpasswd", PASSWORDS)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
@@ -108,23 +104,6 @@ def bulk() -> Iterator[tuple[str, int]]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture
-def refusing_port() -> Iterator[int]:
-    """A loopback port bound but not listening, held for the test: connections to it are refused.
-
-    (A port merely released may be taken again by the next ephemeral bind, such as a listener's.)
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture
-def echo(echo_target: tuple[str, int]) -> str:
-    """``host:port`` of an echo server that closes when its client half-closes (tunnels then end)."""
-    return "{}:{}".format(*echo_target)
 
 
 def via_proxy(server, user: str | None = None) -> socks.socksocket:

@@ -6,16 +6,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import bcrypt
 import pytest
+from helpers import write_htpasswd
 from socksflow_plugins import log as access_log
 
 import socksflow
@@ -34,27 +32,8 @@ DENIED_PORT = 9
 
 @pytest.fixture
 def htpasswd(tmp_path: Path) -> Path:
-    path = tmp_path / "users.htpasswd"
-    hashes = {user: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode() for user, pw in PASSWORDS.items()}
-    path.write_text("".join(f"{user}:{hashed}\n" for user, hashed in hashes.items()))
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def refusing_port() -> Iterator[int]:
-    """A loopback port bound but not listening, held for the test: connections to it are refused.
-
-    (A port merely released may be taken again by the next ephemeral bind, such as a listener's.)
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture
-def echo(echo_target: tuple[str, int]) -> str:
-    return "{}:{}".format(*echo_target)
+    """users.htpasswd next to the fixture's rules.yaml."""
+    return write_htpasswd(tmp_path / "users.htpasswd", PASSWORDS)
 
 
 class Denier:

@@ -7,7 +7,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,22 +22,6 @@ from socksflow.testing import Socks5Client
 
 METRICS = "listen: [127.0.0.1:0]\nmetrics: {listen: 127.0.0.1:0}\n"  # both: the fixture adds no listen then
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an environment proxy
-
-
-@pytest.fixture
-def refusing_port() -> Iterator[int]:
-    """A loopback port bound but not listening, held for the test: connections to it are refused.
-
-    (A port merely released may be taken again by the next ephemeral bind, such as a listener's.)
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture
-def echo(echo_target: tuple[str, int]) -> str:
-    return "{}:{}".format(*echo_target)
 
 
 class Policy:

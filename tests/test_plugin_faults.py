@@ -6,6 +6,7 @@ import contextlib
 import socket
 
 import pytest
+from helpers import write_htpasswd
 
 import socksflow
 from socksflow.protocol import Address, Command, build_request
@@ -95,10 +96,7 @@ def recv_all(sock: socket.socket) -> bytes:
 
 @pytest.fixture
 def users_file(tmp_path):
-    bcrypt = pytest.importorskip("bcrypt")
-    path = tmp_path / "users"
-    path.write_text("carol:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode() + "\n")
-    return path
+    return write_htpasswd(tmp_path / "users", {"carol": "pw"})
 
 
 @pytest.mark.parametrize("hook", sorted(CASES))

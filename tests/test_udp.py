@@ -387,11 +387,11 @@ def test_denied_destination_is_dropped_and_logged(socksflow_server, echo, caplog
         other.stop()
 
 
-def test_rewritten_destination(socksflow_server, echo, closed_port):
+def test_rewritten_destination(socksflow_server, echo, refusing_port):
     server = socksflow_server(plugins=[Policy(redirect=echo.address)], autoload=False)
     control, bound = associate(server)
     with udp_socket() as sock:
-        answer = exchange(sock, bound, Address.parse(f"127.0.0.1:{closed_port}"), b"redirected")
+        answer = exchange(sock, bound, Address.parse(f"127.0.0.1:{refusing_port}"), b"redirected")
     assert answer == build_udp_header(echo.address) + b"redirected"  # the real source, not the one asked for
     control.close()
 
