@@ -1,0 +1,141 @@
+"""Listening sockets, and an accept loop that stays calm when file descriptors run out.
+
+asyncio's selector event loop retries ``accept()`` up to ``backlog`` times per wake-up after
+EMFILE and logs a traceback for every try (tens of thousands of lines a second, a quarter of a
+core) while new clients hang in the kernel's queue.  On selector loops socksflow accepts
+itself: out of descriptors, it closes the descriptor it keeps spare, accepts each waiting client
+and closes it at once (libuv's trick, which uvloop already uses), so clients are refused
+cleanly, one log line says so, and the loop only wakes when a client arrives.  Other event
+loops (uvloop) keep their own accept loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from socksflow.protocol import Address
+
+log = logging.getLogger("socksflow.server")
+
+BACKLOG = 1024
+ACCEPT_BATCH = 128  # connections accepted per wake-up, so one busy listener cannot starve the loop
+RETRY_SECONDS = 0.5  # out of descriptors with no spare one to free: look again after this long
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def listening_socket(address: Address, reuse_port: bool) -> socket.socket:
+    """A non-blocking TCP socket listening on ``address`` (IPv6 sockets take IPv6 only)."""
+    family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
+    sock = socket.create_server(
+        (str(address.host), address.port), family=family, backlog=BACKLOG, reuse_port=reuse_port
+    )
+    sock.setblocking(False)
+    return sock
+
+
+class SpareDescriptor:
+    """One descriptor held in reserve, to be freed for a moment when the process runs out."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.reserve()
+
+    def reserve(self) -> None:
+        if self.fd is None:
+            try:
+                self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.fd = None
+
+    def release(self) -> bool:
+        """Close the spare descriptor; False if there was none."""
+        if self.fd is None:
+            return False
+        os.close(self.fd)
+        self.fd = None
+        return True
+
+
+class Acceptor:
+    """Accepts on one listening socket of a selector event loop; the interface socksflow uses of
+    :class:`asyncio.Server` (``sockets``, ``close()``)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        spare: SpareDescriptor,
+    ) -> None:
+        self.sock = sock
+        self.sockets = (sock,)
+        self._factory = protocol_factory
+        self._spare = spare
+        self._loop = asyncio.get_running_loop()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._refusing = False
+        self._closed = False
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._refuse_waiting(exc)
+                else:
+                    log.error("accept() on %s failed: %s", self.sock.getsockname(), exc.strerror or exc)
+                return
+            if self._refusing:
+                self._refusing = False
+                log.warning("file descriptors are available again: accepting new clients")
+            conn.setblocking(False)
+            task = self._loop.create_task(self._start(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _start(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:  # the client reset the connection before its transport was made
+            conn.close()
+
+    def _refuse_waiting(self, error: OSError) -> None:
+        if not self._refusing:
+            self._refusing = True
+            log.error(
+                "cannot accept new clients: %s (raise the limit: ulimit -n); refusing them until "
+                "descriptors are free", error.strerror or error,
+            )  # fmt: skip
+        if not self._spare.release():  # nothing to free: stop looking at the socket for a while
+            self._loop.remove_reader(self.sock.fileno())
+            self._loop.call_later(RETRY_SECONDS, self._resume)
+            return
+        try:
+            for _ in range(ACCEPT_BATCH):
+                conn, _ = self.sock.accept()
+                conn.close()  # the client sees the connection closed, not a silent queue
+        except OSError:
+            pass
+        finally:
+            self._spare.reserve()
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self.sock.fileno(), self._accept)
