@@ -83,7 +83,8 @@ class PluginManager(pluggy.PluginManager):
         try:
             registered = super().register(plugin, name)
         except pluggy.PluginValidationError as exc:  # e.g. a misspelt argument name
-            self.unregister(plugin)  # pluggy leaves the plugin half-registered
+            if self.is_registered(plugin):  # pluggy < 1.7 leaves the plugin half-registered
+                self.unregister(plugin)
             raise PluginLoadError(str(exc)) from exc
         if registered is not None:
             try:
