@@ -509,13 +509,17 @@ class Session:
         targets = tuple(Address(ip, self.destination.port) for ip in ips)
         timeout = self.config.timeouts.connect
         began = time.monotonic()
+        upstream = None
         try:
             sock, _ = await self.pm.call_first(
                 "socksflow_open_connection", timeout, session=self, addresses=targets
             )
             if sock is None:
                 async with asyncio.timeout(timeout):
-                    sock = await dial(targets)
+                    if len(targets) == 1:  # the common case: the loop dials in one step
+                        upstream = await _open(targets[0])
+                    else:
+                        sock = await dial(targets)
         except PluginError as exc:
             cause = exc.__cause__
             reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
@@ -523,31 +527,37 @@ class Session:
         except (OSError, TimeoutError) as exc:
             await self.fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
         self.timings["connect"] = time.monotonic() - began
-        await self.start_relay(sock)
+        if upstream is None:
+            await self.start_relay(sock)
+        else:
+            await self._relay(upstream)
 
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
         """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
         try:
-            self.remote = Address.from_sockaddr(sock.getpeername())
-            self.bound = bound or Address.from_sockaddr(sock.getsockname())
-        except OSError as exc:  # the destination already closed
-            sock.close()
-            await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
-        try:
-            limiters = self.pm.call_all_sync("socksflow_relay_start", session=self)
-        except PluginError as exc:
-            sock.close()
-            await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
-        tunnel = Tunnel(self._tunnel_closed, self.server.transform_for(self), limiters)
-        loop = asyncio.get_running_loop()
-        try:
-            _, upstream = await loop.create_connection(Pending, sock=sock)
+            _, upstream = await asyncio.get_running_loop().create_connection(Pending, sock=sock)
         except OSError as exc:
             sock.close()
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
+        await self._relay(upstream, bound)
+
+    async def _relay(self, upstream: Pending, bound: Address | None = None) -> None:
+        transport = upstream.transport
+        try:
+            self.remote = Address.from_sockaddr(transport.get_extra_info("peername"))
+            self.bound = bound or Address.from_sockaddr(transport.get_extra_info("sockname"))
+        except (OSError, TypeError) as exc:  # the destination already closed: no addresses left
+            transport.abort()
+            await self.fail(Reply.GENERAL_FAILURE, f"connection lost: {_describe(exc)}")
+        try:
+            limiters = self.pm.call_all_sync("socksflow_relay_start", session=self)
+        except PluginError as exc:
+            transport.abort()
+            await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
+        tunnel = Tunnel(self._tunnel_closed, self.server.transform_for(self), limiters)
         client = self._client
         if client.closed:  # the client left while we were connecting
-            upstream.transport.close()
+            transport.close()
             raise ClientGone("client closed the connection before the reply")
         self.reply = Reply.SUCCEEDED
         client.write(self._reply_bytes(self.bound))
@@ -567,6 +577,12 @@ class Session:
             self.close_reason = f"relay error: {_describe(tunnel.error)}"
         self.close_reason = self.close_reason or "closed"
         self.server.session_ended(self)
+
+
+async def _open(address: Address) -> Pending:
+    """A connection to one IP address, held by a Pending protocol until the tunnel starts."""
+    _, upstream = await asyncio.get_running_loop().create_connection(Pending, str(address.host), address.port)
+    return upstream
 
 
 def _describe(error: BaseException) -> str:
