@@ -40,6 +40,8 @@ FIELDS = ("from", "user", "group", "command", "to", "port")
 ACTIONS = ("allow", "deny")
 
 
+MAX_LIST_LINTS = 10  # lint lines shown per list file
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One ``- allow: {...}`` or ``- deny: {...}`` item; a field left out (``None``) matches anything."""
@@ -280,7 +282,11 @@ class RuleReader:
             self._lists[path] = listed
         if path not in self._linted_lists:
             self._linted_lists.add(path)
-            self.lints.extend(item.error(f"{shown}:{line}: {message}") for line, message in listed.lints)
+            shown_lints = listed.lints[:MAX_LIST_LINTS]  # a big published list can hold thousands
+            self.lints.extend(item.error(f"{shown}:{line}: {message}") for line, message in shown_lints)
+            if len(listed.lints) > MAX_LIST_LINTS:
+                more = len(listed.lints) - MAX_LIST_LINTS
+                self.lints.append(item.error(f"{shown}: {more} more duplicate or overlapping entries"))
             if not listed.domains and not listed.networks:
                 self.lints.append(item.error(f"{shown} has no entries: this matches nothing"))
         return listed
