@@ -25,6 +25,7 @@ log = logging.getLogger("socksflow.auth")
 
 METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERPASS}
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+BCRYPT_MAX_BYTES = 72
 CACHE_SECONDS = 300.0
 CACHE_SIZE = 4096
 # Unknown users are checked against this hash so a miss costs what a hit costs (no user enumeration).
@@ -91,6 +92,14 @@ def load_htpasswd(node: Node) -> dict[bytes, bytes]:
 
 
 @hookimpl
+def socksflow_exposure(config: Config) -> str | None:
+    settings = config.stash.get(SETTINGS)
+    if settings is None or Method.NO_AUTH in settings.methods:
+        return None
+    return "auth: every client must log in with a username and password"
+
+
+@hookimpl
 def socksflow_select_method(session, offered: tuple[int, ...]) -> int | None:
     settings = session.config.stash.get(SETTINGS)
     if settings is None:
@@ -113,7 +122,8 @@ async def socksflow_authenticate(session, username: bytes, password: bytes) -> I
     if settings.verified.get(key, 0.0) > now:
         return Identity(username.decode("utf-8", "backslashreplace"))
     hashed = settings.users.get(username)
-    ok = await asyncio.to_thread(bcrypt.checkpw, password, hashed or _DUMMY_HASH)
+    # bcrypt reads 72 bytes (as htpasswd -B did when hashing); bcrypt 5 raises on longer ones.
+    ok = await asyncio.to_thread(bcrypt.checkpw, password[:BCRYPT_MAX_BYTES], hashed or _DUMMY_HASH)
     if not ok or hashed is None:
         return Verdict.deny("unknown user" if hashed is None else "wrong password")
     if len(settings.verified) >= CACHE_SIZE:

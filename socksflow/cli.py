@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import socksflow
-from socksflow import app
+from socksflow import app, exposure
 from socksflow.errors import ConfigErrors
 from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.plugins import PluginLoadError
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         help="listen here instead of the config's addresses (repeatable; port 0 picks one)",
     )  # fmt: skip
     run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="event loop")
+    run.add_argument(
+        "--allow-open-proxy", action="store_true",
+        help="serve a non-loopback address even though no login or rule keeps unknown clients out",
+    )  # fmt: skip
     run.add_argument(
         "--workers", type=_worker_count, default=1, metavar="N",
         help="worker processes sharing the ports (SO_REUSEPORT); 'auto' = one per core",
@@ -117,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         config.listen = tuple(args.listen)
     for info in pm.plugin_info():
         log.info("plugin %s %s from %s", info.name, info.version, info.source)
+    if not _exposure_allowed(exposure.assess(config, pm, args.allow_open_proxy)):
+        return 1
     runner = _event_loop_runner(args.loop)
     if args.workers == 1:
         try:
@@ -132,6 +138,20 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _exposure_allowed(found: exposure.Exposure) -> bool:
+    """Print the refusal, or log who can reach the listeners and what keeps strangers out."""
+    if found.refusal:
+        print(found.refusal, file=sys.stderr)
+        return False
+    if found.exposed:
+        where = ", ".join(str(a) for a in found.exposed)
+        if found.guards:
+            log.info("%s can be reached from other hosts; kept out by: %s", where, "; ".join(found.guards))
+        else:
+            log.warning("%s serves anyone who reaches it: an open proxy (as configured)", where)
+    return True
 
 
 def _worker_count(text: str) -> int:
@@ -204,6 +224,9 @@ def _check(args: argparse.Namespace) -> int:
     config, pm = app.prepare(args.config, args.disable_plugin)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    refusal = exposure.assess(config, pm).refusal
+    if refusal:
+        print(f"warning: {refusal.removeprefix('socksflow: ')}", file=sys.stderr)
     failures = run_checks(config, pm)
     for failure in failures:
         print(failure, file=sys.stderr)

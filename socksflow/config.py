@@ -142,7 +142,10 @@ class Node:
 
     def as_path(self) -> Path:
         """A file path; relative paths are relative to the configuration file's folder."""
-        path = Path(self.as_str()).expanduser()
+        try:
+            path = Path(self.as_str()).expanduser()
+        except RuntimeError:  # "~name" of no such user
+            raise self.error(f"{self.value!r}: no such user's home folder") from None
         if not path.is_absolute():
             path = Path(self.file).parent / path
         return path
@@ -379,6 +382,7 @@ class Config:
         self.stash = Stash()
         self._claimed: set[str] = set()
         self.listen: tuple[Address, ...] = DEFAULT_LISTEN
+        self.open_proxy = False  # serve non-loopback listeners even if nothing keeps strangers out
         self.timeouts = Timeouts()
         self.udp = UdpSettings()
         self.bind = BindSettings()
@@ -427,10 +431,7 @@ class Config:
         with self.errors.capture():
             node = self.section("listen")
             if node is not None:
-                listen = tuple(item.as_address() for item in node.as_list())
-                if not listen:
-                    raise node.error("give at least one address to listen on")
-                self.listen = listen
+                self._read_listen(node)
         for name, readers in _SETTING_READERS.items():
             with self.errors.capture():
                 node = self.section(name)
@@ -453,6 +454,20 @@ class Config:
                 if "autoload" in items:
                     self.plugins.autoload = items["autoload"].as_bool()
 
+
+    def _read_listen(self, node: Node) -> None:
+        """``listen: [ADDRESS, ...]``, or ``listen: {addresses: [ADDRESS, ...], open_proxy: true}``."""
+        addresses: Node | None = node
+        if node.is_map:
+            items = node.as_map({"addresses", "open_proxy"})
+            if "open_proxy" in items:
+                self.open_proxy = items["open_proxy"].as_bool()
+            addresses = items.get("addresses")
+        if addresses is not None:
+            listen = tuple(item.as_address() for item in addresses.as_list())
+            if not listen:
+                raise addresses.error("give at least one address to listen on")
+            self.listen = listen
 
     def _read_groups(self, node: Node) -> None:
         """``groups: {admins: [alice, bob]}``: every plugin sees them in ``session.identity.groups``."""

@@ -57,6 +57,26 @@ def socksflow_configure(config: Config) -> None:
 
 
 @hookspec
+def socksflow_exposure(config: Config) -> str | None:
+    """Say how this plugin keeps unknown clients out, for a listener other hosts can reach.
+
+    When: ``socksflow run`` is about to listen on an address that is not loopback (such as
+    ``0.0.0.0``).  The core holds no policy, so it asks: when every plugin answers ``None``,
+    anyone who reaches the address could relay through the proxy, and ``socksflow run``
+    refuses to start unless told to serve an open proxy (``--allow-open-proxy``, or
+    ``listen: {open_proxy: true}``).
+
+    :param config: the configuration about to be served (after
+        :func:`socksflow_configure` accepted it).
+
+    Returns one line saying what keeps strangers out (``"auth: every client must log in"``),
+    or ``None`` when this plugin does not restrict who may use the proxy.  Every plugin is
+    called.  Must be sync.  Raising refuses the start, naming the plugin (fail closed).
+    Called once per start.
+    """
+
+
+@hookspec
 def socksflow_startup(server: Server) -> None:
     """Open long-lived resources (files, sockets, background tasks).
 
@@ -379,5 +399,5 @@ def socksflow_session_error(session: Session, error: Exception) -> None:
 
 ALL_HOOKS: tuple[str, ...] = tuple(name for name in dict(globals()) if name.startswith("socksflow_"))
 SYNC_ONLY_HOOKS: frozenset[str] = frozenset(
-    {"socksflow_configure", "socksflow_relay_start", "socksflow_relay_data"}
+    {"socksflow_configure", "socksflow_exposure", "socksflow_relay_start", "socksflow_relay_data"}
 )

@@ -239,8 +239,12 @@ class AddressTypeNotSupported(RequestError):
     reply = Reply.ADDRESS_TYPE_NOT_SUPPORTED
 
 
-class InvalidAddress(RequestError):
-    """A domain name that cannot exist: it is unreachable without asking any resolver."""
+class InvalidAddress(RequestError, ValueError):
+    """A domain name that cannot exist: it is unreachable without asking any resolver.
+
+    Also a ValueError: parsing a host from text (a config value, a command-line option) fails
+    the way other value parsing does.
+    """
 
     reply = Reply.HOST_UNREACHABLE
 

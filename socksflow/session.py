@@ -70,6 +70,10 @@ class ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        if transport.get_extra_info("peername") is None:  # reset before its transport was made
+            self.closed = True
+            transport.abort()
+            return
         self.session = Session(self.server, self)
         self.server.session_started(self.session)
 
@@ -94,7 +98,9 @@ class ClientProtocol(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
         self._wake()
-        self.session.client_lost()
+        session = getattr(self, "session", None)  # none if the client was gone in connection_made
+        if session is not None:
+            session.client_lost()
 
     def finish(self) -> None:
         """Close gracefully: send FIN after what is queued, drain the client's input, then close."""

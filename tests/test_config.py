@@ -269,7 +269,7 @@ def test_listen(text: str, listen: list[str]) -> None:
         ),
         ("listen: []", "rules.yaml:1: listen: give at least one address to listen on"),
         ("listen:", "rules.yaml:1: listen: expected a list, got nothing"),
-        ("listen: {a: b}", "rules.yaml:1: listen: expected a list, got a mapping"),
+        ("listen: {a: b}", "rules.yaml:1: listen.a: unknown key (expected one of: addresses, open_proxy)"),
         ("listen: [[127.0.0.1:1]]", "rules.yaml:1: listen[0]: expected a single value, got a list"),
     ],
 )

@@ -33,6 +33,7 @@ from socksflow import Address, Config, ConfigError, Request, StashKey, Verdict, 
 from socksflow.explain import ExplainQuery, Resolver
 
 from .explain import explain
+from .exposure import client_restriction
 from .lint import shadowed_rules
 from .rules import RuleReader, RuleSet
 from .ruletests import RuleTest, read_tests, run_tests
@@ -57,6 +58,12 @@ def socksflow_configure(config: Config) -> None:
             config.stash[TESTS] = read_tests(tests, ruleset, config)
     config.warnings.extend(reader.lints)
     config.warnings.extend(shadowed_rules(ruleset.rules))
+
+
+@hookimpl
+def socksflow_exposure(config: Config) -> str | None:
+    ruleset = config.stash.get(RULES)
+    return None if ruleset is None else client_restriction(ruleset)
 
 
 @hookimpl
