@@ -10,6 +10,7 @@ concurrent sessions, bandwidth buckets) apply per worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ log = logging.getLogger("socksflow.workers")
 
 RESTART_BACKOFF_SECONDS = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 READY_TIMEOUT_SECONDS = 30.0
 
 
@@ -62,6 +64,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             for signum in STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            _die_with_parent()
             for sock in reserved:
                 sock.close()
             code = 1
@@ -108,10 +111,18 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
             continue
         log.error("worker %d (pid %d) exited with %d: restarting it", number, pid, code)
         time.sleep(RESTART_BACKOFF_SECONDS)
-        spawn(number, None)
+        if not stopping:  # a stop signal during the back-off was not sent to this worker yet
+            spawn(number, None)
     for sock in reserved:
         sock.close()
     return exit_code
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this worker SIGTERM if the supervisor dies, so none is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _await_ready(read_fd: int, count: int) -> bool:
