@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,13 @@ def write_htpasswd(path: Path, passwords: dict[str, str]) -> Path:
     path.write_text("".join(lines), encoding="utf-8")
     path.chmod(0o600)
     return path
+
+
+def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything until the peer closes (a reset counts as the close)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from helpers import require_tool
+from helpers import recv_all, require_tool
 
 import socksflow
 from socksflow import Reply, ResolveError, Verdict
@@ -22,13 +22,6 @@ from socksflow.testing import Socks5Client, socks5_handshake
 
 def reply_bytes(code: int, bound: bytes = b"\x01\x00\x00\x00\x00\x00\x00") -> bytes:
     return bytes((5, code, 0)) + bound
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 # ---------------------------------------------------------------------------- real clients

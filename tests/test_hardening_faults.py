@@ -15,22 +15,13 @@ from typing import Any
 
 import pytest
 from hardening import firehose_fixture, report, server_process_fixture  # noqa: F401 - fixtures
-from helpers import write_htpasswd
+from helpers import recv_all, write_htpasswd
 
 from socksflow import hookimpl
 from socksflow.protocol import Address, Command, build_request
 from socksflow.testing import Socks5Client, sockaddr, socks5_handshake, wrap_datagram
 
 pytest_plugins = ["dns_servers"]
-
-
-def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
 
 
 class Ends:

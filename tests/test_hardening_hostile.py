@@ -22,21 +22,12 @@ from hardening import (  # noqa: F401 - fixtures
     round_trip,
     server_process_fixture,
 )
-from helpers import write_htpasswd
+from helpers import recv_all, write_htpasswd
 
 from socksflow.protocol import Address, Command, build_request
 from socksflow.testing import Socks5Client
 
 ATTACKERS = 1000
-
-
-def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
-    sock.settimeout(timeout)
-    data = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import contextlib
 import socket
 
 import pytest
-from helpers import write_htpasswd
+from helpers import recv_all, write_htpasswd
 
 import socksflow
 from socksflow.protocol import Address, Command, build_request
@@ -85,13 +85,6 @@ CASES = {
     "open_connection": b"\x05\x00" + REFUSED,
     "relay_start": b"\x05\x00" + REFUSED,
 }
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 @pytest.fixture

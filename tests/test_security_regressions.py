@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import pytest
 from hardening import server_process_fixture  # noqa: F401 - a fixture
-from helpers import write_htpasswd
+from helpers import recv_all, write_htpasswd
 from test_cli import socksflow_cmd
 
 import socksflow
@@ -68,16 +68,6 @@ from socksflow.testing import Socks5Client, sockaddr, wrap_datagram
 
 PASSWORD = "correct horse"
 SECRET = "hunter2-Zq9-never-logged"  # a wrong password that must appear in no log line
-
-
-def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
-    """Everything until the peer closes (a reset counts as the close)."""
-    sock.settimeout(timeout)
-    data = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
 
 
 class WatchedTarget:
