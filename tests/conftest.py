@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from helpers import serve_tcp
 
 BLOB_SIZE = 50 * 1024 * 1024
 
@@ -124,18 +125,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
 @pytest.fixture(scope="session")
 def echo_target() -> Iterator[tuple[str, int]]:
-    class Server(socketserver.ThreadingTCPServer):
-        daemon_threads = True
-        request_queue_size = 1024
-
-    server = Server(("127.0.0.1", 0), EchoHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from serve_tcp(EchoHandler)
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@ import contextlib
 import os
 import shutil
 import socket
+import socketserver
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,20 @@ def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return data
+
+
+def serve_tcp(handler: type[socketserver.BaseRequestHandler]) -> Iterator[tuple[str, int]]:
+    """Run a threaded TCP server on 127.0.0.1 for the ``with``/``yield from`` block; its address."""
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # many sessions connect at once: no SYN retries
+
+    server = Server(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import socks
-from helpers import write_htpasswd
+from helpers import serve_tcp, write_htpasswd
 from socksflow_plugins import limits
 from socksflow_plugins.limits.buckets import TokenBucket
 from socksflow_plugins.limits.state import PRUNE_FLOOR, State
@@ -95,15 +95,7 @@ def expected_digest(size: int) -> str:
 
 @pytest.fixture(scope="module")
 def bulk() -> Iterator[tuple[str, int]]:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Bulk)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from serve_tcp(Bulk)
 
 
 def via_proxy(server, user: str | None = None) -> socks.socksocket:
