@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import os
 import socket
 import threading
@@ -36,8 +37,9 @@ import pytest
 
 from socksflow import app, protocol
 from socksflow.config import Config
-from socksflow.plugins import PluginManager
-from socksflow.protocol import Address, Command, Method, Reply
+from socksflow.errors import ResolveError
+from socksflow.plugins import PluginManager, hookimpl
+from socksflow.protocol import Address, Command, IPAddress, Method, Reply
 from socksflow.server import Server
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "AsyncSocks5Client",
     "RunningServer",
     "Socks5Client",
+    "StaticResolver",
     "sockaddr",
     "socks5_handshake",
     "unwrap_datagram",
@@ -254,6 +257,32 @@ def socksflow_server(tmp_path: Path) -> Iterator[Any]:
 def socksflow_async_server(tmp_path: Path) -> Any:
     """Factory fixture: ``async with socksflow_async_server(config="...", plugins=[...]) as server:``."""
     return functools.partial(AsyncServer, directory=tmp_path)
+
+
+# ---------------------------------------------------------------------------- names
+
+
+class StaticResolver:
+    """A ``socksflow_resolve`` plugin with fixed answers, so tests never ask the system resolver.
+
+    ``table`` maps names to address strings; every name asked for is recorded in ``lookups``.
+    A name not in the table raises NXDOMAIN (the client gets REP 0x04), or with
+    ``pass_unknown=True`` is left to the next resolver (``localhost`` through /etc/hosts).
+    """
+
+    def __init__(self, table: dict[str, list[str]], *, pass_unknown: bool = False) -> None:
+        self.table = table
+        self.pass_unknown = pass_unknown
+        self.lookups: list[str] = []
+
+    @hookimpl
+    def socksflow_resolve(self, host: str) -> list[IPAddress] | None:
+        if host not in self.table and self.pass_unknown:
+            return None
+        self.lookups.append(host)
+        if host not in self.table:
+            raise ResolveError(f"{host}: NXDOMAIN")
+        return [ipaddress.ip_address(address) for address in self.table[host]]
 
 
 # ---------------------------------------------------------------------------- the exchanges

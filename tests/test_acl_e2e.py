@@ -19,7 +19,7 @@ from helpers import write_htpasswd
 
 from socksflow import hookimpl
 from socksflow.protocol import Address, Command, Reply, build_udp_header
-from socksflow.testing import Socks5Client, socks5_handshake
+from socksflow.testing import Socks5Client, StaticResolver, socks5_handshake
 
 DENIED_REPLY = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"  # REP 0x02, BND 0.0.0.0:0
 BODY = b"socksflow acl test\n"
@@ -94,21 +94,6 @@ def second() -> Iterator[Target]:
     server = Target("127.0.0.2")
     yield server
     server.stop()
-
-
-class Names:
-    """A ``socksflow_resolve`` plugin with fixed answers (no system resolver); counts look-ups."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.lookups: list[str] = []
-
-    @hookimpl
-    def socksflow_resolve(self, host: str, port: int):
-        if host not in self.table:
-            return None  # localhost: the system resolver reads /etc/hosts
-        self.lookups.append(host)
-        return [ipaddress.ip_address(a) for a in self.table[host]]
 
 
 class Dialled:
@@ -202,8 +187,8 @@ rules:
 
 @pytest.mark.parametrize("name", ["outside.example", "lan.example", "meta.example", "localhost"])
 def test_curl_names_that_resolve_inside_are_denied(socksflow_server, target, name):
-    names = Names({"outside.example": ["127.0.0.1"], "lan.example": ["10.255.255.1"],
-                   "meta.example": ["169.254.169.254"]})  # fmt: skip
+    table = {"outside.example": ["127.0.0.1"], "lan.example": ["10.255.255.1"], "meta.example": ["169.254.169.254"]}
+    names = StaticResolver(table, pass_unknown=True)  # localhost: through /etc/hosts
     server = socksflow_server(REBINDING, [acl, names], autoload=False)
     result = curl(server, f"http://{name}:{target.port}/", hostname=True)
     assert result.returncode == 97, result
@@ -216,7 +201,7 @@ def test_curl_names_that_resolve_inside_are_denied(socksflow_server, target, nam
     "name", ["LOCALHOST.", "127.0.0.1", "127.0.0.1.", "outside.example", "Outside.Example."]
 )
 def test_raw_domain_requests_for_local_addresses_are_denied(socksflow_server, target, name):
-    names = Names({"outside.example": ["127.0.0.1"]})
+    names = StaticResolver({"outside.example": ["127.0.0.1"]}, pass_unknown=True)
     server = socksflow_server(REBINDING, [acl, names], autoload=False)
     assert raw_connect(server, domain(name, target.port)) == (DENIED_REPLY, b"")
     assert target.requests == []
@@ -231,7 +216,7 @@ def test_raw_ipv6_forms_of_local_addresses_are_denied(socksflow_server, target, 
 
 
 def test_only_the_checked_addresses_are_dialled(socksflow_server, target):
-    names = Names({"mixed.example": ["10.255.255.1", "127.0.0.1", "192.168.255.1"]})
+    names = StaticResolver({"mixed.example": ["10.255.255.1", "127.0.0.1", "192.168.255.1"]}, pass_unknown=True)
     dialled = Dialled()
     rules = "rules:\n  - deny: {to: special:private}\n  - allow: all\n"
     server = socksflow_server(rules, [acl, names, dialled], autoload=False)
@@ -324,7 +309,7 @@ class Echo:
 
 def test_udp_association_and_each_datagram(socksflow_server):
     echo, hidden = Echo("127.0.0.1"), Echo("127.0.0.2")
-    names = Names({"hidden.example": ["127.0.0.2"], "echo.example": ["127.0.0.1"]})
+    names = StaticResolver({"hidden.example": ["127.0.0.2"], "echo.example": ["127.0.0.1"]}, pass_unknown=True)
     rules = "rules:\n  - deny: {to: [special:unspecified, 127.0.0.2]}\n  - allow: all\n"
     server = socksflow_server(rules, [acl, names], autoload=False)
     try:

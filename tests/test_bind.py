@@ -8,12 +8,13 @@ import socket
 import time
 
 import pytest
+from helpers import wait_until
 
 from socksflow import Address, Verdict, hookimpl
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.protocol import Command, Reply
-from socksflow.testing import Socks5Client
+from socksflow.testing import Socks5Client, StaticResolver
 
 WAIT = 3.0
 
@@ -45,15 +46,6 @@ def assert_refused(sock: socket.socket) -> None:
 
 def sessions(server) -> int:
     return server.call(lambda: len(server.server.sessions))
-
-
-def wait_until(condition, timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def listening(address: Address) -> bool:
@@ -151,12 +143,7 @@ def test_any_peer_when_configured_or_when_the_request_names_none(socksflow_serve
 
 
 def test_expected_peer_named_by_domain(socksflow_server):
-    class Names:
-        @hookimpl
-        def socksflow_resolve(self, host):
-            return [ipaddress.ip_address("127.0.0.1")] if host == "peer.test" else []
-
-    server = socksflow_server(plugins=[Names()], autoload=False)
+    server = socksflow_server(plugins=[StaticResolver({"peer.test": ["127.0.0.1"]})], autoload=False)
     client, code, bound = bind(server, "peer.test:0")
     assert code == Reply.SUCCEEDED
     assert_refused(peer_from("127.0.0.2", bound))

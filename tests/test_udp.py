@@ -15,12 +15,13 @@ import dns.message
 import dns.rrset
 import pytest
 import socks
+from helpers import wait_until
 
-from socksflow import Address, ResolveError, Verdict, hookimpl
+from socksflow import Address, Verdict, hookimpl
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.protocol import Command, Reply, build_udp_header
-from socksflow.testing import Socks5Client
+from socksflow.testing import Socks5Client, StaticResolver
 
 WAIT = 3.0  # seconds to wait for a datagram that must arrive
 
@@ -110,34 +111,8 @@ def server_sessions(server) -> int:
     return server.call(lambda: len(server.server.sessions))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-class Names:
-    """A ``socksflow_resolve`` plugin: a fixed table, no system resolver; counts look-ups."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.lookups: list[str] = []
-
-    @hookimpl
-    def socksflow_resolve(self, host: str, port: int):
-        import ipaddress
-
-        self.lookups.append(host)
-        if host not in self.table:
-            raise ResolveError(f"{host}: NXDOMAIN")
-        return [ipaddress.ip_address(ip) for ip in self.table[host]]
 
 
 # ---------------------------------------------------------------------------- the basics
@@ -184,7 +159,7 @@ def test_the_request_address_is_the_clients_source_not_a_destination(socksflow_s
 
 
 def test_domain_destination_resolves_through_the_hook_and_replies_carry_the_ip(socksflow_server, echo):
-    names = Names({"echo.test": ["127.0.0.1"]})
+    names = StaticResolver({"echo.test": ["127.0.0.1"]})
     server = socksflow_server(plugins=[names], autoload=False)
     control, bound = associate(server)
     destination = Address("echo.test", echo.address.port)
@@ -198,7 +173,7 @@ def test_domain_destination_resolves_through_the_hook_and_replies_carry_the_ip(s
 
 
 def test_pysocks_remote_dns(socksflow_server, echo):
-    server = socksflow_server(plugins=[Names({"echo.test": ["127.0.0.1"]})], autoload=False)
+    server = socksflow_server(plugins=[StaticResolver({"echo.test": ["127.0.0.1"]})], autoload=False)
     with socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.set_proxy(socks.SOCKS5, server.host, server.port, rdns=True)
         sock.settimeout(WAIT)
@@ -208,7 +183,7 @@ def test_pysocks_remote_dns(socksflow_server, echo):
 
 
 def test_unresolvable_destination_is_dropped(socksflow_server, echo):
-    server = socksflow_server(plugins=[Names({})], autoload=False)
+    server = socksflow_server(plugins=[StaticResolver({})], autoload=False)
     control, bound = associate(server)
     with udp_socket() as sock:
         sock.sendto(build_udp_header(Address("nowhere.test", 53)) + b"lost", relay_of(bound))
