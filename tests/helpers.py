@@ -45,6 +45,20 @@ def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
     return data
 
 
+def connect_marked(address: tuple[str, int], marked: set[int], timeout: float = 10) -> socket.socket:
+    """A client socket whose local port is added to ``marked`` before it connects.
+
+    A plugin keyed on the client's port then sees the mark even in the first hook,
+    which may run before ``connect`` returns here.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    marked.add(sock.getsockname()[1])
+    sock.settimeout(timeout)
+    sock.connect(address)
+    return sock
+
+
 def serve_tcp(handler: type[socketserver.BaseRequestHandler]) -> Iterator[tuple[str, int]]:
     """Run a threaded TCP server on 127.0.0.1 for the ``with``/``yield from`` block; its address."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from hardening import firehose_fixture, report, server_process_fixture  # noqa: F401 - fixtures
-from helpers import recv_all, write_htpasswd
+from helpers import connect_marked, recv_all, write_htpasswd
 
 from socksflow import hookimpl
 from socksflow.protocol import Address, Command, build_request
@@ -245,8 +245,7 @@ def test_a_hanging_decision_hook_fails_closed_with_the_phases_answer(
         plugins=[hanging],
     )
     offered, answer = HANGS[hook]
-    victim = socket.create_connection((server.host, server.port), timeout=10)
-    hanging.victims.add(victim.getsockname()[1])
+    victim = connect_marked((server.host, server.port), hanging.victims)
     login = b"\x01\x05carol\x02pw" if hook == "authenticate" else b""
     request = build_request(Command.CONNECT, Address("target.test", echo_target[1]))
     began = time.monotonic()

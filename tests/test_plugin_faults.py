@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import pytest
-from helpers import recv_all, write_htpasswd
+from helpers import connect_marked, recv_all, write_htpasswd
 
 import socksflow
 from socksflow.protocol import Address, Command, build_request
@@ -99,11 +98,7 @@ def test_decision_hook_raising_fails_closed(socksflow_server, echo_target, users
     userpass = hook == "authenticate"
     config = f"auth: {{methods: [userpass], users: {users_file}}}\n" if userpass else ""
     server = socksflow_server(config, plugins=[faulty])
-    victim = socket.socket()
-    victim.bind(("127.0.0.1", 0))
-    faulty.victims.add(victim.getsockname()[1])
-    victim.settimeout(10)
-    victim.connect((server.host, server.port))
+    victim = connect_marked((server.host, server.port), faulty.victims)
     greeting = b"\x05\x01\x02\x01\x05carol\x02pw" if userpass else b"\x05\x01\x00"
     destination = Address.parse(f"localhost:{echo_target[1]}")
     with contextlib.suppress(OSError):  # the server may close before reading it all
