@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 from pathlib import Path
 
@@ -655,16 +656,35 @@ def test_datagram_verdicts_are_remembered_per_destination(monkeypatch):
     assert dns.lookups == ["dns.example", "loop.example"]
 
 
-def test_request_hook_uses_the_session():
+def request_for(destination: str):
+    return type("R", (), {"command": Command.CONNECT, "destination": Address.parse(destination)})()
+
+
+def test_request_hook_uses_the_session_and_answers_at_once_without_dns():
     config = configure("groups: {ops: [carol]}\nrules:\n  - allow: {group: ops, to: special:self}\n")
-    session = FakeSession(config, FakeDNS(), user="carol")
-    request = type("R", (), {"command": Command.CONNECT, "destination": Address.parse("127.0.0.1:22")})()
+    dns = FakeDNS()
+    session = FakeSession(config, dns, user="carol")
+    request = request_for("127.0.0.1:22")
     session.destination = request.destination
-    assert asyncio.run(decide_request(config.stash[acl.RULES], session, request)).allowed
-    assert asyncio.run(acl.socksflow_request(session, request)) == Verdict.allow(rule="rules.yaml:3")
+    assert decide_request(config.stash[acl.RULES], session, request).allowed
+    assert acl.socksflow_request(session, request) == Verdict.allow(rule="rules.yaml:3")
+    assert dns.lookups == []
     no_rules = FakeSession(configure("listen: [127.0.0.1:1]\n"), FakeDNS())
-    assert asyncio.run(acl.socksflow_request(no_rules, request)) is None
+    assert acl.socksflow_request(no_rules, request) is None
     assert acl.socksflow_udp_datagram(no_rules, request.destination) is None
+
+
+def test_request_hook_returns_a_coroutine_only_when_a_rule_needs_the_addresses():
+    config = configure("rules:\n  - deny: {to: 192.0.2.0/24}\n  - allow: all\n")
+    dns = FakeDNS({"blocked.example": ["192.0.2.7"], "fine.example": ["198.51.100.1"]})
+    session = FakeSession(config, dns)
+    for name, allowed in (("blocked.example", False), ("fine.example", True)):
+        request = request_for(f"{name}:443")
+        session.destination = request.destination
+        pending = acl.socksflow_request(session, request)
+        assert inspect.iscoroutine(pending)
+        assert asyncio.run(pending).allowed is allowed
+    assert dns.lookups == ["blocked.example", "fine.example"]
 
 
 # ---------------------------------------------------------------------------- lints

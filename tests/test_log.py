@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from helpers import write_htpasswd
+from hypothesis import given
+from hypothesis import strategies as st
 from socksflow_plugins import log as access_log
 
 import socksflow
@@ -195,6 +197,14 @@ def test_stdout_target(socksflow_server, capsys, echo):
         out += capsys.readouterr().out
         time.sleep(0.01)
     assert json.loads(out.strip().splitlines()[-1])["destination"] == echo
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_timestamps_match_datetimes_iso_format(when):
+    expected = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    if round(when % 1 * 1_000_000) == 1_000_000:
+        return  # within half a microsecond of the next second: datetime carries, the log says .999
+    assert access_log.timestamp(when) == expected
 
 
 # ---------------------------------------------------------------------------- reopening

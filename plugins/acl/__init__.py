@@ -67,11 +67,12 @@ def socksflow_exposure(config: Config) -> str | None:
 
 
 @hookimpl
-async def socksflow_request(session, request: Request) -> Verdict | None:
+def socksflow_request(session, request: Request) -> Verdict | Awaitable[Verdict] | None:
+    # Sync unless a rule needs the destination's addresses (as socksflow_udp_datagram below).
     ruleset = session.config.stash.get(RULES)
     if ruleset is None:
         return None
-    return await decide_request(ruleset, session, request)
+    return decide_request(ruleset, session, request)
 
 
 @hookimpl

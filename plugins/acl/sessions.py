@@ -6,7 +6,7 @@ from collections.abc import Awaitable
 
 from socksflow import Address, Command, StashKey, Verdict
 
-from .evaluate import Decision, Query, decide, evaluate
+from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
 from .rules import RuleSet
 
@@ -29,12 +29,17 @@ def session_query(ruleset: RuleSet, session, destination: Address, command: Comm
     )
 
 
-async def decide_request(ruleset: RuleSet, session, request) -> Verdict:
-    """The verdict on a CONNECT, BIND or UDP ASSOCIATE request (resolving once if a rule needs it)."""
+def decide_request(ruleset: RuleSet, session, request) -> Verdict | Awaitable[Verdict]:
+    """The verdict on a CONNECT, BIND or UDP ASSOCIATE request.
+
+    Returns a coroutine only when a rule needs the destination's addresses, which it resolves once.
+    """
     association = request.command == Command.UDP_ASSOCIATE
     query = session_query(ruleset, session, request.destination, request.command, association)
-    decision = await decide(ruleset, query, session.resolve)
-    return decision.verdict()
+    result = evaluate(ruleset, query)
+    if isinstance(result, Decision):
+        return result.verdict()
+    return _resolve_and_decide(ruleset, query, session.resolve, None)
 
 
 def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict | Awaitable[Verdict]:
@@ -52,14 +57,16 @@ def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict 
     result = evaluate(ruleset, query)
     if isinstance(result, Decision):
         return _remember(verdicts, destination, result)
-    return _resolve_and_decide(ruleset, session, query, verdicts)
+    resolve = lambda: session.resolve(destination.host, destination.port)  # noqa: E731
+    return _resolve_and_decide(ruleset, query, resolve, verdicts)
 
 
-async def _resolve_and_decide(ruleset: RuleSet, session, query: Query,
-                              verdicts: dict[Address, Verdict]) -> Verdict:  # fmt: skip
-    destination = query.destination
-    decision = await decide(ruleset, query, lambda: session.resolve(destination.host, destination.port))
-    return _remember(verdicts, destination, decision)
+async def _resolve_and_decide(ruleset: RuleSet, query: Query, resolve: Resolve,
+                              verdicts: dict[Address, Verdict] | None) -> Verdict:  # fmt: skip
+    decision = await decide(ruleset, query, resolve)
+    if verdicts is None:
+        return decision.verdict()
+    return _remember(verdicts, query.destination, decision)
 
 
 def _remember(verdicts: dict[Address, Verdict], destination: Address, decision: Decision) -> Verdict:

@@ -76,7 +76,10 @@ def socksflow_configure(config: Config) -> None:
 
 
 def _state(session) -> State:
-    return session.server.stash.setdefault(STATE, State())
+    state = session.server.stash.get(STATE)
+    if state is None:
+        state = session.server.stash[STATE] = State()
+    return state
 
 
 def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
