@@ -36,6 +36,7 @@ class Server:
         self.pm = pm
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
         self.stash = Stash()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []
         self._listeners: list[Acceptor | asyncio.Server] = []
@@ -51,7 +52,7 @@ class Server:
 
     async def start(self) -> None:
         """Bind every listener, then run the plugins' start-up hooks."""
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         if isinstance(loop, asyncio.SelectorEventLoop):  # its own accept loop spins out of descriptors
             self._spare = SpareDescriptor()
         try:

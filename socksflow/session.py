@@ -13,7 +13,8 @@ import itertools
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from socksflow import protocol
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from socksflow.udp import Association
 
 log = logging.getLogger("socksflow.session")
+T = TypeVar("T")
 
 MAX_HANDSHAKE_BUFFER = 64 * 1024  # bytes accepted ahead of the reply before reading pauses
 # After a refusal, wait this long for the client to close first: closing a socket with unread
@@ -57,10 +59,11 @@ class SessionDenied(Exception):
 class ClientProtocol(asyncio.Protocol):
     """The client's connection during the handshake."""
 
-    __slots__ = ("_linger", "_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
+    __slots__ = ("_linger", "_loop", "_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        self._loop = server.loop  # asyncio.get_running_loop() costs a getpid(2) each time
         self.conn = protocol.ServerConnection()
         self.eof = False
         self.closed = False
@@ -112,7 +115,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         transport.write_eof()
         transport.resume_reading()
-        self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.abort)
+        self._linger = self._loop.call_later(LINGER_SECONDS, transport.abort)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -128,7 +131,7 @@ class ClientProtocol(asyncio.Protocol):
             if self._paused:
                 self._paused = False
                 self.transport.resume_reading()
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
 
@@ -137,7 +140,7 @@ class ClientProtocol(asyncio.Protocol):
         while not self.conn.buffered:
             if self.eof or self.closed:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
         return self.conn.take_subnegotiation_data(limit)
@@ -214,6 +217,7 @@ class Session:
         self.tunnel: Tunnel | None = None
         self.association: Association | None = None  # UDP ASSOCIATE
         self._task: asyncio.Task[None] | None = None
+        self._expired = False  # the deadline of _within cancelled the task
         self._client_closed = False
         self._resolved: dict[str, tuple[IPAddress, ...]] = {}
 
@@ -281,17 +285,14 @@ class Session:
     # ------------------------------------------------------------------ the session
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self.server.loop.create_task(self._run())
 
     async def _run(self) -> None:
         client = self._client
         try:
             await self._accept()
             # One deadline for greeting, authentication and request, plugin hooks included.
-            deadline = asyncio.get_running_loop().time() + self.config.timeouts.handshake
-            async with asyncio.timeout_at(deadline):
-                await self._negotiate()
-                request = await client.next_event()
+            request = await self._within(self.config.timeouts.handshake, self._negotiate())
             assert isinstance(request, Request)
             self.request = request
             self.timings["handshake"] = time.monotonic() - self._clock
@@ -374,7 +375,31 @@ class Session:
             self.verdict = verdict
             await self._deny(f"client refused: {verdict.reason or self.decided_by}")
 
-    async def _negotiate(self) -> None:
+    async def _within(self, delay: float, awaitable: Awaitable[T]) -> T:
+        """``await awaitable`` in the session's task, raising TimeoutError after ``delay`` seconds.
+
+        What ``asyncio.timeout`` does, for less: one timer handle, no context manager, no lookups
+        of the running loop and task (each a getpid(2)).  A cancellation that is not this
+        deadline's (a shutdown) passes through as CancelledError.
+        """
+        timer = self.server.loop.call_later(delay, self._expire)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._expired and self._task is not None and self._task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            timer.cancel()
+            self._expired = False
+
+    def _expire(self) -> None:
+        if self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    async def _negotiate(self) -> Request:
+        """Greeting, method and its sub-negotiation; the request that follows."""
         client = self._client
         greeting = await client.next_event()
         assert isinstance(greeting, protocol.Greeting)
@@ -396,6 +421,7 @@ class Session:
             await self._authenticate(credentials)
         elif method != Method.NO_AUTH:
             await self._subnegotiate(method)
+        return await client.next_event()  # type: ignore[return-value]
 
     def _set_reason(self, reason: str) -> str:
         self.close_reason = reason
@@ -489,7 +515,7 @@ class Session:
             if client._paused:  # paused by a burst during the handshake: the EOF must still arrive
                 client._paused = False
                 client.transport.resume_reading()
-            client._waiter = asyncio.get_running_loop().create_future()
+            client._waiter = client._loop.create_future()
             await client._waiter
             client._waiter = None
 
@@ -521,11 +547,10 @@ class Session:
                 "socksflow_open_connection", timeout, session=self, addresses=targets
             )
             if sock is None:
-                async with asyncio.timeout(timeout):
-                    if len(targets) == 1:  # the common case: the loop dials in one step
-                        upstream = await _open(targets[0])
-                    else:
-                        sock = await dial(targets)
+                if len(targets) == 1:  # the common case: the loop dials in one step
+                    upstream = await self._within(timeout, _open(self.server.loop, targets[0]))
+                else:
+                    sock = await self._within(timeout, dial(targets))
         except PluginError as exc:
             cause = exc.__cause__
             reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
@@ -541,7 +566,7 @@ class Session:
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
         """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
         try:
-            _, upstream = await asyncio.get_running_loop().create_connection(Pending, sock=sock)
+            _, upstream = await self.server.loop.create_connection(Pending, sock=sock)
         except OSError as exc:
             sock.close()
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
@@ -585,9 +610,9 @@ class Session:
         self.server.session_ended(self)
 
 
-async def _open(address: Address) -> Pending:
+async def _open(loop: asyncio.AbstractEventLoop, address: Address) -> Pending:
     """A connection to one IP address, held by a Pending protocol until the tunnel starts."""
-    _, upstream = await asyncio.get_running_loop().create_connection(Pending, str(address.host), address.port)
+    _, upstream = await loop.create_connection(Pending, str(address.host), address.port)
     return upstream
 
 
