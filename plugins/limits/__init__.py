@@ -86,8 +86,10 @@ def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Check session rates and concurrency; count the session in when every entry lets it in."""
     state = _state(session)
     now = time.monotonic()
-    counted = session.stash.setdefault(COUNTED, set())
-    wanted: set[Hashable] = set()
+    counted = session.stash.get(COUNTED)
+    if counted is None:
+        counted = session.stash[COUNTED] = set()
+    wanted: list[Hashable] = []
     for entry in entries:
         if not entry.match.matches(session):
             continue
@@ -95,7 +97,7 @@ def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
         if entry.max_sessions is not None:
             if state.active[key] - (key in counted) >= entry.max_sessions:
                 return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
-            wanted.add(key)
+            wanted.append(key)
         if entry.session_rate is not None:
             bucket_key = (entry.ident, key)
             bucket = state.session_buckets.get(bucket_key)
@@ -107,9 +109,10 @@ def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
             if not bucket.take(now):
                 what = f"{entry.session_rate.per_second:g} new sessions/s"
                 return _refuse(session, entry, entry.describe(what))
-    for key in wanted - counted:
-        state.active[key] += 1
-        counted.add(key)
+    for key in wanted:
+        if key not in counted:
+            state.active[key] += 1
+            counted.add(key)
     return None
 
 

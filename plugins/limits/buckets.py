@@ -53,5 +53,9 @@ class Bandwidth:
     def delay(self, direction: Direction, nbytes: int) -> float:
         """Charge every bucket of ``direction``; the longest debt is the pause."""
         now = time.monotonic()
-        buckets = self.up if direction is Direction.UP else self.down
-        return max((bucket.charge(nbytes, now) for bucket in buckets), default=0.0)
+        wait = 0.0
+        for bucket in self.up if direction is Direction.UP else self.down:  # per chunk: no generator
+            debt = bucket.charge(nbytes, now)
+            if debt > wait:
+                wait = debt
+        return wait

@@ -34,7 +34,13 @@ class Match:
         return bool(self.users or self.groups)
 
     def client_matches(self, session) -> bool:
-        return not self.networks or any(session.client.host in net for net in self.networks)
+        if not self.networks:
+            return True
+        host = session.client.host
+        for network in self.networks:  # noqa: SIM110 - several times per session: no generator
+            if host in network:
+                return True
+        return False
 
     def matches(self, session) -> bool:
         identity = session.identity
