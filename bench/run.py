@@ -87,6 +87,20 @@ def _starttime(pid: int) -> str | None:
         return None
 
 
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks used by ``pid``, its reaped children and its live descendants."""
+    user = system = 0
+    for p in (pid, *descendants(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) + int(fields[13])  # utime + cutime
+        system += int(fields[12]) + int(fields[14])  # stime + cstime
+    return user, system
+
+
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -518,12 +532,19 @@ class Runner:
             res["stderr"] = r.stderr.strip()[-300:]
         return res
 
-    def sessions(self, proxy):
+    def sessions(self, proxy, pid):
         a = self.a
         extra = ["-n", str(a.inflight), "-d", str(a.sessions_secs), "-t", str(a.loadgen_threads)]
         if a.rst:
             extra.append("--rst")
-        return self.lg("sessions", proxy, "echo", extra, a.sessions_secs + 15)
+        before = cpu_ticks(pid) if pid else None
+        res = self.lg("sessions", proxy, "echo", extra, a.sessions_secs + 15)
+        if before is not None and res.get("ok"):
+            after = cpu_ticks(pid)
+            tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+            res["cpu_user_us"] = (after[0] - before[0]) * tick_us / res["ok"]
+            res["cpu_sys_us"] = (after[1] - before[1]) * tick_us / res["ok"]
+        return res
 
     def bulk(self, proxy, streams):
         a = self.a
@@ -666,6 +687,11 @@ def summarize(raw: dict) -> tuple[dict, list[str]]:
         notes.append(
             f"sessions: {int(s['err'])} errors ({int(s.get('timeouts', 0))} timeouts, "
             f"{int(s.get('eof_timeouts', 0))} without EOF) vs {int(s.get('ok', 0))} ok"
+        )
+    if s and "cpu_user_us" in s:
+        notes.append(
+            f"sessions: server CPU per session {s['cpu_user_us'] + s['cpu_sys_us']:.0f} µs "
+            f"(user {s['cpu_user_us']:.0f}, system {s['cpu_sys_us']:.0f})"
         )
     for key in ("bulk1", "bulk8"):
         b = raw.get(key)
@@ -916,7 +942,7 @@ def main() -> int:
     phase_idle = [("idle", lambda p, pid: runner.idle(p, pid))]
     phase_load = [
         ("rr", lambda p, pid: runner.rr(p)),
-        ("sessions", lambda p, pid: runner.sessions(p)),
+        ("sessions", lambda p, pid: runner.sessions(p, pid)),
         ("bulk1", lambda p, pid: runner.bulk(p, 1)),
         ("bulk8", lambda p, pid: runner.bulk(p, 8)),
         ("udp", lambda p, pid: runner.udp(p)),
