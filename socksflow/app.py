@@ -24,11 +24,13 @@ def load_config(path: str | Path | None) -> Config:
 def build_plugin_manager(config: Config, disabled: Iterable[str] = ()) -> PluginManager:
     """A plugin manager with every plugin the configuration and the installation name."""
     pm = PluginManager()
+    disabled = list(disabled)
     pm.load_all(
         paths=config.plugins.paths,
         disabled=[*config.plugins.disable, *disabled],
         autoload=config.plugins.autoload,
     )
+    config.check_disabled(pm.offered, disabled)
     return pm
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -376,6 +376,7 @@ class Config:
         self.root = root
         self.file = file
         self.errors = ErrorCollector()
+        self._disabled_at: dict[str, Node] = {}  # plugins.disable: each name and where it was given
         self.warnings: list[ConfigError] = []  # lints: the file works, but probably not as meant
         for error in errors or ():
             self.errors.add(error)
@@ -412,6 +413,19 @@ class Config:
         """Claim the top-level section ``name`` and return it (``None`` if absent)."""
         self._claimed.add(name)
         return self.root.value.get(name)
+
+    def check_disabled(self, found: Collection[str], flags: Iterable[str] = ()) -> None:
+        """An error for each plugin to disable, here or by ``--disable-plugin``, that is not among ``found``.
+
+        A misspelt name would otherwise leave the plugin it meant running, unnoticed.
+        """
+        listed = ", ".join(sorted(found)) or "none"
+        for name, node in self._disabled_at.items():
+            if name not in found:
+                self.errors.add(node.error(f"no plugin named {name!r} to disable (found: {listed})"))
+        for name in flags:
+            if name not in found:
+                self.errors.add(ConfigError(f"--disable-plugin: no plugin named {name!r} (found: {listed})"))
 
     def check_unclaimed(self) -> None:
         """Report sections no plugin and not the core claimed."""
@@ -450,7 +464,8 @@ class Config:
                 if "paths" in items:
                     self.plugins.paths = [p.as_path() for p in items["paths"].as_list()]
                 if "disable" in items:
-                    self.plugins.disable = [p.as_str() for p in items["disable"].as_list()]
+                    self._disabled_at = {p.as_str(): p for p in items["disable"].as_list()}
+                    self.plugins.disable = list(self._disabled_at)
                 if "autoload" in items:
                     self.plugins.autoload = items["autoload"].as_bool()
 

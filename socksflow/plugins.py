@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
@@ -68,6 +69,7 @@ class PluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self._impls: dict[str, tuple[Impl, ...]] = {}
         self._origins: dict[str, str] = {}
+        self.offered: set[str] = set()  # every plugin name found, loaded or disabled
 
     # ------------------------------------------------------------------ registration
 
@@ -87,6 +89,7 @@ class PluginManager(pluggy.PluginManager):
                 self.unregister(plugin)
             raise PluginLoadError(str(exc)) from exc
         if registered is not None:
+            self.offered.add(registered)
             try:
                 self._validate(registered)
             except PluginLoadError:
@@ -129,6 +132,7 @@ class PluginManager(pluggy.PluginManager):
         if not path.exists():
             raise PluginLoadError(f"plugin path {str(path)!r} does not exist")
         for file in files:
+            self.offered.add(file.stem)
             if self.is_blocked(file.stem):  # a disabled plugin's code is not even run
                 continue
             module_name = f"socksflow_local_{file.stem}"
@@ -148,6 +152,7 @@ class PluginManager(pluggy.PluginManager):
     def load_module(self, dotted: str) -> None:
         """Register an importable module by its dotted name."""
         name = dotted.rpartition(".")[2]
+        self.offered.add(name)
         if self.is_blocked(name):
             return
         try:
@@ -169,6 +174,7 @@ class PluginManager(pluggy.PluginManager):
         disabled = list(disabled)
         for name in disabled:
             self.set_blocked(name)
+        self.offered.update(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
         if autoload and not os.environ.get(ENV_DISABLE_AUTOLOAD):
             self.load_entry_points()
         for path in paths:

@@ -45,6 +45,7 @@ MAX_HANDSHAKE_BUFFER = 64 * 1024  # bytes accepted ahead of the reply before rea
 # After a refusal, wait this long for the client to close first: closing a socket with unread
 # input sends a reset, which can destroy the reply in flight (RFC 1928 §6 allows up to 10 s).
 LINGER_SECONDS = 2.0
+MAX_REMEMBERED_NAMES = 1024  # per session (a UDP association may name many destinations)
 _ids = itertools.count(1)
 
 
@@ -279,6 +280,8 @@ class Session:
                 cached = await self.server.resolve(self, host, port or 0)
             finally:
                 self.timings["resolve"] = self.timings.get("resolve", 0.0) + time.monotonic() - began
+            if len(self._resolved) >= MAX_REMEMBERED_NAMES:  # a UDP client spraying names starts over
+                self._resolved.clear()
             self._resolved[host] = cached
         return cached
 

@@ -172,6 +172,21 @@ def test_domain_destination_resolves_through_the_hook_and_replies_carry_the_ip(s
     control.close()
 
 
+def test_names_remembered_per_association_are_bounded(socksflow_server, echo, monkeypatch):
+    monkeypatch.setattr("socksflow.session.MAX_REMEMBERED_NAMES", 4)  # the session's look-ups
+    monkeypatch.setattr("socksflow.udp.MAX_DESTINATIONS", 4)  # the association's routes
+    names = [f"n{i}.test" for i in range(6)]
+    resolver = StaticResolver({name: ["127.0.0.1"] for name in names})
+    server = socksflow_server(plugins=[resolver], autoload=False)
+    control, bound = associate(server)
+    with udp_socket() as sock:
+        for name in [*names, names[0], names[5]]:
+            assert exchange(sock, bound, Address(name, echo.address.port), b"x").endswith(b"x")
+    # The fifth name found four remembered: they were forgotten, so n0 is looked up again; n5 is not.
+    assert resolver.lookups == [*names, names[0]]
+    control.close()
+
+
 def test_pysocks_remote_dns(socksflow_server, echo):
     server = socksflow_server(plugins=[StaticResolver({"echo.test": ["127.0.0.1"]})], autoload=False)
     with socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
