@@ -236,6 +236,9 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+DECISION_HOOKS = ("socksflow_client_connected", "socksflow_request")
+
+
 def _explain(args: argparse.Namespace) -> int:
     config, pm = app.prepare(args.config, args.disable_plugin)
     try:
@@ -246,10 +249,15 @@ def _explain(args: argparse.Namespace) -> int:
         raise SystemExit("socksflow: --from takes an IP address")
     query = ExplainQuery(client, args.destination, Command[args.command.upper()], args.user)
     lines = explain(config, pm, query)
-    if not lines:
-        print("no loaded plugin rules on requests: every request is allowed")
     for line in lines:
         print(line)
+    explaining = {impl.plugin for impl in pm.impls("socksflow_explain")}
+    deciding = {impl.plugin for hook in DECISION_HOOKS for impl in pm.impls(hook)}
+    if silent := sorted(deciding - explaining):
+        verb = "decides" if len(silent) == 1 else "decide"
+        print(f"not explained: {', '.join(silent)} {verb} on clients or requests without socksflow_explain")
+    elif not lines:
+        print("no plugin has rules for this request: it is allowed")
     return 0
 
 

@@ -226,6 +226,19 @@ def test_disabling_a_plugin_that_does_not_exist_is_an_error(tmp_path):
 
 
 @pytest.mark.smoke
+def test_explain_names_the_deciding_plugins_that_cannot_explain(tmp_path):
+    (tmp_path / "quiet.py").write_text(
+        "import socksflow\n\n@socksflow.hookimpl\ndef socksflow_request(request):\n    return None\n"
+    )
+    (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n")
+    result = socksflow_cmd("explain", "192.0.2.1:80", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "no plugin has rules for this request: it is allowed\n")
+    (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nplugins: {paths: [quiet.py]}\n")
+    result = socksflow_cmd("explain", "192.0.2.1:80", cwd=tmp_path)
+    assert result.stdout == "not explained: quiet decides on clients or requests without socksflow_explain\n"
+
+
+@pytest.mark.smoke
 def test_misspelt_hook_fails_at_start(tmp_path):
     (tmp_path / "typo.py").write_text("def socksflow_reqeust(session, request):\n    return None\n")
     (tmp_path / "rules.yaml").write_text("plugins: {paths: [typo.py]}\n")

@@ -171,6 +171,45 @@ def config_errors(text: str) -> str:
     return str(info.value)
 
 
+EXPLAINED = """groups: {staff: [alice]}
+limits:
+  - match: {from: 10.0.0.0/8}
+    sessions_per_second: 50
+    max_sessions: 200
+  - match: {group: staff}
+    bandwidth: {up: 1MiB/s, down: 8MiB/s}
+  - auth_failures: {max: 5, within: 1m, block: 15m}
+"""
+
+
+@pytest.mark.parametrize(
+    ("client", "user", "expected"),
+    [
+        ("10.1.2.3", "alice", [
+            "limits: rules.yaml:3 applies (per address): at most 50 new sessions/s (burst 50), then refused; "
+            "at most 200 open sessions, then refused",
+            "limits: rules.yaml:6 applies (per user): bandwidth up 1 MiB/s, down 8 MiB/s (paced, never refused)",
+            "limits: rules.yaml:8 applies (per address): after 5 failed logins within 60s, refused for 900s",
+        ]),
+        ("192.0.2.1", None, [
+            "limits: rules.yaml:3 does not apply: client 192.0.2.1 is not in 10.0.0.0/8",
+            "limits: rules.yaml:6 does not apply: user (none: no login) is in none of the groups staff",
+            "limits: rules.yaml:8 applies (per address): after 5 failed logins within 60s, refused for 900s",
+        ]),
+    ],
+)  # fmt: skip
+def test_explain_names_the_entries_that_apply(client, user, expected):
+    from socksflow.explain import ExplainQuery
+
+    pm = PluginManager()
+    pm.register(limits, "limits")
+    config = Config.from_text(EXPLAINED, "rules.yaml")
+    configure(pm, config)
+    query = ExplainQuery(Address.parse(f"{client}:0"), Address.parse("example.com:443"), Command.CONNECT, user)
+    assert limits.socksflow_explain(config, query) == expected
+    assert limits.socksflow_explain(Config.from_text("listen: [127.0.0.1:0]\n", "rules.yaml"), query) is None
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [

@@ -44,6 +44,7 @@ from collections.abc import Hashable
 from socksflow import Config, StashKey, Verdict, hookimpl
 
 from .buckets import Bandwidth, TokenBucket
+from .explain import explain
 from .settings import Entry, Limits, parse_entry
 from .state import Failures, State
 
@@ -175,6 +176,12 @@ def socksflow_relay_start(session) -> Bandwidth | None:
                 bucket = state.byte_buckets[key] = TokenBucket(rate.per_second, rate.burst, now)
             found.append(bucket)
     return Bandwidth(up, down) if up or down else None
+
+
+@hookimpl
+def socksflow_explain(config: Config, query) -> list[str] | None:
+    limits = config.stash.get(SETTINGS)
+    return None if limits is None else explain(limits, query, config)
 
 
 @hookimpl
