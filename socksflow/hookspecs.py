@@ -286,7 +286,8 @@ def socksflow_open_connection(session: Session, addresses: tuple[Address, ...]) 
 def socksflow_relay_start(session: Session) -> Limiter | None:
     """Hand the relay a limiter (bandwidth, quota) for this session.
 
-    When: the CONNECT or BIND tunnel is about to start moving bytes.
+    When: the CONNECT or BIND tunnel is about to start moving bytes, or the UDP association
+    is about to answer (its datagrams are paced both ways too).
 
     :param session: the session, with its identity and destination final.
 

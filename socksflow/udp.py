@@ -8,7 +8,8 @@ destination; a non-zero DST.PORT fixes the client's port from the start.
 Per datagram from the client: its source must be the client's IP (and port, once known);
 the header is bounds-checked, FRAG != 0 is dropped; the destination goes through
 ``socksflow_udp_datagram`` and, for names, ``socksflow_resolve`` (cached on the session).
-Replies are wrapped with the remote host's real IP and port.  The association ends with its
+Replies are wrapped with the remote host's real IP and port.  Limiters from
+``socksflow_relay_start`` (bandwidth) pace datagrams both ways.  The association ends with its
 control connection, or after ``udp.idle`` without a datagram (the control connection is then
 closed, so the client learns it).
 
@@ -27,8 +28,8 @@ import inspect
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
@@ -42,6 +43,7 @@ from socksflow.protocol import (
     build_udp_header,
     parse_udp_header,
 )
+from socksflow.relay import Direction, Limiter
 from socksflow.stash import StashKey
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ log = logging.getLogger("socksflow.udp")
 MAX_DESTINATIONS = 1024  # remotes remembered per association (routes and reply headers)
 MAX_BACKLOG = 256  # datagrams waiting for a hook or a look-up; more are dropped, as UDP may
 MAX_REPORTED = 32  # distinct drop reasons logged at INFO per association; the rest at DEBUG
+MAX_PACED_BYTES = 256 * 1024  # per direction: datagrams waiting for a bandwidth limit
 _HEADER_LENGTH = {0x01: 10, 0x04: 22}  # RSV FRAG ATYP ADDR PORT for IPv4 / IPv6; names: 7 + length
 
 # Where outbound sockets bind, by (IP version, loopback destination): the kernel picks the
@@ -85,6 +88,10 @@ async def handle(session: Session) -> None:
             await association.open()
         except OSError as exc:
             await session.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
+        try:
+            association.limiters = tuple(session.pm.call_all_sync("socksflow_relay_start", session=session))
+        except PluginError as exc:
+            await session.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
         session.association = association
         session.bound = association.bound
         session.send_reply(Reply.SUCCEEDED, association.bound)
@@ -125,6 +132,8 @@ class Association(asyncio.DatagramProtocol):
         self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
         self.hooked = bool(session.pm.impls("socksflow_udp_datagram"))
+        self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
+        self._waiting = {Direction.UP: 0, Direction.DOWN: 0}  # bytes held back by the limiters
         self.any_reply = settings.replies_from == "any"
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = self.datagrams_dropped = 0
@@ -353,6 +362,35 @@ class Association(asyncio.DatagramProtocol):
         return header
 
     def _send(self, route: _Route, payload: memoryview) -> None:
+        if self.limiters and not self._paced(Direction.UP, len(payload), self._transmit, route, payload):
+            return
+        self._transmit(route, payload)
+
+    def _paced(self, direction: Direction, size: int, send: Callable[..., None], *args: Any) -> bool:
+        """Whether a datagram may go now; if not, it is sent when the limiters allow, or dropped.
+
+        Datagrams over the rate wait their turn, in order, up to MAX_PACED_BYTES per direction
+        (like a TCP tunnel's buffer); beyond that they are dropped, as UDP may.
+        """
+        if self._waiting[direction] + size > MAX_PACED_BYTES:
+            self._drop(f"bandwidth limit ({direction.value}): {MAX_PACED_BYTES} bytes already wait")
+            return False
+        wait = 0.0
+        for limiter in self.limiters:
+            wait = max(wait, limiter.delay(direction, size))
+        if wait <= 0:
+            return True
+        self._waiting[direction] += size
+
+        def release() -> None:
+            self._waiting[direction] -= size
+            if not self._closed:
+                send(*args)
+
+        self.loop.call_later(wait, release)
+        return False
+
+    def _transmit(self, route: _Route, payload: memoryview) -> None:
         outbound = route.outbound
         if outbound.paused:
             self._drop("outbound socket congested")
@@ -376,10 +414,18 @@ class Association(asyncio.DatagramProtocol):
                 self._drop(f"reply from {sockaddr[0]}:{sockaddr[1]}, to which the client has not sent")
                 return
             header = self._remember(sockaddr, ipaddress.ip_address(sockaddr[0].partition("%")[0]))
-        if self.client_addr is None or self.relay_paused:
-            self._drop("reply before the client's port is known, or relay socket congested")
+        if self.client_addr is None:
+            self._drop("reply before the client's port is known")
             return
-        self.relay.sendto(header + data, self.client_addr)  # type: ignore[union-attr]
+        if self.limiters and not self._paced(Direction.DOWN, len(data), self._deliver, header, data):
+            return
+        self._deliver(header, data)
+
+    def _deliver(self, header: bytes, data: bytes) -> None:
+        if self.relay_paused:
+            self._drop("relay socket congested")
+            return
+        self.relay.sendto(header + data, self.client_addr)  # type: ignore[union-attr, arg-type]
         self.bytes_down += len(data)
         self.datagrams_down += 1
         self.active = True

@@ -409,6 +409,52 @@ def test_plugin_exception_drops_the_datagram_only(socksflow_server, echo, caplog
     control.close()
 
 
+# ---------------------------------------------------------------------------- bandwidth limits
+
+
+def limited(rate: str) -> str:
+    return f"limits:\n  - bandwidth: {{up: {rate}, down: {rate}, burst: 1KiB}}\n"
+
+
+def test_a_bandwidth_limit_paces_datagrams_both_ways_and_loses_none(socksflow_server, echo):
+    server = socksflow_server(limited("50KiB/s"))
+    control, bound = associate(server)
+    payloads = [bytes([i]) * 1000 for i in range(10)]
+    began = time.monotonic()
+    with udp_socket() as sock:
+        for payload in payloads:
+            sock.sendto(build_udp_header(echo.address) + payload, relay_of(bound))
+        replies = [sock.recvfrom(65535)[0][10:] for _ in payloads]
+    took = time.monotonic() - began
+    assert replies == payloads  # all of them, in order
+    assert echo.payloads() == payloads
+    # 10 000 bytes at 51 200 bytes/s with 1 KiB at once: at least 0.17 s each way, overlapping.
+    assert took >= 0.17, took
+    control.close()
+
+
+def test_datagrams_beyond_what_may_wait_for_the_limit_are_dropped(socksflow_server, echo, monkeypatch):
+    monkeypatch.setattr("socksflow.udp.MAX_PACED_BYTES", 5000)
+    ended = []
+
+    class Ended:
+        @hookimpl
+        def socksflow_session_end(self, session):
+            ended.append(session)
+
+    server = socksflow_server(limited("1KiB/s"), plugins=[Ended()])
+    control, bound = associate(server)
+    with udp_socket() as sock:
+        for i in range(20):
+            sock.sendto(build_udp_header(echo.address) + bytes([i]) * 1000, relay_of(bound))
+        assert sock.recvfrom(65535)[0][10:] == bytes([0]) * 1000  # the burst lets the first one through
+    control.close()
+    assert wait_until(lambda: len(ended) == 1)
+    # The first went at once, five waited (5000 bytes), fourteen were dropped.
+    assert ended[0].association.datagrams_dropped == 14
+    assert echo.payloads() == [bytes([0]) * 1000]  # the waiting ones die with the association
+
+
 # ---------------------------------------------------------------------------- lifetime
 
 

@@ -27,7 +27,8 @@ When each limit is checked:
 * Bandwidth is a :class:`~socksflow.Limiter` handed to the relay of CONNECT and BIND tunnels,
   which pauses reading for as long as the token buckets ask: memory stays bounded and nothing
   is dropped.  Per-user and wider buckets are shared by every tunnel they cover, and exist while
-  one does.  UDP associations are not paced.
+  one does.  UDP associations get one too: datagrams over the rate wait their turn (up to
+  256 KiB per direction), and beyond that are dropped, as UDP may.
 * ``group`` matches the groups of ``session.identity`` (as set by the authenticating plugin).
 
 Counters, buckets and failure records live in ``server.stash`` and so survive reloads; each
