@@ -233,8 +233,11 @@ def socksflow_request(session: Session, request: Request) -> Verdict | None:
         client will send from, not a destination.
 
     Returns a :class:`~socksflow.decisions.Verdict`; ``None`` is no opinion, and a request
-    nobody rules on is allowed (the core holds no policy).  *First result*, may be async.
-    Raising denies with REP 0x01 (general failure).  Called once per session.
+    nobody rules on is allowed (the core holds no policy).  *First result*, may be async,
+    except that a rewrite (``Verdict.rewrite``) does not end the call: the implementations
+    after the rewriting one are asked about the rewritten request, so the rules judge where
+    the session would actually go.  Raising denies with REP 0x01 (general failure).
+    Called once per session (and again, by the plugins after it, per rewrite).
     """
 
 
@@ -344,7 +347,8 @@ def socksflow_udp_datagram(session: Session, destination: Address, payload: byte
 
     Returns a :class:`~socksflow.decisions.Verdict`: a denial drops the datagram (UDP has no
     error reply), a rewrite redirects it; ``None`` is no opinion (allowed).  *First result*,
-    may be async (costly per datagram: prefer sync).  Raising drops the datagram.
+    may be async (costly per datagram: prefer sync); as for requests, a rewrite is put to
+    the implementations after the rewriting one.  Raising drops the datagram.
     """
 
 

@@ -248,7 +248,20 @@ class PluginManager(pluggy.PluginManager):
         call (await it for the pair).  Failures raise :class:`PluginError` as in
         :meth:`call_first`, from this call or from the awaitable.
         """
+        return self._first(hook, timeout, self.impls(hook), kwargs)
+
+    async def call_first_after(
+        self, hook: str, timeout: float | None, plugin: str, /, **kwargs: Any
+    ) -> tuple[Any, str]:
+        """As :meth:`call_first`, asking only the implementations that come after ``plugin``'s."""
         impls = self.impls(hook)
+        after = next((i + 1 for i, impl in enumerate(impls) if impl.plugin == plugin), len(impls))
+        answer = self._first(hook, timeout, impls[after:], kwargs)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    def _first(
+        self, hook: str, timeout: float | None, impls: tuple[Impl, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, str] | Awaitable[tuple[Any, str]]:
         for index, impl in enumerate(impls):
             result = _invoke(impl, hook, kwargs)
             if inspect.isawaitable(result):

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from socksflow import protocol
@@ -476,6 +477,17 @@ class Session:
     async def _dispatch(self, request: Request) -> None:
         try:
             verdict = await self._decide("socksflow_request", session=self, request=request)
+            while verdict is not None and verdict.allowed and verdict.destination is not None:
+                # A rewrite does not end the decision: the plugins after the rewriting one (the
+                # rules among them) judge where the session would now go.
+                self.destination = verdict.destination
+                request = replace(request, destination=verdict.destination)
+                following, plugin = await self.pm.call_first_after(
+                    "socksflow_request", self.config.timeouts.hook, self.decided_by, session=self, request=request
+                )
+                if following is None:
+                    break  # nobody objects: the rewrite stands
+                verdict, self.decided_by = following, plugin
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)

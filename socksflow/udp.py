@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from socksflow.decisions import Verdict
@@ -286,6 +287,7 @@ class Association(asyncio.DatagramProtocol):
                     )  # fmt: skip
                 elif inspect.isawaitable(answer):
                     answer = await answer
+                answer = await self._judge_rewrites(answer, data[header.offset :])  # type: ignore[arg-type]
             except PluginError as exc:
                 self._plugin_failed(destination, exc)
                 return
@@ -315,6 +317,23 @@ class Association(asyncio.DatagramProtocol):
                 self.routes.clear()
             self.routes[data[: header.offset]] = route
         self._send(route, memoryview(data)[header.offset :])
+
+    async def _judge_rewrites(
+        self, answer: tuple[Verdict | None, str], payload: bytes
+    ) -> tuple[Verdict | None, str]:
+        """Ask the plugins after a rewriting one about the rewritten destination (as for requests)."""
+        verdict, plugin = answer
+        while verdict is not None and verdict.allowed and verdict.destination is not None:
+            following = await self.session.pm.call_first_after(
+                "socksflow_udp_datagram", self.session.config.timeouts.hook, plugin,
+                session=self.session, destination=verdict.destination, payload=payload,
+            )  # fmt: skip
+            if following[0] is None:
+                break
+            if following[0].allowed and following[0].destination is None:  # allowed where it now goes
+                return replace(following[0], destination=verdict.destination), following[1]
+            verdict, plugin = following
+        return verdict, plugin
 
     def _apply(
         self, destination: Address, answer: tuple[Verdict | None, str]

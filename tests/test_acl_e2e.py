@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ipaddress
 import shutil
@@ -17,7 +18,7 @@ import socksflow_plugins.acl as acl
 import socksflow_plugins.auth as auth
 from helpers import write_htpasswd
 
-from socksflow import hookimpl
+from socksflow import Verdict, hookimpl
 from socksflow.protocol import Address, Command, Reply, build_udp_header
 from socksflow.testing import Socks5Client, StaticResolver, socks5_handshake
 
@@ -154,6 +155,32 @@ def test_curl_gets_rep_02_for_a_denied_destination(socksflow_server, target, sec
     allowed = curl(server, target.url + "/")
     assert (allowed.returncode, allowed.stdout) == (0, BODY)
     assert second.requests == [] and target.requests == ["/"]
+
+
+class Redirect:
+    """A plugin that sends every request for ``source`` to ``target``."""
+
+    def __init__(self, source: str, target: str) -> None:
+        self.source = Address.parse(source)
+        self.target = Address.parse(target)
+
+    @hookimpl
+    def socksflow_request(self, request):
+        return Verdict.rewrite(self.target, "moved") if request.destination == self.source else None
+
+
+def test_a_rewrite_is_judged_by_the_rules_where_it_now_goes(socksflow_server, target, second):
+    # The redirecting plugin is asked first (registered last); the rules still decide.
+    to_denied = Redirect("old.test:80", f"127.0.0.2:{second.port}")
+    server = socksflow_server(DENY_SECOND, [acl, to_denied], autoload=False)
+    code, client = socks5_handshake(server.address, "old.test:80")
+    client.close()
+    assert code == Reply.NOT_ALLOWED and second.requests == []
+    to_allowed = Redirect("new.test:80", f"127.0.0.1:{target.port}")
+    server = socksflow_server(DENY_SECOND, [acl, to_allowed], autoload=False)
+    fetched = curl(server, "http://new.test:80/", hostname=True)
+    assert (fetched.returncode, fetched.stdout) == (0, BODY)
+    assert target.requests == ["/"]
 
 
 def test_raw_client_gets_the_exact_reply_and_a_close(socksflow_server, second):
@@ -307,20 +334,26 @@ class Echo:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def association(server) -> Iterator[tuple[socket.socket, tuple[str, int]]]:
+    """A UDP association declared as 0.0.0.0:0: a client socket and the relay's address."""
+    with Socks5Client(server.address) as control, socket.socket(type=socket.SOCK_DGRAM) as sock:
+        assert control.greet() == 0
+        code, bound = control.request(Command.UDP_ASSOCIATE, "0.0.0.0:0")
+        assert code == Reply.SUCCEEDED
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.5)
+        yield sock, (str(bound.host), bound.port)
+
+
 def test_udp_association_and_each_datagram(socksflow_server):
     echo, hidden = Echo("127.0.0.1"), Echo("127.0.0.2")
     names = StaticResolver({"hidden.example": ["127.0.0.2"], "echo.example": ["127.0.0.1"]}, pass_unknown=True)
     rules = "rules:\n  - deny: {to: [special:unspecified, 127.0.0.2]}\n  - allow: all\n"
     server = socksflow_server(rules, [acl, names], autoload=False)
     try:
-        with Socks5Client(server.address) as control, socket.socket(type=socket.SOCK_DGRAM) as sock:
-            assert control.greet() == 0
-            # 0.0.0.0:0 is where the client sends from, not a destination: the deny rule does not apply
-            code, bound = control.request(Command.UDP_ASSOCIATE, "0.0.0.0:0")
-            assert code == Reply.SUCCEEDED
-            sock.bind(("127.0.0.1", 0))
-            sock.settimeout(0.5)
-            relay = (str(bound.host), bound.port)
+        # 0.0.0.0:0 is where the client sends from, not a destination: the deny rule does not apply
+        with association(server) as (sock, relay):
             for destination in (hidden.address, Address("hidden.example", hidden.address.port)):
                 sock.sendto(build_udp_header(destination) + b"secret", relay)
             for destination in (echo.address, Address("echo.example", echo.address.port)):
@@ -330,6 +363,36 @@ def test_udp_association_and_each_datagram(socksflow_server):
             with pytest.raises(TimeoutError):
                 sock.recvfrom(65535)
         assert hidden.received == [] and echo.received == [b"hello", b"hello"]
+    finally:
+        echo.stop()
+        hidden.stop()
+
+
+class DatagramRedirect:
+    """A plugin that sends datagrams for port 1 to ``hidden`` and for port 2 to ``echo``."""
+
+    def __init__(self, hidden: Address, echo: Address) -> None:
+        self.targets = {1: hidden, 2: echo}
+
+    @hookimpl
+    def socksflow_udp_datagram(self, destination):
+        target = self.targets.get(destination.port)
+        return Verdict.rewrite(target) if target is not None else None
+
+
+def test_a_datagram_rewrite_is_judged_by_the_rules_where_it_now_goes(socksflow_server):
+    echo, hidden = Echo("127.0.0.1"), Echo("127.0.0.2")
+    rules = "rules:\n  - deny: {to: 127.0.0.2}\n  - allow: all\n"
+    server = socksflow_server(rules, [acl, DatagramRedirect(hidden.address, echo.address)], autoload=False)
+    try:
+        with association(server) as (sock, relay):
+            sock.sendto(build_udp_header(Address.parse("192.0.2.1:1")) + b"secret", relay)  # to hidden: denied
+            sock.sendto(build_udp_header(Address.parse("192.0.2.1:2")) + b"hello", relay)  # to echo: allowed
+            data, _ = sock.recvfrom(65535)
+            assert data == build_udp_header(echo.address) + b"hello"
+            with pytest.raises(TimeoutError):
+                sock.recvfrom(65535)
+        assert hidden.received == [] and echo.received == [b"hello"]
     finally:
         echo.stop()
         hidden.stop()
