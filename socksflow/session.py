@@ -286,6 +286,10 @@ class Session:
             self._resolved[host] = cached
         return cached
 
+    def resolved(self, host: str) -> tuple[IPAddress, ...] | None:
+        """What ``host`` resolved to in this session, if it was looked up already (no waiting)."""
+        return self._resolved.get(host)
+
     # ------------------------------------------------------------------ the session
 
     def start(self) -> None:

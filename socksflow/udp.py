@@ -17,7 +17,10 @@ The fast path: a datagram whose header was seen before is sent on straight from
 ``datagram_received`` — one dict look-up, no task, no parsing; when a plugin implements
 ``socksflow_udp_datagram`` the hook is still asked about every datagram, without a task
 while it answers synchronously.  Everything else (new destinations, redirects, async answers,
-look-ups) goes through a per-association worker that handles datagrams in arrival order.
+look-ups) goes through a per-association worker that handles datagrams in arrival order,
+except that a datagram whose destination name must be looked up waits for that look-up alone
+(up to MAX_LOOKUPS names at once): a slow name delays only the datagrams sent to it, which
+keep their order.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
@@ -56,6 +59,7 @@ log = logging.getLogger("socksflow.udp")
 MAX_DESTINATIONS = 1024  # remotes remembered per association (routes and reply headers)
 MAX_BACKLOG = 256  # datagrams waiting for a hook or a look-up; more are dropped, as UDP may
 MAX_REPORTED = 32  # distinct drop reasons logged at INFO per association; the rest at DEBUG
+MAX_LOOKUPS = 32  # names being resolved at once per association; datagrams to more are dropped
 MAX_PACED_BYTES = 256 * 1024  # per direction: datagrams waiting for a bandwidth limit
 _HEADER_LENGTH = {0x01: 10, 0x04: 22}  # RSV FRAG ATYP ADDR PORT for IPv4 / IPv6; names: 7 + length
 
@@ -132,6 +136,8 @@ class Association(asyncio.DatagramProtocol):
         self.reply_headers: dict[tuple[str, int], bytes] = {}  # remote → header for its replies
         self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
+        self.lookups: dict[str, collections.deque[_Parked]] = {}  # name → datagrams waiting for it
+        self.lookup_tasks: set[asyncio.Task[None]] = set()
         self.hooked = bool(session.pm.impls("socksflow_udp_datagram"))
         self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
         self._waiting = {Direction.UP: 0, Direction.DOWN: 0}  # bytes held back by the limiters
@@ -164,6 +170,9 @@ class Association(asyncio.DatagramProtocol):
             self._timer.cancel()
         if self.worker is not None:
             self.worker.cancel()
+        for task in self.lookup_tasks:
+            task.cancel()
+        self.lookups.clear()
         for _, _, answer in self.backlog:
             _discard(answer)
         self.backlog.clear()
@@ -265,11 +274,7 @@ class Association(asyncio.DatagramProtocol):
         try:
             while self.backlog:
                 header, data, answer = self.backlog.popleft()
-                try:
-                    await self._forward(header, data, answer)
-                except Exception as exc:  # one bad datagram must not stop the association
-                    log.exception("session %s: UDP datagram to %s", self.session.id, header.destination)
-                    self._drop(f"internal error: {exc!r}")
+                await self._guarded(header.destination, self._forward(header, data, answer))
         finally:
             self.worker = None
 
@@ -300,23 +305,67 @@ class Association(asyncio.DatagramProtocol):
             self._drop(f"to {destination}: port 0")
             return
         if addresses is None:
-            if destination.is_domain:
-                try:
-                    addresses = await session.resolve(destination.host, destination.port)  # type: ignore[arg-type]
-                except (ResolveError, PluginError) as exc:
-                    self._drop(f"to {destination}: cannot resolve: {exc}")
-                    return
-            else:
+            if not destination.is_domain:
                 addresses = (destination.host,)  # type: ignore[assignment]
+            else:
+                name: str = destination.host  # type: ignore[assignment]
+                addresses = None if name in self.lookups else session.resolved(name)
+                if addresses is None:  # the worker goes on; the datagram waits for its name
+                    self._wait_for_name(name, _Parked(header, data, destination, as_asked))
+                    return
+        await self._deliver_to(_Parked(header, data, destination, as_asked), addresses)
+
+    async def _deliver_to(self, parked: _Parked, addresses: tuple[IPAddress, ...]) -> None:
+        """Send a datagram to the first of its destination's addresses; remember the route if as asked."""
+        header, data, destination = parked.header, parked.data, parked.destination
         if not addresses:
             self._drop(f"to {destination}: no address")
             return
         route = await self._route(header, addresses[0], destination.port)
-        if as_asked:
+        if parked.as_asked:
             if len(self.routes) >= MAX_DESTINATIONS:
                 self.routes.clear()
             self.routes[data[: header.offset]] = route
         self._send(route, memoryview(data)[header.offset :])
+
+    def _wait_for_name(self, name: str, parked: _Parked) -> None:
+        """Hold a datagram until ``name`` is resolved, so a slow look-up delays only its own datagrams."""
+        waiting = self.lookups.get(name)
+        if waiting is None:
+            if len(self.lookups) >= MAX_LOOKUPS:
+                self._drop(f"to {parked.destination}: {MAX_LOOKUPS} names are being looked up already")
+                return
+            waiting = self.lookups[name] = collections.deque()
+            self.lookup_tasks.add(task := self.loop.create_task(self._look_up(name, parked.destination.port)))
+            task.add_done_callback(self.lookup_tasks.discard)
+        if sum(map(len, self.lookups.values())) >= MAX_BACKLOG:
+            self._drop("backlog full")
+            return
+        waiting.append(parked)
+
+    async def _look_up(self, name: str, port: int) -> None:
+        """Resolve ``name``, then send what waited for it, in order (new arrivals join the queue)."""
+        waiting = self.lookups[name]
+        try:
+            try:
+                addresses = await self.session.resolve(name, port)
+            except (ResolveError, PluginError) as exc:
+                while waiting:
+                    self._drop(f"to {waiting.popleft().destination}: cannot resolve: {exc}")
+                return
+            while waiting and not self._closed:
+                parked = waiting.popleft()
+                await self._guarded(parked.destination, self._deliver_to(parked, addresses))
+        finally:
+            self.lookups.pop(name, None)
+
+    async def _guarded(self, destination: Address, forwarding: Awaitable[None]) -> None:
+        """Forward one datagram; a failure drops it, and the association goes on."""
+        try:
+            await forwarding
+        except Exception as exc:
+            log.exception("session %s: UDP datagram to %s", self.session.id, destination)
+            self._drop(f"internal error: {exc!r}")
 
     async def _judge_rewrites(
         self, answer: tuple[Verdict | None, str], payload: bytes
@@ -471,6 +520,15 @@ class Association(asyncio.DatagramProtocol):
             "session %s: UDP datagram dropped: %s", self.session.id, reason,
             exc_info=error.__cause__ if error is not None else None,
         )  # fmt: skip
+
+
+class _Parked(NamedTuple):
+    """A datagram on its way: its header and bytes, where it goes, whether that is as the client asked."""
+
+    header: UdpHeader
+    data: bytes
+    destination: Address
+    as_asked: bool
 
 
 class _Route:

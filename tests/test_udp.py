@@ -187,6 +187,56 @@ def test_names_remembered_per_association_are_bounded(socksflow_server, echo, mo
     control.close()
 
 
+class SlowNames:
+    """Resolves ``slow*.test`` after a second and ``fast.test`` at once, all to 127.0.0.1; records the ended."""
+
+    def __init__(self) -> None:
+        self.ended = []
+
+    @hookimpl
+    async def socksflow_resolve(self, host):
+        if host.startswith("slow"):
+            await asyncio.sleep(1.0)
+        return [Address.parse("127.0.0.1:0").host] if host.endswith(".test") else None
+
+    @hookimpl
+    def socksflow_session_end(self, session):
+        self.ended.append(session)
+
+
+def test_a_slow_look_up_delays_only_the_datagrams_to_its_name(socksflow_server, echo):
+    server = socksflow_server("timeouts: {hook: 5s}\n", plugins=[SlowNames()], autoload=False)
+    control, bound = associate(server)
+    port = echo.address.port
+    with udp_socket() as sock:
+        began = time.monotonic()
+        for name, payload in (("slow.test", b"slow 1"), ("fast.test", b"fast"), ("slow.test", b"slow 2")):
+            sock.sendto(build_udp_header(Address(name, port)) + payload, relay_of(bound))
+        sock.sendto(build_udp_header(echo.address) + b"by address", relay_of(bound))
+        arrivals = []
+        for _ in range(4):
+            data, _ = sock.recvfrom(65535)
+            arrivals.append((data[10:], time.monotonic() - began))
+    control.close()
+    assert [payload for payload, _ in arrivals] == [b"fast", b"by address", b"slow 1", b"slow 2"]
+    assert all(took < 0.5 for _, took in arrivals[:2]), arrivals  # not behind the slow name
+    assert all(took >= 0.9 for _, took in arrivals[2:]), arrivals  # in order, once it resolved
+
+
+def test_names_looked_up_at_once_per_association_are_bounded(socksflow_server, echo, monkeypatch):
+    monkeypatch.setattr("socksflow.udp.MAX_LOOKUPS", 2)
+    names = SlowNames()
+    server = socksflow_server("timeouts: {hook: 5s}\n", plugins=[names], autoload=False)
+    control, bound = associate(server)
+    with udp_socket() as sock:
+        for name in ("slow1.test", "slow2.test", "slow3.test"):
+            sock.sendto(build_udp_header(Address(name, echo.address.port)) + name.encode(), relay_of(bound))
+        assert sorted(sock.recvfrom(65535)[0][10:] for _ in range(2)) == [b"slow1.test", b"slow2.test"]
+    control.close()
+    assert wait_until(lambda: len(names.ended) == 1)
+    assert names.ended[0].association.datagrams_dropped == 1  # slow3.test: two look-ups were under way
+
+
 def test_pysocks_remote_dns(socksflow_server, echo):
     server = socksflow_server(plugins=[StaticResolver({"echo.test": ["127.0.0.1"]})], autoload=False)
     with socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
