@@ -45,10 +45,10 @@ SETTINGS = StashKey[AuthSettings]("auth")
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     node = config.section("auth")
     if node is None:
-        return
+        return False  # dormant: the core's default (no authentication) applies
     items = node.as_map({"methods", "users"})
     methods: tuple[Method, ...] = (Method.NO_AUTH,)
     if "methods" in items:

@@ -55,13 +55,11 @@ SETTINGS = StashKey[AccessSettings]("log.access")
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     node = config.section("log")
-    if node is None:
-        return
-    access = node.as_map({"access"}).get("access")
+    access = node.as_map({"access"}).get("access") if node is not None else None
     if access is None:
-        return
+        return False  # dormant: no access log
     items = access.as_map({"format", "file"})
     settings = AccessSettings()
     if "format" in items:

@@ -55,10 +55,10 @@ SETTINGS = StashKey[MetricsSettings]("metrics")
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     node = config.section("metrics")
     if node is None:
-        return
+        return False  # dormant: nothing is exported
     items = node.as_map({"listen", "allow_remote"}) if node.value is not None else {}
     listen = items["listen"].as_address() if "listen" in items else Address.parse(DEFAULT_LISTEN)
     allow_remote = items["allow_remote"].as_bool() if "allow_remote" in items else False

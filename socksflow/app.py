@@ -36,9 +36,11 @@ def build_plugin_manager(config: Config, disabled: Iterable[str] = ()) -> Plugin
 
 def configure(pm: PluginManager, config: Config) -> None:
     """Let every plugin validate its sections; raise ConfigErrors listing everything wrong."""
+    dormant = set()
     for impl in pm.impls("socksflow_configure"):
         try:
-            impl.function(*[{"config": config}[arg] for arg in impl.argnames])
+            if impl.function(*[{"config": config}[arg] for arg in impl.argnames]) is False:
+                dormant.add(impl.plugin)
         except ConfigError as exc:
             config.errors.add(exc)
         except Exception as exc:  # a plugin bug must not pass for a valid config
@@ -47,6 +49,7 @@ def configure(pm: PluginManager, config: Config) -> None:
             )
     config.check_unclaimed()
     config.raise_errors()
+    config.hooks = pm.configured(frozenset(dormant))
 
 
 def prepare(path: str | Path | None, disabled: Iterable[str] = ()) -> tuple[Config, PluginManager]:

@@ -252,7 +252,8 @@ def _explain(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     explaining = {impl.plugin for impl in pm.impls("socksflow_explain")}
-    deciding = {impl.plugin for hook in DECISION_HOOKS for impl in pm.impls(hook)}
+    hooks = config.hooks or pm  # without the plugins this configuration leaves dormant
+    deciding = {impl.plugin for hook in DECISION_HOOKS for impl in hooks.impls(hook)}
     if silent := sorted(deciding - explaining):
         verb = "decides" if len(silent) == 1 else "decide"
         print(f"not explained: {', '.join(silent)} {verb} on clients or requests without socksflow_explain")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -22,6 +22,9 @@ from socksflow.errors import ConfigError, ConfigErrors
 from socksflow.protocol import Address, IPAddress
 from socksflow.stash import Stash
 from socksflow.units import parse_duration, parse_rate, parse_size
+
+if TYPE_CHECKING:
+    from socksflow.plugins import HookCaller
 
 T = TypeVar("T")
 
@@ -377,6 +380,7 @@ class Config:
         self.file = file
         self.errors = ErrorCollector()
         self._disabled_at: dict[str, Node] = {}  # plugins.disable: each name and where it was given
+        self.hooks: HookCaller | None = None  # the plugins' hooks for sessions under this configuration
         self.warnings: list[ConfigError] = []  # lints: the file works, but probably not as meant
         for error in errors or ():
             self.errors.add(error)

@@ -16,6 +16,7 @@ Conventions for all hooks:
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -38,7 +39,7 @@ hookspec = pluggy.HookspecMarker("socksflow")
 
 
 @hookspec
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     """Read and validate this plugin's section(s) of the configuration.
 
     When: each time a configuration is loaded — at start-up, on ``socksflow check``, and on
@@ -50,9 +51,13 @@ def socksflow_configure(config: Config) -> None:
         ``config.section("name")`` (unclaimed sections are errors); its nodes carry file and
         line for :class:`~socksflow.errors.ConfigError` messages.
 
-    Returns nothing.  Must be sync.  Raising :class:`~socksflow.errors.ConfigError`
-    reports a located error (use ``config.errors.capture()`` to report several); any other
-    exception refuses the configuration naming this plugin.  Called once per load.
+    Returns ``False`` when this configuration gives the plugin nothing to do (its section
+    is absent): the plugin is then *dormant* for the sessions under this configuration, and
+    none of its session hooks (those with a ``session`` argument) is called, so an
+    unconfigured plugin costs nothing per session.  Otherwise ``None``.  Must be sync.
+    Raising :class:`~socksflow.errors.ConfigError` reports a located error (use
+    ``config.errors.capture()`` to report several); any other exception refuses the
+    configuration naming this plugin.  Called once per load.
     """
 
 
@@ -403,6 +408,9 @@ def socksflow_session_error(session: Session, error: Exception) -> None:
 
 
 ALL_HOOKS: tuple[str, ...] = tuple(name for name in dict(globals()) if name.startswith("socksflow_"))
+SESSION_HOOKS: frozenset[str] = frozenset(
+    name for name in ALL_HOOKS if "session" in inspect.signature(globals()[name]).parameters
+)  # what a dormant plugin is not asked (see socksflow_configure)
 SYNC_ONLY_HOOKS: frozenset[str] = frozenset(
     {"socksflow_configure", "socksflow_exposure", "socksflow_relay_start", "socksflow_relay_data"}
 )

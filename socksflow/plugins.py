@@ -61,173 +61,11 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
-class PluginManager(pluggy.PluginManager):
-    """One per server: the standard plugins, entry points, files named in the config."""
-
-    def __init__(self) -> None:
-        super().__init__(ENTRY_POINT_GROUP)
-        self.add_hookspecs(hookspecs)
-        self._impls: dict[str, tuple[Impl, ...]] = {}
-        self._origins: dict[str, str] = {}
-        self.offered: set[str] = set()  # every plugin name found, loaded or disabled
-
-    # ------------------------------------------------------------------ registration
-
-    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
-        opts = super().parse_hookimpl_opts(plugin, name)
-        # As in pytest, a prefixed function is an implementation even without the marker, so
-        # a misspelt hook name is always caught by check_pending() instead of ignored.
-        if opts is None and name.startswith(HOOK_PREFIX) and callable(getattr(plugin, name, None)):
-            opts = {}
-        return opts
-
-    def register(self, plugin: object, name: str | None = None) -> str | None:
-        try:
-            registered = super().register(plugin, name)
-        except pluggy.PluginValidationError as exc:  # e.g. a misspelt argument name
-            if self.is_registered(plugin):  # pluggy < 1.7 leaves the plugin half-registered
-                self.unregister(plugin)
-            raise PluginLoadError(str(exc)) from exc
-        if registered is not None:
-            self.offered.add(registered)
-            try:
-                self._validate(registered)
-            except PluginLoadError:
-                self.unregister(name=registered)
-                raise
-        self._impls.clear()
-        return registered
-
-    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
-        result = super().unregister(plugin, name)
-        self._impls.clear()
-        return result
-
-    def _validate(self, name: str) -> None:
-        plugin = self.get_plugin(name)
-        for caller in self.get_hookcallers(plugin) or ():
-            for impl in caller.get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
-                if impl.hookwrapper or impl.wrapper:
-                    raise PluginLoadError(
-                        f"plugin {name!r}: {caller.name} is a hook wrapper; socksflow awaits hooks "
-                        "itself and does not support wrappers (observe with *_start/*_end hooks)"
-                    )
-                if caller.name in hookspecs.SYNC_ONLY_HOOKS and inspect.iscoroutinefunction(impl.function):
-                    raise PluginLoadError(f"plugin {name!r}: {caller.name} must not be async")
-
-    def load_entry_points(self, disabled: Iterable[str] = ()) -> None:
-        """Register every installed plugin of the ``socksflow`` entry-point group."""
-        for name in disabled:
-            self.set_blocked(name)
-        try:
-            self.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:  # an installed plugin that fails to import
-            raise PluginLoadError(f"cannot load an installed plugin: {exc!r}") from exc
-
-    def load_path(self, path: Path) -> None:
-        """Register a plugin file, or every ``*.py`` file in a folder."""
-        files = sorted(path.glob("*.py")) if path.is_dir() else [path]
-        if not path.exists():
-            raise PluginLoadError(f"plugin path {str(path)!r} does not exist")
-        for file in files:
-            self.offered.add(file.stem)
-            if self.is_blocked(file.stem):  # a disabled plugin's code is not even run
-                continue
-            module_name = f"socksflow_local_{file.stem}"
-            spec = importlib.util.spec_from_file_location(module_name, file)
-            if spec is None or spec.loader is None:
-                raise PluginLoadError(f"{file}: not a Python file")
-            module = importlib.util.module_from_spec(spec)
-            # As an import would: dataclasses and typing look the module up in sys.modules.
-            sys.modules[module_name] = module
-            try:
-                spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[module_name]
-                raise PluginLoadError(f"{file}: {type(exc).__name__}: {exc}") from exc
-            self._register_named(module, file.stem, str(file))
-
-    def load_module(self, dotted: str) -> None:
-        """Register an importable module by its dotted name."""
-        name = dotted.rpartition(".")[2]
-        self.offered.add(name)
-        if self.is_blocked(name):
-            return
-        try:
-            module = importlib.import_module(dotted)
-        except Exception as exc:
-            raise PluginLoadError(f"cannot import plugin {dotted!r}: {exc!r}") from exc
-        self._register_named(module, name, dotted)
-
-    def _register_named(self, plugin: object, name: str, origin: str) -> None:
-        if self.has_plugin(name):
-            raise PluginLoadError(f"two plugins are named {name!r} ({origin} and {self._source(name)})")
-        self.register(plugin, name)
-        self._origins[name] = origin
-
-    def load_all(
-        self, *, paths: Iterable[Path] = (), disabled: Iterable[str] = (), autoload: bool = True
-    ) -> None:
-        """Load plugins as a server does: entry points, then files, then ``$SOCKSFLOW_PLUGINS``."""
-        disabled = list(disabled)
-        for name in disabled:
-            self.set_blocked(name)
-        self.offered.update(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-        if autoload and not os.environ.get(ENV_DISABLE_AUTOLOAD):
-            self.load_entry_points()
-        for path in paths:
-            self.load_path(path)
-        for extra in filter(None, os.environ.get(ENV_EXTRA_PLUGINS, "").split(",")):
-            if extra.endswith(".py") or os.sep in extra:
-                self.load_path(Path(extra))
-            else:
-                self.load_module(extra)
-        self.check_pending()
-
-    def check_pending(self) -> None:
-        """Raise PluginLoadError for an implementation of a hook that does not exist (a misspelt name)."""
-        try:
-            super().check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(str(exc)) from exc
-
-    # ------------------------------------------------------------------ introspection
+class HookCaller:
+    """Calls hook implementations the socksflow way; :meth:`impls` says which, in what order."""
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
-        """Implementations of ``hook`` in call order (cached until the plugin set changes)."""
-        cached = self._impls.get(hook)
-        if cached is None:
-            caller = getattr(self.hook, hook)
-            cached = tuple(
-                Impl(self.get_name(impl.plugin) or impl.plugin_name, impl.function, tuple(impl.argnames))
-                for impl in reversed(caller.get_hookimpls())
-            )
-            self._impls[hook] = cached
-        return cached
-
-    def plugin_info(self) -> list[PluginInfo]:
-        infos = []
-        distinfo = {id(plugin): dist for plugin, dist in self.list_plugin_distinfo()}
-        for name, plugin in self.list_name_plugin():
-            if plugin is None:
-                continue
-            dist = distinfo.get(id(plugin))
-            version = dist.version if dist else str(getattr(plugin, "__version__", "-"))
-            hooks = tuple(sorted(c.name for c in self.get_hookcallers(plugin) or ()))
-            infos.append(PluginInfo(name, version, self._source(name), hooks))
-        return infos
-
-    def _source(self, name: str) -> str:
-        if name in self._origins:
-            return self._origins[name]
-        plugin = self.get_plugin(name)
-        if isinstance(plugin, ModuleType):
-            return getattr(plugin, "__file__", None) or plugin.__name__
-        return type(plugin).__module__
-
-    # ------------------------------------------------------------------ calling
+        raise NotImplementedError
 
     async def call_first(self, hook: str, timeout: float | None, /, **kwargs: Any) -> tuple[Any, str]:
         """First non-``None`` answer and the plugin that gave it; ``(None, "")`` if none did.
@@ -341,6 +179,205 @@ class PluginManager(pluggy.PluginManager):
             except PluginError as exc:
                 log.error("%s", exc, exc_info=exc.__cause__)
 
+
+class ConfiguredHooks(HookCaller):
+    """The hooks of one configuration: without the session hooks of its dormant plugins.
+
+    A plugin is dormant under a configuration when its ``socksflow_configure`` returned
+    ``False`` (nothing configured for it): its per-session hooks are then not called at all.
+    """
+
+    def __init__(self, pm: PluginManager, dormant: frozenset[str]) -> None:
+        self._pm = pm
+        self.dormant = dormant
+        self._impls: dict[str, tuple[Impl, ...]] = {}
+        self._generation = pm.generation
+
+    def impls(self, hook: str) -> tuple[Impl, ...]:
+        if self._generation != self._pm.generation:  # a plugin was registered or removed since
+            self._impls.clear()
+            self._generation = self._pm.generation
+        cached = self._impls.get(hook)
+        if cached is None:
+            cached = self._pm.impls(hook)
+            if hook in hookspecs.SESSION_HOOKS:
+                cached = tuple(impl for impl in cached if impl.plugin not in self.dormant)
+            self._impls[hook] = cached
+        return cached
+
+
+class PluginManager(HookCaller, pluggy.PluginManager):
+    """One per server: the standard plugins, entry points, files named in the config."""
+
+    def __init__(self) -> None:
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
+        self._impls: dict[str, tuple[Impl, ...]] = {}
+        self._origins: dict[str, str] = {}
+        self.offered: set[str] = set()  # every plugin name found, loaded or disabled
+        self.generation = 0  # counts changes of the plugin set (for the caches of ConfiguredHooks)
+
+    # ------------------------------------------------------------------ registration
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        # As in pytest, a prefixed function is an implementation even without the marker, so
+        # a misspelt hook name is always caught by check_pending() instead of ignored.
+        if opts is None and name.startswith(HOOK_PREFIX) and callable(getattr(plugin, name, None)):
+            opts = {}
+        return opts
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        try:
+            registered = super().register(plugin, name)
+        except pluggy.PluginValidationError as exc:  # e.g. a misspelt argument name
+            if self.is_registered(plugin):  # pluggy < 1.7 leaves the plugin half-registered
+                self.unregister(plugin)
+            raise PluginLoadError(str(exc)) from exc
+        if registered is not None:
+            self.offered.add(registered)
+            try:
+                self._validate(registered)
+            except PluginLoadError:
+                self.unregister(name=registered)
+                raise
+        self._impls.clear()
+        self.generation += 1
+        return registered
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
+        result = super().unregister(plugin, name)
+        self._impls.clear()
+        self.generation += 1
+        return result
+
+    def _validate(self, name: str) -> None:
+        plugin = self.get_plugin(name)
+        for caller in self.get_hookcallers(plugin) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                if impl.hookwrapper or impl.wrapper:
+                    raise PluginLoadError(
+                        f"plugin {name!r}: {caller.name} is a hook wrapper; socksflow awaits hooks "
+                        "itself and does not support wrappers (observe with *_start/*_end hooks)"
+                    )
+                if caller.name in hookspecs.SYNC_ONLY_HOOKS and inspect.iscoroutinefunction(impl.function):
+                    raise PluginLoadError(f"plugin {name!r}: {caller.name} must not be async")
+
+    def load_entry_points(self, disabled: Iterable[str] = ()) -> None:
+        """Register every installed plugin of the ``socksflow`` entry-point group."""
+        for name in disabled:
+            self.set_blocked(name)
+        try:
+            self.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # an installed plugin that fails to import
+            raise PluginLoadError(f"cannot load an installed plugin: {exc!r}") from exc
+
+    def load_path(self, path: Path) -> None:
+        """Register a plugin file, or every ``*.py`` file in a folder."""
+        files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        if not path.exists():
+            raise PluginLoadError(f"plugin path {str(path)!r} does not exist")
+        for file in files:
+            self.offered.add(file.stem)
+            if self.is_blocked(file.stem):  # a disabled plugin's code is not even run
+                continue
+            module_name = f"socksflow_local_{file.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, file)
+            if spec is None or spec.loader is None:
+                raise PluginLoadError(f"{file}: not a Python file")
+            module = importlib.util.module_from_spec(spec)
+            # As an import would: dataclasses and typing look the module up in sys.modules.
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise PluginLoadError(f"{file}: {type(exc).__name__}: {exc}") from exc
+            self._register_named(module, file.stem, str(file))
+
+    def load_module(self, dotted: str) -> None:
+        """Register an importable module by its dotted name."""
+        name = dotted.rpartition(".")[2]
+        self.offered.add(name)
+        if self.is_blocked(name):
+            return
+        try:
+            module = importlib.import_module(dotted)
+        except Exception as exc:
+            raise PluginLoadError(f"cannot import plugin {dotted!r}: {exc!r}") from exc
+        self._register_named(module, name, dotted)
+
+    def _register_named(self, plugin: object, name: str, origin: str) -> None:
+        if self.has_plugin(name):
+            raise PluginLoadError(f"two plugins are named {name!r} ({origin} and {self._source(name)})")
+        self.register(plugin, name)
+        self._origins[name] = origin
+
+    def load_all(
+        self, *, paths: Iterable[Path] = (), disabled: Iterable[str] = (), autoload: bool = True
+    ) -> None:
+        """Load plugins as a server does: entry points, then files, then ``$SOCKSFLOW_PLUGINS``."""
+        disabled = list(disabled)
+        for name in disabled:
+            self.set_blocked(name)
+        self.offered.update(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        if autoload and not os.environ.get(ENV_DISABLE_AUTOLOAD):
+            self.load_entry_points()
+        for path in paths:
+            self.load_path(path)
+        for extra in filter(None, os.environ.get(ENV_EXTRA_PLUGINS, "").split(",")):
+            if extra.endswith(".py") or os.sep in extra:
+                self.load_path(Path(extra))
+            else:
+                self.load_module(extra)
+        self.check_pending()
+
+    def check_pending(self) -> None:
+        """Raise PluginLoadError for an implementation of a hook that does not exist (a misspelt name)."""
+        try:
+            super().check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(str(exc)) from exc
+
+    # ------------------------------------------------------------------ introspection
+
+    def impls(self, hook: str) -> tuple[Impl, ...]:
+        """Implementations of ``hook`` in call order (cached until the plugin set changes)."""
+        cached = self._impls.get(hook)
+        if cached is None:
+            caller = getattr(self.hook, hook)
+            cached = tuple(
+                Impl(self.get_name(impl.plugin) or impl.plugin_name, impl.function, tuple(impl.argnames))
+                for impl in reversed(caller.get_hookimpls())
+            )
+            self._impls[hook] = cached
+        return cached
+
+    def configured(self, dormant: frozenset[str]) -> HookCaller:
+        """The hooks to call under a configuration whose ``dormant`` plugins have nothing to do."""
+        return ConfiguredHooks(self, dormant) if dormant else self
+
+    def plugin_info(self) -> list[PluginInfo]:
+        infos = []
+        distinfo = {id(plugin): dist for plugin, dist in self.list_plugin_distinfo()}
+        for name, plugin in self.list_name_plugin():
+            if plugin is None:
+                continue
+            dist = distinfo.get(id(plugin))
+            version = dist.version if dist else str(getattr(plugin, "__version__", "-"))
+            hooks = tuple(sorted(c.name for c in self.get_hookcallers(plugin) or ()))
+            infos.append(PluginInfo(name, version, self._source(name), hooks))
+        return infos
+
+    def _source(self, name: str) -> str:
+        if name in self._origins:
+            return self._origins[name]
+        plugin = self.get_plugin(name)
+        if isinstance(plugin, ModuleType):
+            return getattr(plugin, "__file__", None) or plugin.__name__
+        return type(plugin).__module__
 
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)

@@ -133,7 +133,7 @@ class Server:
             return
         self.sessions.discard(session)
         session.ended = time.time()
-        pending = self.pm.notify_nowait("socksflow_session_end", self.config.timeouts.hook, session=session)
+        pending = session.pm.notify_nowait("socksflow_session_end", self.config.timeouts.hook, session=session)
         if pending is not None:  # only async observers cost a task
             self.spawn(pending)
         if not self.sessions:
@@ -156,10 +156,9 @@ class Server:
 
     def transform_for(self, session: Session) -> Transform | None:
         """The per-chunk hook chain for a tunnel, or None (the fast path) when no plugin has one."""
-        impls = self.pm.impls("socksflow_relay_data")
-        if not impls:
+        pm = session.pm
+        if not pm.impls("socksflow_relay_data"):
             return None
-        pm = self.pm
 
         def transform(direction: Direction, data: bytes) -> bytes | None:
             try:
@@ -179,8 +178,9 @@ class Server:
     async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
         """Resolve through the plugins' hook, else the system resolver (off the event loop)."""
         config = session.config if session is not None else self.config
+        hooks = session.pm if session is not None else self.pm
         try:
-            answer, _ = await self.pm.call_first(
+            answer, _ = await hooks.call_first(
                 "socksflow_resolve", config.timeouts.hook,
                 session=session, host=host, port=port, config=config,
             )  # fmt: skip

@@ -36,6 +36,7 @@ from socksflow.stash import Stash
 
 if TYPE_CHECKING:
     from socksflow.config import Config
+    from socksflow.plugins import HookCaller
     from socksflow.server import Server
     from socksflow.udp import Association
 
@@ -195,6 +196,7 @@ class Session:
         self.id = f"{next(_ids):x}"
         self.server = server
         self.config: Config = server.config
+        self.pm: HookCaller = self.config.hooks or server.pm  # without the dormant plugins' hooks
         self._client = client
         transport = client.transport
         self.client = Address.from_sockaddr(transport.get_extra_info("peername"))
@@ -248,9 +250,6 @@ class Session:
     def duration(self) -> float:
         return (self.ended or time.time()) - self.started
 
-    @property
-    def pm(self) -> Any:
-        return self.server.pm
 
     def abort(self) -> None:
         """End the session now, whatever its phase (shutdown past its deadline)."""

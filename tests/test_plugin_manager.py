@@ -442,3 +442,61 @@ def test_notify_nowait_calls_sync_observers_at_once_and_defers_the_rest() -> Non
     assert pending is not None and calls == []
     asyncio.run(pending)
     assert calls == ["async", "sync"]
+
+
+# ---------------------------------------------------------------------------- dormant plugins
+
+
+class Sleepy:
+    """Configured by a ``sleepy:`` section; counts the session hooks it is asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def socksflow_configure(self, config):
+        return False if config.section("sleepy") is None else None
+
+    @hookimpl
+    def socksflow_client_connected(self, session):
+        self.calls.append("client_connected")
+
+    @hookimpl
+    def socksflow_session_end(self, session):
+        self.calls.append("session_end")
+
+    @hookimpl
+    def socksflow_explain(self, config):
+        return ["sleepy: explained"]
+
+
+def test_a_plugin_with_nothing_configured_is_not_asked_about_sessions(socksflow_server, echo):
+    from socksflow.testing import socks5_handshake
+
+    sleepy = Sleepy()
+    server = socksflow_server("listen: [127.0.0.1:0]\n", plugins=[sleepy], autoload=False)
+    hooks = server.server.config.hooks
+    assert [impl.plugin for impl in hooks.impls("socksflow_client_connected")] == []
+    assert len(hooks.impls("socksflow_explain")) == 1  # configuration hooks are always asked
+    code, client = socks5_handshake(server.address, echo)
+    client.close()
+    assert code == 0
+    server.stop()
+    assert sleepy.calls == []  # not a single call for the session
+
+    sleepy = Sleepy()
+    server = socksflow_server("listen: [127.0.0.1:0]\nsleepy: {}\n", plugins=[sleepy], autoload=False)
+    code, client = socks5_handshake(server.address, echo)
+    client.close()
+    server.stop()
+    assert sleepy.calls == ["client_connected", "session_end"]
+
+
+def test_a_dormant_view_follows_plugins_registered_later():
+    pm = PluginManager()
+    view = pm.configured(frozenset({"sleepy"}))
+    pm.register(Sleepy(), "sleepy")
+    pm.register(Sleepy(), "awake")
+    assert [impl.plugin for impl in view.impls("socksflow_session_end")] == ["awake"]
+    assert {impl.plugin for impl in view.impls("socksflow_explain")} == {"sleepy", "awake"}
+    assert pm.configured(frozenset()) is pm

@@ -44,14 +44,14 @@ TESTS = StashKey[tuple[RuleTest, ...]]("acl.tests")
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     reader = RuleReader(config)
     tests = config.section("tests")
     ruleset = reader.read()
     if ruleset is None:
         if tests is not None:
             raise tests.error("rule tests need a rules: section to test")
-        return
+        return False  # dormant: no rules, no opinion
     config.stash[RULES] = ruleset
     if tests is not None:
         with config.errors.capture():

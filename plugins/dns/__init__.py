@@ -42,10 +42,10 @@ RESOLVER = StashKey[DnsResolver]("dns")
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     node = config.section("dns")
     if node is None:
-        return
+        return False  # dormant: the system resolver answers
     settings = read_settings(node)
     if settings.lifetime > config.timeouts.hook:
         config.warnings.append(node.error(

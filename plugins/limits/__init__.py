@@ -57,10 +57,10 @@ COUNTED = StashKey[set[Hashable]]("limits.counted")  # per session: the concurre
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     node = config.section("limits")
     if node is None:
-        return
+        return False  # dormant: no limits
     entries = []
     for item in node.as_list(scalar_ok=False):
         with config.errors.capture():

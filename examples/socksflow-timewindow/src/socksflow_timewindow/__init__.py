@@ -36,10 +36,12 @@ def now() -> datetime:
 
 
 @hookimpl
-def socksflow_configure(config: Config) -> None:
+def socksflow_configure(config: Config) -> bool | None:
     node = config.section("timewindow")
-    if node is not None:
-        config.stash[SETTINGS] = read_settings(node, config)
+    if node is None:
+        return False  # dormant: no windows, and socksflow_request is not called at all
+    config.stash[SETTINGS] = read_settings(node, config)
+    return None
 
 
 @hookimpl
