@@ -26,6 +26,7 @@ log = logging.getLogger("socksflow.workers")
 
 RESTART_BACKOFF_SECONDS = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 READY_TIMEOUT_SECONDS = 30.0
 
@@ -57,13 +58,17 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
     stopping: list[int] = []
 
     def spawn(number: int, ready_fd: int | None) -> None:
+        # Signals are held across the fork: the child must never run the supervisor's handler,
+        # and the supervisor must know the child's pid before it forwards a signal to it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            # Held until the worker's loop has its handlers (cli._serve unblocks them): a stop
-            # signal that arrives while a worker starts must stop it gracefully, not kill it.
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            # Stop signals stay held until the worker's loop has its handlers (cli._serve
+            # unblocks them): one that arrives while a worker starts stops it gracefully.
             for signum in STOP_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1,))
             _die_with_parent()
             for sock in reserved:
                 sock.close()
@@ -73,6 +78,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
             finally:
                 os._exit(code)
         workers[pid] = number
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
 
     def forward(signum: int, _frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -82,7 +88,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
                 os.kill(pid, signum)
 
     read_fd, write_fd = os.pipe()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+    for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
     for number in range(count):
         spawn(number, write_fd)
