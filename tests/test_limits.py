@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import os
 import socket
@@ -310,6 +311,14 @@ def test_scopes_group_sessions_as_configured():
     assert user.key(fake_session("10.0.0.1:1", "alice")) == user.key(fake_session("10.0.0.2:1", "alice"))
     # an anonymous session's "user" is its address: anonymous clients do not share one budget
     assert user.key(fake_session("10.0.0.1:1")) != user.key(fake_session("10.0.0.2:1"))
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_counts_as_its_ipv4_address():
+    mapped, plain = fake_session("[::ffff:10.1.2.3]:5"), fake_session("10.1.2.3:6")
+    match = limits.settings.Match(networks=(ipaddress.ip_network("10.0.0.0/8"),))
+    assert match.client_matches(mapped) and match.client_matches(plain)
+    for scope in (limits.settings.Scope("address"), limits.settings.Scope("network", 24, 64)):
+        assert scope.key(mapped) == scope.key(plain)
 
 
 def test_bandwidth_buckets_are_shared_per_scope_and_fresh_per_session():
