@@ -140,7 +140,7 @@ class Association(asyncio.DatagramProtocol):
         self.lookup_tasks: set[asyncio.Task[None]] = set()
         self.hooked = bool(session.pm.impls("socksflow_udp_datagram"))
         self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
-        self._waiting = {Direction.UP: 0, Direction.DOWN: 0}  # bytes held back by the limiters
+        self._waiting_up = self._waiting_down = 0  # bytes held back by the limiters
         self.any_reply = settings.replies_from == "any"
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = self.datagrams_dropped = 0
@@ -440,23 +440,32 @@ class Association(asyncio.DatagramProtocol):
         Datagrams over the rate wait their turn, in order, up to MAX_PACED_BYTES per direction
         (like a TCP tunnel's buffer); beyond that they are dropped, as UDP may.
         """
-        if self._waiting[direction] + size > MAX_PACED_BYTES:
+        up = direction is Direction.UP
+        if (self._waiting_up if up else self._waiting_down) + size > MAX_PACED_BYTES:
             self._drop(f"bandwidth limit ({direction.value}): {MAX_PACED_BYTES} bytes already wait")
             return False
         wait = 0.0
         for limiter in self.limiters:
-            wait = max(wait, limiter.delay(direction, size))
+            delay = limiter.delay(direction, size)
+            if delay > wait:
+                wait = delay
         if wait <= 0:
             return True
-        self._waiting[direction] += size
+        self._hold(up, size)
 
         def release() -> None:
-            self._waiting[direction] -= size
+            self._hold(up, -size)
             if not self._closed:
                 send(*args)
 
         self.loop.call_later(wait, release)
         return False
+
+    def _hold(self, up: bool, size: int) -> None:
+        if up:
+            self._waiting_up += size
+        else:
+            self._waiting_down += size
 
     def _transmit(self, route: _Route, payload: memoryview) -> None:
         outbound = route.outbound

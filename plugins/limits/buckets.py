@@ -32,9 +32,13 @@ class TokenBucket:
 
     def charge(self, amount: int, now: float) -> float:
         """Take ``amount`` tokens, going into debt if need be; return the seconds until the debt is paid."""
-        self._refill(now)
-        self.tokens -= amount
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+        tokens = self.tokens + (now - self.stamp) * self.rate  # _refill, inlined: called per chunk
+        if tokens > self.burst:
+            tokens = self.burst
+        tokens -= amount
+        self.tokens = tokens
+        self.stamp = now
+        return -tokens / self.rate if tokens < 0 else 0.0
 
     def full(self, now: float) -> bool:
         self._refill(now)
