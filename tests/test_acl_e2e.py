@@ -413,7 +413,8 @@ def test_reload_while_a_download_is_in_flight(socksflow_server, target, second, 
     )  # fmt: skip
     try:
         assert target.streaming.wait(10), "the download did not start"
-        new_rules = f"listen: [127.0.0.1:0]\nrules:\n  - deny: {{port: {target.port}}}\n  - allow: all\n"
+        # The target's address and port: the second target may have been given the same port.
+        new_rules = f"listen: [127.0.0.1:0]\nrules:\n  - deny: {{to: 127.0.0.1, port: {target.port}}}\n  - allow: all\n"
         rules_file.write_text(new_rules, encoding="utf-8")
         assert server.call(server.server.reload) is True
         code, client = socks5_handshake(server.address, f"127.0.0.1:{target.port}")
@@ -427,7 +428,7 @@ def test_reload_while_a_download_is_in_flight(socksflow_server, target, second, 
         assert code == Reply.NOT_ALLOWED
         code, client = socks5_handshake(server.address, f"127.0.0.2:{second.port}")
         client.close()
-        assert code == Reply.SUCCEEDED  # the rules in force allow other ports
+        assert code == Reply.SUCCEEDED  # the rules in force allow other destinations
     finally:
         target.release.set()
         out, err = download.communicate(timeout=30)
