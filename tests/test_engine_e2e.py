@@ -68,6 +68,15 @@ def test_curl_ipv6_target_through_ipv6_listener(socksflow_server, http_target_v6
     assert result.stdout == b"hello from the target\n"
 
 
+def test_ipv6_listeners_take_ipv6_clients_only(socksflow_server):
+    # So no client ever arrives as an IPv4-mapped address (::ffff:a.b.c.d) that rules and
+    # limits written for IPv4 networks would not match; the same holds with --workers.
+    server = socksflow_server("listen: ['[::1]:0']\n")
+    for listener in server.call(lambda: list(server.server._listeners)):
+        for sock in listener.sockets:
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+
+
 def test_curl_proxy_user(socksflow_server, http_target, tmp_path):
     bcrypt = pytest.importorskip("bcrypt")
     users = tmp_path / "users.htpasswd"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import os
 import socket
@@ -163,12 +162,18 @@ def refused_before_greeting(server, source: str = "127.0.0.1") -> bool:
 # ---------------------------------------------------------------------------- configuration
 
 
-def config_errors(text: str) -> str:
+def configured(text: str) -> Config:
+    """``text`` as rules.yaml, configured by the limits plugin alone."""
     pm = PluginManager()
     pm.register(limits, "limits")
     config = Config.from_text(text, "rules.yaml")
+    configure(pm, config)
+    return config
+
+
+def config_errors(text: str) -> str:
     with pytest.raises(ConfigErrors) as info:
-        configure(pm, config)
+        configured(text)
     return str(info.value)
 
 
@@ -202,10 +207,7 @@ limits:
 def test_explain_names_the_entries_that_apply(client, user, expected):
     from socksflow.explain import ExplainQuery
 
-    pm = PluginManager()
-    pm.register(limits, "limits")
-    config = Config.from_text(EXPLAINED, "rules.yaml")
-    configure(pm, config)
+    config = configured(EXPLAINED)
     query = ExplainQuery(Address.parse(f"{client}:0"), Address.parse("example.com:443"), Command.CONNECT, user)
     assert limits.socksflow_explain(config, query) == expected
     assert limits.socksflow_explain(Config.from_text("listen: [127.0.0.1:0]\n", "rules.yaml"), query) is None
@@ -240,17 +242,13 @@ def test_every_bad_entry_is_reported():
 
 
 def test_entries_are_sorted_by_when_they_can_be_judged():
-    pm = PluginManager()
-    pm.register(limits, "limits")
-    config = Config.from_text(
+    config = configured(
         "limits:\n"
         "  - {match: {from: 10.0.0.0/8}, sessions_per_second: 600/m, per: /24}\n"
         "  - {match: {user: alice}, max_sessions: 2, bandwidth: {down: 1MiB/s}}\n"
         "  - {per: user, max_sessions: 5}\n"
-        "  - {auth_failures: {max: 5, within: 10m, block: 1h}}\n",
-        "rules.yaml",
+        "  - {auth_failures: {max: 5, within: 10m, block: 1h}}\n"
     )
-    configure(pm, config)
     settings = config.stash[limits.SETTINGS]
     assert [e.location for e in settings.at_accept] == ["rules.yaml:2"]
     assert settings.at_accept[0].session_rate == limits.settings.Rate(10.0, 10.0)
@@ -313,25 +311,13 @@ def test_scopes_group_sessions_as_configured():
     assert user.key(fake_session("10.0.0.1:1")) != user.key(fake_session("10.0.0.2:1"))
 
 
-def test_an_ipv4_client_of_a_dual_stack_listener_counts_as_its_ipv4_address():
-    mapped, plain = fake_session("[::ffff:10.1.2.3]:5"), fake_session("10.1.2.3:6")
-    match = limits.settings.Match(networks=(ipaddress.ip_network("10.0.0.0/8"),))
-    assert match.client_matches(mapped) and match.client_matches(plain)
-    for scope in (limits.settings.Scope("address"), limits.settings.Scope("network", 24, 64)):
-        assert scope.key(mapped) == scope.key(plain)
-
-
 def test_bandwidth_buckets_are_shared_per_scope_and_fresh_per_session():
-    pm = PluginManager()
-    pm.register(limits, "limits")
-    config = Config.from_text(
+    config = configured(
         "limits:\n"
         "  - {match: {user: alice}, bandwidth: 1MiB/s}\n"
         "  - {match: {user: alice}, bandwidth: {down: 8MiB/s}, per: session}\n"
-        "  - {per: all, bandwidth: {up: 100MiB/s}}\n",
-        "rules.yaml",
+        "  - {per: all, bandwidth: {up: 100MiB/s}}\n"
     )
-    configure(pm, config)
     server = SimpleNamespace(stash=Stash())
     one, two, other = sessions = [
         fake_session(client, user, server)

@@ -23,12 +23,6 @@ class Rate:
     burst: float
 
 
-def client_ip(session) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The client's address; an IPv4 client of a dual-stack ``[::]`` listener as its IPv4 address."""
-    host = session.client.host
-    return (host.ipv4_mapped or host) if host.version == 6 else host
-
-
 @dataclass(frozen=True, slots=True)
 class Match:
     networks: tuple[IPNetwork, ...] = ()
@@ -42,7 +36,7 @@ class Match:
     def client_matches(self, session) -> bool:
         if not self.networks:
             return True
-        host = client_ip(session)
+        host = session.client.host
         for network in self.networks:  # noqa: SIM110 - several times per session: no generator
             if host in network:
                 return True
@@ -71,7 +65,7 @@ class Scope:
             return ("all",)
         if self.kind == "user" and session.identity.user:
             return ("user", session.identity.user)
-        host = client_ip(session)
+        host = session.client.host
         if self.kind == "network":
             bits, prefix = (32, self.ipv4_prefix) if host.version == 4 else (128, self.ipv6_prefix)
             return ("network", host.version, prefix, int(host) >> (bits - prefix))
