@@ -500,6 +500,12 @@ def test_datagrams_beyond_what_may_wait_for_the_limit_are_dropped(socksflow_serv
         for i in range(20):
             sock.sendto(build_udp_header(echo.address) + bytes([i]) * 1000, relay_of(bound))
         assert sock.recvfrom(65535)[0][10:] == bytes([0]) * 1000  # the burst lets the first one through
+
+        def accounted() -> int:  # sent + waiting + dropped: all 20 read from the relay socket
+            associations = [s.association for s in server.server.sessions if s.association is not None]
+            return sum(a.datagrams_up + a._waiting_up // 1000 + a.datagrams_dropped for a in associations)
+
+        assert wait_until(lambda: server.call(accounted) == 20)  # before the close ends the association
     control.close()
     assert wait_until(lambda: len(ended) == 1)
     # The first went at once, five waited (5000 bytes), fourteen were dropped.
