@@ -220,6 +220,31 @@ def socksflow_subnegotiate(session: Session, method: int, channel: AuthChannel) 
     """
 
 
+@hookspec
+def socksflow_auth_result(session: Session, method: int, user: str | None, accepted: bool) -> Verdict | None:
+    """Learn the outcome of a login the moment it is known, and refuse it if need be.
+
+    When: every login path — RFC 1929 username/password, a sub-negotiated method (GSSAPI,
+    private methods), and any other front door that checks credentials — calls it through
+    :meth:`~socksflow.session.Session.login_result` as soon as the credentials were judged,
+    before the client is told.  Not at session end: a client that keeps its connections open
+    has its failures counted all the same (brute-force throttling belongs here).
+
+    :param session: the session (``session.client`` for per-address throttling).
+    :param method: the method code used (``Method.USERPASS``, ``Method.GSSAPI``…).
+    :param user: the user name the client gave or proved (``None`` when the method failed
+        before naming one).  Never a password.
+    :param accepted: whether the credentials were right.
+
+    Returns a denying :class:`~socksflow.decisions.Verdict` to refuse a login although the
+    credentials were right (an address or account blocked for brute force): the client gets
+    the login path's failure answer (``01 01`` for username/password) and the session ends.
+    ``None`` lets the outcome stand.  Every plugin is called, in order, so each one sees every
+    outcome; the first denial is the session's verdict.  May be async.  Raising refuses the
+    login (fail closed).  Called once per login attempt.
+    """
+
+
 # ============================================================================ request
 
 

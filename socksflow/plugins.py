@@ -127,11 +127,17 @@ class HookCaller:
 
     async def call_all(self, hook: str, timeout: float | None, /, **kwargs: Any) -> list[Any]:
         """Every non-``None`` answer, in call order; the first failure raises PluginError."""
+        return [result for result, _ in await self.call_all_named(hook, timeout, **kwargs)]
+
+    async def call_all_named(
+        self, hook: str, timeout: float | None, /, **kwargs: Any
+    ) -> list[tuple[Any, str]]:
+        """As :meth:`call_all`, each answer with the plugin that gave it."""
         results = []
         for impl in self.impls(hook):
             result = await _call(impl, hook, kwargs, timeout)
             if result is not None:
-                results.append(result)
+                results.append((result, impl.plugin))
         return results
 
     def call_all_sync(self, hook: str, /, **kwargs: Any) -> list[Any]:
@@ -378,6 +384,7 @@ class PluginManager(HookCaller, pluggy.PluginManager):
         if isinstance(plugin, ModuleType):
             return getattr(plugin, "__file__", None) or plugin.__name__
         return type(plugin).__module__
+
 
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)

@@ -479,6 +479,11 @@ class Session:
             self._refused_by_fault(exc)
             await self._deny("authentication failed: plugin error", conn.send_auth_status(False), exc)
         user = credentials.username.decode("utf-8", "backslashreplace")
+        if isinstance(result, Identity):
+            refusal = await self.login_result(Method.USERPASS, result.user, True)
+            result = result if refusal is None else refusal
+        else:
+            await self.login_result(Method.USERPASS, user, False)
         if not isinstance(result, Identity):
             reason = result.reason if isinstance(result, Verdict) and result.reason else "credentials rejected"
             self.verdict = result if isinstance(result, Verdict) else Verdict.deny(reason)
@@ -488,6 +493,30 @@ class Session:
         self.identity = self._with_groups(result)
         self.authenticated = True
         self._client.write(conn.send_auth_status(True))
+
+    async def login_result(self, method: int, user: str | None, accepted: bool) -> Verdict | None:
+        """Report a login's outcome the moment the credentials were judged (every login path calls it).
+
+        Calls :func:`~socksflow.hookspecs.socksflow_auth_result` on every plugin, so failures
+        count when they happen, not when the session ends.  Returns the first denial (which then
+        becomes ``self.verdict``) of an accepted login, or ``None`` when the outcome stands; a
+        plugin that raises refuses the login (fail closed).  The caller answers the client.
+        """
+        try:
+            answers = await self.pm.call_all_named(
+                "socksflow_auth_result", self.config.timeouts.hook,
+                session=self, method=method, user=user, accepted=accepted,
+            )  # fmt: skip
+        except PluginError as exc:
+            self._refused_by_fault(exc)
+            log.error("session %s: %s", self.id, exc, exc_info=exc.__cause__)
+            await self._report(exc)
+            return self.verdict
+        for answer, plugin in answers:
+            if accepted and isinstance(answer, Verdict) and not answer.allowed:
+                self.verdict, self.decided_by = answer, plugin
+                return answer
+        return None
 
     def _with_groups(self, identity: Identity) -> Identity:
         # The groups section is the core's, so every plugin (rules, limits…) sees the same groups.
@@ -504,10 +533,16 @@ class Session:
         except PluginError as exc:
             conn.finish_subnegotiation(False)
             await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)
+        if isinstance(result, Identity):
+            refusal = await self.login_result(method, result.user, True)
+            result = result if refusal is None else refusal
+        else:
+            await self.login_result(method, None, False)
         if not isinstance(result, Identity):
             conn.finish_subnegotiation(False)
             self.authenticated = False
-            await self._deny(f"method 0x{method:02x}: not authenticated")
+            reason = result.reason if isinstance(result, Verdict) and result.reason else "not authenticated"
+            await self._deny(f"method 0x{method:02x}: {reason}")
         conn.finish_subnegotiation(True)
         self.identity = self._with_groups(result)
         self.authenticated = True

@@ -208,7 +208,9 @@ def test_explain_names_the_entries_that_apply(client, user, expected):
     from socksflow.explain import ExplainQuery
 
     config = configured(EXPLAINED)
-    query = ExplainQuery(Address.parse(f"{client}:0"), Address.parse("example.com:443"), Command.CONNECT, user)
+    query = ExplainQuery(
+        Address.parse(f"{client}:0"), Address.parse("example.com:443"), Command.CONNECT, user
+    )
     assert limits.socksflow_explain(config, query) == expected
     assert limits.socksflow_explain(Config.from_text("listen: [127.0.0.1:0]\n", "rules.yaml"), query) is None
 
@@ -551,6 +553,141 @@ def test_failed_logins_block_the_address_for_the_cool_down(socksflow_server, htp
     time.sleep(max(0.0, blocked_at + 1.1 - time.monotonic()))
     with login(server, "alice"):
         pass  # the cool-down is over
+
+
+def userpass(user: str, password: str) -> bytes:
+    """An RFC 1929 request, byte by byte."""
+    return bytes((1, len(user))) + user.encode() + bytes((len(password),)) + password.encode()
+
+
+def greeted(server, source: str = "127.0.0.1") -> socket.socket:
+    """A connection that offered username/password (``05 01 02``) and was answered ``05 02``."""
+    sock = connect_from(server, source).sock
+    sock.sendall(b"\x05\x01\x02")
+    assert sock.recv(2) == b"\x05\x02"
+    return sock
+
+
+def test_failures_count_at_once_when_the_guesser_keeps_its_connections_open(
+    socksflow_server, htpasswd, caplog
+):
+    """Issue #13, attack 1: a failure counted only at session end let ~1 000 guesses through."""
+    server = socksflow_server(AUTH + "limits: [{auth_failures: {max: 5, within: 1m, block: 15m}}]\n")
+    kept = []
+    try:
+        for n in range(1, 6):  # never closed, never ended
+            sock = greeted(server)
+            sock.sendall(userpass("alice", f"guess-{n}"))
+            assert sock.recv(2) == b"\x01\x01"
+            kept.append(sock)
+        for _ in range(3):
+            assert refused_before_greeting(server)  # the 6th attempt on: closed unanswered
+        late = connect_from(server, "127.0.0.1").sock
+        late.sendall(b"\x05\x01\x02" + userpass("alice", PASSWORDS["alice"]))
+        assert recv_until_closed(late) == b""  # the right password gets nothing either
+        assert not refused_before_greeting(server, "127.0.0.2")
+    finally:
+        for sock in kept:
+            sock.close()
+    block_lines = [r for r in caplog.records if "failed logins within" in r.getMessage()]
+    assert len(block_lines) == 1  # once per address and block; the refusals are counted, not logged
+    assert (
+        block_lines[0].getMessage().startswith("127.0.0.1: 5 failed logins within 60s: refusing it for 900s")
+    )
+
+
+def recv_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(64):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return data
+
+
+def test_a_connection_opened_before_the_block_cannot_log_in_during_it(socksflow_server, htpasswd):
+    """Issue #13, attack 2: 20 connections greeted first, 19 wrong guesses, the right password on the 20th."""
+    server = socksflow_server(AUTH + "limits: [{auth_failures: {max: 5, within: 1m, block: 15m}}]\n")
+    socks_ = [greeted(server) for _ in range(20)]
+    for n, sock in enumerate(socks_[:19], 1):
+        sock.sendall(userpass("alice", f"guess-{n}"))
+        assert sock.recv(2) == b"\x01\x01"
+        sock.close()
+    last = socks_[19]
+    last.sendall(userpass("alice", PASSWORDS["alice"]))
+    assert last.recv(2) == b"\x01\x01"  # blocked while its connection was open: refused all the same
+    assert recv_until_closed(last) == b""
+    assert refused_before_greeting(server)
+
+
+def test_per_user_throttling_protects_an_account_attacked_from_many_addresses(socksflow_server, htpasswd):
+    server = socksflow_server(
+        AUTH + "limits: [{auth_failures: {max: 3, within: 1m, block: 1m}, per: user}]\n"
+    )
+    for n, source in enumerate(("127.0.0.2", "127.0.0.3", "127.0.0.4"), 1):
+        sock = greeted(server, source)
+        sock.sendall(userpass("alice", f"guess-{n}"))
+        assert sock.recv(2) == b"\x01\x01"
+        sock.close()
+    sock = greeted(server, "127.0.0.5")  # a fresh address: accepted, the account is what is blocked
+    sock.sendall(userpass("alice", PASSWORDS["alice"]))
+    assert sock.recv(2) == b"\x01\x01"
+    sock.close()
+    with login(server, "bob", source="127.0.0.2"):
+        pass  # other accounts, even from the guessing addresses, are not blocked
+
+
+class PrivateLogin:
+    """Method 0x80: one byte, 01 is "alice" and anything else a failure; answered 01 or 00."""
+
+    __name__ = "private"
+
+    @socksflow.hookimpl
+    def socksflow_select_method(self, offered):
+        return 0x80 if 0x80 in offered else None
+
+    @socksflow.hookimpl
+    async def socksflow_subnegotiate(self, channel):
+        if await channel.readexactly(1) == b"\x01":
+            channel.write(b"\x01")
+            return Identity("alice")
+        channel.write(b"\x00")
+        return None
+
+
+def test_every_login_path_counts_and_is_blocked_through_the_auth_result_hook(socksflow_server):
+    server = socksflow_server(
+        "limits: [{auth_failures: {max: 2, within: 1m, block: 1m}}]\n", plugins=[PrivateLogin()]
+    )
+    waiting = connect_from(server, "127.0.0.1").sock
+    waiting.sendall(b"\x05\x01\x80")
+    assert waiting.recv(2) == b"\x05\x80"
+    for _ in range(2):
+        sock = connect_from(server, "127.0.0.1").sock
+        sock.sendall(b"\x05\x01\x80\x02")
+        assert recv_until_closed(sock) == b"\x05\x80\x00"
+    waiting.sendall(b"\x01" + build_request(Command.CONNECT, Address.parse("127.0.0.1:9")))
+    assert recv_until_closed(waiting) == b"\x01"  # right, after the block began: no request is read
+    assert refused_before_greeting(server)
+
+
+class BrokenObserver:
+    __name__ = "broken"
+
+    @socksflow.hookimpl
+    def socksflow_auth_result(self, accepted):
+        raise RuntimeError("observer bug")
+
+
+def test_an_auth_result_hook_that_raises_refuses_the_login(socksflow_server, htpasswd):
+    server = socksflow_server(AUTH, plugins=[BrokenObserver()])
+    sock = greeted(server)
+    sock.sendall(userpass("alice", PASSWORDS["alice"]))
+    assert sock.recv(2) == b"\x01\x01"  # fail closed
+    sock.close()
 
 
 def recorded_failures(server) -> int:

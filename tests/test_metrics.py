@@ -185,3 +185,36 @@ def test_defaults_and_remote_opt_in():
     assert str(configured("metrics: {listen: '[::1]:9'}").stash[metrics.SETTINGS].listen) == "[::1]:9"
     remote = configured("metrics: {listen: 192.0.2.1:9150, allow_remote: true}")  # checked, never bound
     assert str(remote.stash[metrics.SETTINGS].listen) == "192.0.2.1:9150"
+
+
+def test_logins_refused_by_a_block_are_counted_not_logged(socksflow_server, tmp_path, caplog):
+    """Issue #13: a block is logged once; the connections it refuses show in socksflow_denials_total."""
+    from helpers import write_htpasswd
+
+    write_htpasswd(tmp_path / "users", {"alice": "alice-secret"})
+    server = socksflow_server(
+        METRICS + "auth: {methods: [userpass], users: users}\n"
+        "limits: [{auth_failures: {max: 2, within: 1m, block: 1m}}]\n"
+    )
+    early = socket.create_connection((server.host, server.port))
+    early.sendall(b"\x05\x01\x02")
+    assert early.recv(2) == b"\x05\x02"
+    for _ in range(2):
+        with Socks5Client(server.address) as client:
+            client.greet([Method.USERPASS])
+            assert client.login("alice", "guess") == 1
+    early.sendall(b"\x01\x05alice\x0calice-secret")
+    assert early.recv(2) == b"\x01\x01"  # blocked while it waited
+    early.close()
+    for _ in range(3):
+        with socket.create_connection((server.host, server.port)) as refused:
+            refused.sendall(b"\x05\x01\x02")
+            assert refused.recv(2) == b""
+    deadline = time.monotonic() + 5
+    while value(samples := scrape(server), "socksflow_denials_total", plugin="limits", stage="accept") < 3:
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.02)
+    assert value(samples, "socksflow_denials_total", plugin="limits", stage="auth") == 1
+    assert value(samples, "socksflow_denials_total", plugin="auth", stage="auth") == 2
+    assert sum("failed logins within" in r.getMessage() for r in caplog.records) == 1
+    assert not [r for r in caplog.records if r.levelno >= 20 and "refused: limit reached" in r.getMessage()]

@@ -14,6 +14,8 @@ limits:                            # evaluated for every session: EVERY matching
   - match: {group: guests}
     bandwidth: {up: 1MiB/s, down: 8MiB/s, burst: 1MiB}   # a bare rate applies to each direction
   - auth_failures: {max: 5, within: 1m, block: 15m}    # brute-force defence, per client address
+  - auth_failures: {max: 20, within: 10m, block: 1h}
+    per: user                      # or per account, whatever address the guesses come from
 ```
 
 When each limit is checked:
@@ -30,6 +32,13 @@ When each limit is checked:
   one does.  UDP associations get one too: datagrams over the rate wait their turn (up to
   256 KiB per direction), and beyond that are dropped, as UDP may.
 * ``group`` matches the groups of ``session.identity`` (as set by the authenticating plugin).
+* Failed logins count the moment they happen, whatever the login path (username/password,
+  GSSAPI…: the ``socksflow_auth_result`` hook), not when the session ends.  A block is checked
+  at accept (per address or network), before the password is checked, and on the login's
+  outcome, so a connection opened before the block cannot log in while it lasts.  Per ``user``,
+  the account is the user name the client gave.  The block is logged once when it starts; the
+  connections it refuses are counted by the metrics plugin (``socksflow_denials_total``
+  with ``plugin="limits"``, ``stage`` ``accept`` or ``auth``), not logged one by one.
 
 Counters, buckets and failure records live in ``server.stash`` and so survive reloads; each
 session remembers what it counted and gives it back in ``socksflow_session_end``, which the
@@ -118,11 +127,36 @@ def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
     return None
 
 
-def _refuse(session, entry: Entry, what: str) -> Verdict:
+def _refuse(session, entry: Entry, what: str, level: int = logging.INFO) -> Verdict:
     """A denial (REP 0x02 on a request; before the greeting the connection is just closed)."""
     reason = f"limit reached: {what}"
-    log.info("session %s from %s refused: %s", session.id, session.client, reason)
+    log.log(level, "session %s from %s refused: %s", session.id, session.client, reason)
     return Verdict.deny(reason, rule=entry.location)
+
+
+def _auth_key(entry: Entry, session, user: str | None) -> Hashable:
+    """Whose failures an ``auth_failures`` entry counts: the account tried, or the client's address."""
+    if entry.per.kind == "user" and user:
+        return (entry.ident, ("user", user))
+    return (entry.ident, entry.per.key(session))
+
+
+def _blocked(session, user: str | None, accepting: bool = False) -> Verdict | None:
+    """A quiet denial while a block covers the client (or, given ``user``, the account)."""
+    limits = session.config.stash.get(SETTINGS)
+    state = session.server.stash.get(STATE)
+    if limits is None or state is None or not state.blocked:
+        return None
+    now = time.monotonic()
+    for entry in limits.auth:
+        if (accepting and entry.per.kind == "user") or not entry.match.client_matches(session):
+            continue  # an account is known only at login
+        until = state.blocked.get(_auth_key(entry, session, user), 0.0)
+        if until > now:
+            assert entry.auth is not None
+            what = f"{entry.auth.failures} failed logins, blocked for {until - now:.0f}s more"
+            return _refuse(session, entry, entry.describe(what), logging.DEBUG)  # logged when it began
+    return None
 
 
 # ---------------------------------------------------------------------------- hooks
@@ -134,15 +168,32 @@ def socksflow_client_connected(session) -> Verdict | None:
     if limits is None:
         return None
     if limits.auth:
-        state = _state(session)
-        now = time.monotonic()
-        for entry in limits.auth:
-            if entry.match.client_matches(session):
-                until = state.blocked.get((entry.ident, entry.per.key(session)), 0.0)
-                if until > now:
-                    what = f"{entry.auth.failures} failed logins, blocked for {until - now:.0f}s more"
-                    return _refuse(session, entry, entry.describe(what))
+        refusal = _blocked(session, None, accepting=True)
+        if refusal is not None:
+            return refusal
     return _admit(session, limits.at_accept) if limits.at_accept else None
+
+
+@hookimpl(tryfirst=True)
+def socksflow_authenticate(session, username: bytes) -> Verdict | None:
+    """Refuse a blocked client or account before its password costs a bcrypt check."""
+    limits = session.config.stash.get(SETTINGS)
+    if limits is None or not limits.auth:
+        return None
+    return _blocked(session, username.decode("utf-8", "backslashreplace"))
+
+
+@hookimpl
+def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict | None:
+    """Count a failure now; refuse any login, even a right one, while a block is in force."""
+    limits = session.config.stash.get(SETTINGS)
+    if limits is None or not limits.auth:
+        return None
+    refusal = _blocked(session, user)
+    if refusal is not None or accepted:
+        return refusal  # failures while blocked are not counted again: the block runs its course
+    _record_auth_failure(session, limits.auth, user)
+    return None
 
 
 @hookimpl(tryfirst=True)
@@ -195,26 +246,24 @@ def socksflow_session_end(session) -> None:
             if not state.active[key]:
                 del state.active[key]
         counted.clear()
-    limits = session.config.stash.get(SETTINGS)
-    if session.authenticated is False and limits is not None and limits.auth:
-        _record_auth_failure(session, limits.auth)
 
 
-def _record_auth_failure(session, entries: tuple[Entry, ...]) -> None:
+def _record_auth_failure(session, entries: tuple[Entry, ...], user: str | None) -> None:
     state = _state(session)
     now = time.monotonic()
     for entry in entries:
         if not entry.match.client_matches(session):
             continue
         assert entry.auth is not None
-        key = (entry.ident, entry.per.key(session))
+        key = _auth_key(entry, session, user)
         record = state.failures.get(key)
         if record is None:
             state.prune(now)
             record = state.failures[key] = Failures(entry.auth)
         if record.add(now):
             state.blocked[key] = now + entry.auth.block
+            who = f"user {user!r}" if entry.per.kind == "user" and user else str(session.client.host)
             log.warning(
                 "%s: %d failed logins within %gs: refusing it for %gs (%s)",
-                session.client.host, entry.auth.failures, entry.auth.within, entry.auth.block, entry.location,
+                who, entry.auth.failures, entry.auth.within, entry.auth.block, entry.location,
             )  # fmt: skip

@@ -128,9 +128,9 @@ def parse_entry(node: Node) -> Entry:
         up, down = parse_bandwidth(items["bandwidth"])
         entry = replace(entry, up=up, down=down)
     if "auth_failures" in items:
-        if match.needs_identity or per.kind not in ("address", "network"):
+        if match.needs_identity or per.kind not in ("address", "network", "user"):
             raise items["auth_failures"].error(
-                "auth_failures counts per client address or network: match on 'from' only"
+                "auth_failures counts per client address, network or user name: match on 'from' only"
             )
         entry = replace(entry, auth=parse_auth_throttle(items["auth_failures"]))
     if not (entry.session_rate or entry.max_sessions is not None or entry.up or entry.down or entry.auth):
