@@ -3,19 +3,23 @@
 Each side of a tunnel is an :class:`asyncio.Protocol` that writes what it reads straight
 into the other side's transport.  Flow control is the transports' own: when one side's
 write buffer passes its high-water mark, reading from the other side pauses, so memory
-per tunnel stays bounded.  Half-close is relayed.  Only tunnels that need it pay for
+per tunnel stays bounded.  Half-close is relayed, and so is a reset (RST for RST).  Only tunnels that need it pay for
 per-chunk plugin hooks or limiters: :func:`half_class` picks the cheapest protocol class.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import socket
+import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class Direction(enum.Enum):
@@ -145,6 +149,15 @@ class LimitedHalf(TransformingHalf):
             asyncio.get_running_loop().call_later(wait, self.unblock)
 
 
+def reset(transport: asyncio.Transport) -> None:
+    """Abort ``transport`` with a TCP reset (RST), not a FIN: SO_LINGER 0, then close at once."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    transport.abort()
+
+
 def half_class(transform: Transform | None, limiters: Sequence[Limiter]) -> type[Half]:
     if limiters:
         return LimitedHalf
@@ -216,7 +229,10 @@ class Tunnel:
             self.error = exc
         self._lost += 1
         if self._lost == 1 and half.peer.transport is not None:
-            half.peer.transport.close()  # flushes what is buffered, then closes
+            if isinstance(exc, ConnectionResetError):
+                reset(half.peer.transport)  # a cut-off transfer must not look complete (FIN) to the peer
+            else:
+                half.peer.transport.close()  # flushes what is buffered, then closes
         elif self._lost == 2:
             self.on_close(self)
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import ipaddress
 import socket
+import socketserver
+import struct
 import subprocess
 import threading
 import time
 
 import pytest
-from helpers import recv_all, require_tool
+from helpers import recv_all, require_tool, serve_tcp, wait_until
 
 import socksflow
 from socksflow import Reply, ResolveError, Verdict
@@ -416,3 +419,50 @@ def test_destination_that_speaks_and_closes_at_once(socksflow_server):
         client.close()
     thread.join(10)
     listener.close()
+
+
+class Resetter(socketserver.BaseRequestHandler):
+    """Sends a little, then resets the connection (SO_LINGER 0)."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"partial")
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.1)
+        self.request.close()
+
+
+def test_a_destination_reset_resets_the_client(socksflow_server):
+    server = socksflow_server()
+    with contextlib.contextmanager(serve_tcp)(Resetter) as target:
+        code, client = socks5_handshake(server.address, f"127.0.0.1:{target[1]}")
+        assert code == Reply.SUCCEEDED
+        assert client.recv_exactly(7) == b"partial"
+        with pytest.raises(ConnectionResetError):  # not b"": the client can tell a cut-off transfer
+            client.sock.recv(100)
+        client.close()
+
+
+def test_a_client_reset_resets_the_destination(socksflow_server):
+    seen: list[object] = []
+    arrived = threading.Event()
+
+    class Reader(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            arrived.set()
+            try:
+                seen.append(self.request.recv(100))
+                seen.append(self.request.recv(100))
+            except ConnectionResetError as exc:
+                seen.append(exc)
+
+    server = socksflow_server()
+    with contextlib.contextmanager(serve_tcp)(Reader) as target:
+        code, client = socks5_handshake(server.address, f"127.0.0.1:{target[1]}")
+        assert code == Reply.SUCCEEDED
+        client.sock.sendall(b"hi")
+        assert arrived.wait(5)
+        time.sleep(0.1)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.sock.close()
+        assert wait_until(lambda: len(seen) == 2)
+    assert seen[0] == b"hi" and isinstance(seen[1], ConnectionResetError)
