@@ -97,6 +97,12 @@ def where(decision: Decision) -> str:
         ("::ffff:a9fe:a9fe", "169.254.169.254"),
         ("::127.0.0.1", "127.0.0.1"),
         ("::a00:1", "10.0.0.1"),
+        ("64:ff9b::7f00:1", "127.0.0.1"),  # NAT64 (RFC 6052): a gateway connects to 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("2002:7f00:1::", "127.0.0.1"),  # 6to4 (RFC 3056)
+        ("2002:a00:1:1::5", "10.0.0.1"),
+        ("64:ff9b:1::7f00:1", None),  # the local-use NAT64 prefix embeds at a place of its own choosing
+        ("2003:7f00:1::", None),
         ("::", None),
         ("::1", None),
         ("2001:db8::1", None),
@@ -210,12 +216,23 @@ rules:
         ("192.0.2.53", "self"), ("::ffff:192.0.2.53", "self"),
         ("172.32.0.1", ""), ("100.128.0.1", ""), ("8.8.8.8", ""), ("2001:4860:4860::8888", ""),
         ("192.0.2.54", ""), ("::ffff:8.8.8.8", ""),
+        ("64:ff9b::7f00:1", "loopback"), ("2002:7f00:1::", "loopback"), ("64:ff9b::a00:1", "private"),
+        ("2002:a9fe:a9fe::1", "link-local"), ("64:ff9b::c000:235", "self"), ("64:ff9b::808:808", ""),
+        ("2002:808:808::1", ""),
     ],
 )  # fmt: skip
 def test_special_sets(address, reason):
     decision = check(ruleset(SPECIAL), f"[{address}]:80" if ":" in address else f"{address}:80")
     assert decision.allowed == (not reason)
     assert decision.reason == reason
+
+
+def test_every_network_rule_judges_the_ipv4_that_nat64_and_6to4_addresses_embed():
+    rules = ruleset("rules:\n  - deny: {to: 198.51.100.0/24}\n    reason: v4\n  - allow: all\n")
+    for address in ("198.51.100.7", "::ffff:198.51.100.7", "64:ff9b::c633:6407", "2002:c633:6407::9"):
+        decision = check(rules, f"[{address}]:80" if ":" in address else f"{address}:80")
+        assert (decision.allowed, decision.reason) == (False, "v4"), address
+    assert check(rules, "[64:ff9b::c633:6507]:80").allowed
 
 
 def test_unspecified_set():

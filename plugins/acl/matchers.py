@@ -16,14 +16,19 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MAPPED_PREFIX = 0xFFFF  # ::ffff:0:0/96, IPv4-mapped IPv6 addresses
+_NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::"))  # RFC 6052: a NAT64 gateway reaches the IPv4
+_6TO4_PREFIX = 0x2002  # 2002::/16, RFC 3056: 2002:AABB:CCDD:: carries AA.BB.CC.DD
 _MAPPED_NETWORK = ipaddress.IPv6Network("::ffff:0:0/96")
 _BITS = {4: 32, 6: 128}
 
 
 def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
-    """The IPv4 address inside an IPv4-mapped (``::ffff:a.b.c.d``) or -compatible (``::a.b.c.d``) one.
+    """The IPv4 address an IPv6 one embeds, which rules judge it by as well.
 
-    ``::`` and ``::1`` are IPv6's own unspecified and loopback addresses, not IPv4-compatible.
+    IPv4-mapped (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), NAT64's well-known prefix
+    (``64:ff9b::a.b.c.d``, RFC 6052: a NAT64 gateway connects to ``a.b.c.d``) and 6to4
+    (``2002:aabb:ccdd::/48``, RFC 3056).  ``::`` and ``::1`` are IPv6's own unspecified and
+    loopback addresses, not IPv4-compatible.
     """
     value = _embedded(int(ip)) if ip.version == 6 else None
     return None if value is None else ipaddress.IPv4Address(value)
@@ -32,8 +37,10 @@ def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
 def _embedded(value: int) -> int | None:
     """:func:`embedded_ipv4` on an IPv6 address as an integer."""
     high = value >> 32
-    if high == _MAPPED_PREFIX or (high == 0 and value > 1):
+    if high == _MAPPED_PREFIX or (high == 0 and value > 1) or (value & ~0xFFFFFFFF) == _NAT64_PREFIX:
         return value & 0xFFFFFFFF
+    if value >> 112 == _6TO4_PREFIX:
+        return (value >> 80) & 0xFFFFFFFF
     return None
 
 

@@ -2,8 +2,9 @@
 
 Squid's ``to_localhost`` is the idea; the ranges are those that reach this machine or its
 networks from a proxy.  ``0.0.0.0/8`` and ``::`` are *loopback* here because connecting to
-them reaches local services on most systems.  IPv4-mapped and IPv4-compatible IPv6 forms
-(``::ffff:127.0.0.1``, ``::127.0.0.1``) match through :func:`~.matchers.embedded_ipv4`.
+them reaches local services on most systems.  IPv6 forms that embed an IPv4 address
+(``::ffff:127.0.0.1``, ``::127.0.0.1``, NAT64's ``64:ff9b::7f00:1``, 6to4's ``2002:7f00:1::``)
+match through :func:`~.matchers.embedded_ipv4`.
 ``self`` (the proxy's own listen addresses) depends on the configuration and the session, so
 it is not listed here.
 """
