@@ -9,7 +9,6 @@ line, duplicate keys and YAML 1.1 surprises are errors, and validators raise
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 
 from socksflow.errors import ConfigError, ConfigErrors
-from socksflow.protocol import Address, IPAddress
+from socksflow.protocol import Address, IPAddress, parse_ip
 from socksflow.stash import Stash
 from socksflow.units import parse_duration, parse_rate, parse_size
 
@@ -336,7 +335,7 @@ def _advertised_ip(node: Node) -> IPAddress:
     """An IP address clients can reach: a wildcard is refused."""
 
     def parse(value: Any) -> IPAddress:
-        ip = ipaddress.ip_address(str(value))
+        ip = parse_ip(str(value))
         if ip.is_unspecified:
             raise ValueError(f"{value!r} is a wildcard; give an address clients can reach")
         return ip

@@ -9,6 +9,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 
@@ -60,14 +61,68 @@ def test_short_fuzz_run_finds_no_crash(tmp_path):
         [sys.executable, str(FUZZ / "run.py"), "--seconds", "20", "--corpus", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout + replay_crashes(result.stdout) + result.stderr[-3000:]
     rows = dict(re.findall(r"^(\w+)\s+(\d+)\s+\d+\s+\d+\s+none$", result.stdout, re.M))
     assert set(rows) == set(runner.TARGET_NAMES), result.stdout
     assert all(int(runs) > 1000 for runs in rows.values()), result.stdout
     print(result.stdout)
 
 
+def replay_crashes(report: str, root: Path = FUZZ.parent) -> str:
+    """Each crash ``fuzz/run.py`` reported, replayed here: the assertion or exception it ends in."""
+    found = []
+    for path, target in re.findall(r"(fuzz/crashes/(\w+?)-crash-[0-9a-f]+)", report):
+        try:
+            targets.TARGETS[target]((root / path).read_bytes())
+        except Exception:
+            found.append(f"\n--- {path} replayed ---\n{traceback.format_exc()}")
+        else:
+            found.append(f"\n--- {path} replayed: no crash in this process ---\n")
+    return "".join(found)
+
+
+def test_a_crash_report_shows_the_replayed_assertion(tmp_path, monkeypatch):
+    crash = tmp_path / "fuzz/crashes/address-crash-0123abcd"
+    crash.parent.mkdir(parents=True)
+    crash.write_bytes(b"\x00boom")
+
+    def address(data: bytes) -> None:
+        assert data != b"\x00boom", "an address does not survive encode → decode"
+
+    monkeypatch.setitem(targets.TARGETS, "address", address)
+    report = "address        1000    500   12  fuzz/crashes/address-crash-0123abcd\n"
+    shown = replay_crashes(report, tmp_path)
+    assert "--- fuzz/crashes/address-crash-0123abcd replayed ---" in shown
+    assert "AssertionError: an address does not survive encode → decode" in shown
+
+
 # ---------------------------------------------------------------------------- crashes the fuzzer found
+
+
+@pytest.mark.smoke
+def test_ipv6_zone_ids_are_refused_wherever_an_address_is_given():
+    """fuzz/regressions/address/ipv6-zone-id-in-a-domain: ``::%e`` as a domain decoded to an
+    ``IPv6Address('::%e')`` that re-encoded as ``::``; ``Address.parse`` took ``[::1%lo]:8000``."""
+    from socksflow import app
+    from socksflow.protocol import Address, InvalidAddress, decode_address
+
+    with pytest.raises(InvalidAddress, match="zone ids"):
+        decode_address(b"\x03\x04::%e\x00\x50", 0)
+    with pytest.raises(ValueError, match="zone ids"):
+        Address.parse("[::1%lo]:8000")
+    for text, where, why in [
+        ("listen: ['[::1%lo]:1080']\n", "listen[0]", "zone id"),
+        ("rules: [{deny: {to: 'fe80::1%eth0'}}]\n", "rules[0].deny.to", "zone id"),
+        ("rules: [{deny: {to: 'fe80::%eth0/64'}}]\n", "rules[0].deny.to", "zone id"),
+        ("limits: [{match: {from: 'fe80::%eth0/64'}, max_sessions: 1}]\n", "limits[0].match.from", "zone id"),
+        ("dns: {servers: ['::1%lo']}\n", "dns.servers[0]", "is not an IP address"),
+    ]:
+        config = Config.from_text(text, "rules.yaml")
+        with pytest.raises(ConfigErrors) as caught:
+            app.configure(app.build_plugin_manager(config), config)
+        assert len(caught.value.errors) == 1, text
+        message = str(caught.value.errors[0])
+        assert message.startswith(f"rules.yaml:1: {where}") and why in message, message
 
 
 @pytest.mark.smoke

@@ -11,12 +11,12 @@ A list file holds one entry per line, its kind detected per line, ``#`` starting
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from socksflow.protocol import InvalidAddress, parse_host
+from socksflow.protocol import InvalidAddress, parse_host, parse_ip
+from socksflow.protocol import parse_network as parse_ip_network
 
 from .matchers import DomainSet, Network, NetworkSet, normalize_network
 
@@ -38,13 +38,15 @@ class EntryError(ValueError):
 def parse_network(text: str) -> Network:
     """An IP address (as a one-address network) or a network in CIDR notation."""
     try:
-        return ipaddress.ip_network(text)
+        return parse_ip_network(text)
     except ValueError:
         pass
     try:
-        network = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise EntryError(f"{text!r} is not a network") from None
+        network = parse_ip_network(text, strict=False)
+    except ValueError as exc:
+        raise EntryError(
+            f"{text!r} is not a network" + (": zone ids are not accepted" if "%" in text else "")
+        ) from exc
     raise EntryError(f"{text!r} has host bits set (the network is {network})")
 
 
@@ -120,7 +122,7 @@ def load_list(path: Path, shown: str) -> ListFile:
 
 def _add_hosts_line(result: ListFile, fields: list[str], label: str) -> None:
     try:
-        ipaddress.ip_address(fields[0])
+        parse_ip(fields[0])
     except ValueError:
         raise EntryError(
             f"{' '.join(fields)!r}: expected one domain or network per line, or a hosts line 'IP name...'"

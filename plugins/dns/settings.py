@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import dns.query
 import dns.resolver
 
 from socksflow import ConfigError, Node
+from socksflow.protocol import parse_ip
 
 from .cache import CacheSettings, IPAddress
 
@@ -110,7 +110,7 @@ def _named_items(node: Node) -> Iterable[tuple[Node, Node]]:
 def _ip(node: Node) -> IPAddress:
     text = node.as_str() if isinstance(node.value, str) else str(node.value)
     try:
-        return ipaddress.ip_address(text)
+        return parse_ip(text)
     except ValueError:
         raise node.error(f"{text!r} is not an IPv4 or IPv6 address") from None
 
@@ -196,7 +196,7 @@ def _host_port(node: Node, text: str, default_port: int) -> tuple[str, int]:
         host, _, tail = text.partition(":")
         port = _port(node, tail)
     try:
-        return str(ipaddress.ip_address(host)), port
+        return str(parse_ip(host)), port
     except ValueError:
         raise node.error(f"{host!r} is not an IP address (name servers are given by address)") from None
 
@@ -227,7 +227,7 @@ def _doh_server(node: Node, url: str, options: dict[str, Node]) -> dns.nameserve
         bootstrap = str(_ip(options["bootstrap"]))
     else:
         try:
-            ipaddress.ip_address(parts.hostname)
+            parse_ip(parts.hostname)
         except ValueError:  # the system resolver would be asked for the server's own name
             raise node.error(f"give the address of {parts.hostname!r} (bootstrap: IP)") from None
     verify = _verify(options)
@@ -265,7 +265,7 @@ def read_hosts_file(node: Node) -> dict[str, tuple[IPAddress, ...]]:
             continue
         where = f"{path}:{number}"
         try:
-            address = ipaddress.ip_address(fields[0])
+            address = parse_ip(fields[0])
         except ValueError:
             raise _file_error(node, f"{where}: {fields[0]!r} is not an IP address") from None
         if len(fields) == 1:

@@ -7,6 +7,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 from socksflow import Node
+from socksflow.protocol import parse_network as parse_ip_network
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENTRY_KEYS = frozenset(
@@ -151,7 +152,7 @@ def parse_match(node: Node) -> Match:
 
 def parse_network(node: Node) -> IPNetwork:
     try:
-        return ipaddress.ip_network(node.as_str())
+        return parse_ip_network(node.as_str())
     except ValueError as exc:
         raise node.error(f"{node.value!r} is not a network: {exc}") from None
 
