@@ -118,7 +118,7 @@ def _address(text: str) -> Address:
 def _run(args: argparse.Namespace) -> int:
     config, pm = app.prepare(args.config, args.disable_plugin)
     if args.listen:
-        config.listen = tuple(args.listen)
+        config.override_listen(tuple(args.listen))
     for info in pm.plugin_info():
         log.info("plugin %s %s from %s", info.name, info.version, info.source)
     if not _exposure_allowed(exposure.assess(config, pm, args.allow_open_proxy)):

@@ -386,6 +386,8 @@ class Config:
         self.stash = Stash()
         self._claimed: set[str] = set()
         self.listen: tuple[Address, ...] = DEFAULT_LISTEN
+        self._listen_in_file = DEFAULT_LISTEN
+        self.listen_override: tuple[Address, ...] | None = None  # run --listen: what the file says is ignored
         self.open_proxy = False  # serve non-loopback listeners even if nothing keeps strangers out
         self.timeouts = Timeouts()
         self.udp = UdpSettings()
@@ -473,6 +475,15 @@ class Config:
                     self.plugins.autoload = items["autoload"].as_bool()
 
 
+    @property
+    def listen_in_file(self) -> tuple[Address, ...]:
+        """The listen addresses the file gives (or the default), whatever ``--listen`` or ``:0`` became."""
+        return self._listen_in_file
+
+    def override_listen(self, addresses: tuple[Address, ...]) -> None:
+        """Listen on ``addresses`` instead of the file's (``socksflow run --listen``), reloads included."""
+        self.listen = self.listen_override = addresses
+
     def _read_listen(self, node: Node) -> None:
         """``listen: [ADDRESS, ...]``, or ``listen: {addresses: [ADDRESS, ...], open_proxy: true}``."""
         addresses: Node | None = node
@@ -485,7 +496,7 @@ class Config:
             listen = tuple(item.as_address() for item in addresses.as_list())
             if not listen:
                 raise addresses.error("give at least one address to listen on")
-            self.listen = listen
+            self.listen = self._listen_in_file = listen
 
     def _read_groups(self, node: Node) -> None:
         """``groups: {admins: [alice, bob]}``: every plugin sees them in ``session.identity.groups``."""

@@ -111,11 +111,13 @@ class Server:
         """Re-read the configuration file; a bad file is logged and the old one stays."""
         try:
             config = app.load_config(self.config.file)
+            if self.config.listen_override is not None:  # run --listen holds, whatever the file says
+                config.override_listen(self.config.listen_override)
             app.configure(self.pm, config)
         except ConfigErrors as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             return False
-        if config.listen != self.config.listen:
+        if self.config.listen_override is None and config.listen_in_file != self.config.listen_in_file:
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         self.config = config
         log.info("configuration reloaded from %s", config.file)

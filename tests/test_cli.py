@@ -346,3 +346,25 @@ def test_readme_quick_start_with_the_shipped_rules(tmp_path, proxies, http_targe
     returncode, stderr = proxy.stop()
     assert returncode == 0
     assert "verdict=deny" in stderr and "internal networks" in stderr  # the access log, on stderr
+
+
+def test_sighup_with_listen_does_not_claim_the_listen_addresses_changed(tmp_path, proxies):
+    """Issue #13: with --listen every reload warned "listen addresses changed", though nothing had."""
+    (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:1080]\ntimeouts: {connect: 5s}\n")
+    proxy = Proxy(cwd=tmp_path)
+    proxies.append(proxy)
+    proxy.process.send_signal(signal.SIGHUP)
+    lines = read_until(proxy.process.stderr, "reload")
+    assert "configuration reloaded from rules.yaml" in lines[-1]
+    assert not [line for line in lines if "listen addresses changed" in line]
+    code, rest = proxy.stop()
+    assert code == 0 and "listen addresses changed" not in rest
+
+
+def test_a_reload_that_changes_the_files_listen_addresses_says_so(socksflow_server, tmp_path, caplog):
+    server = socksflow_server("")
+    assert server.call(server.server.reload)
+    assert "listen addresses changed" not in caplog.text
+    (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0, '[::1]:0']\n")
+    assert server.call(server.server.reload)
+    assert "listen addresses changed in" in caplog.text
