@@ -18,6 +18,8 @@ Series (sessions are counted when they end):
 * ``socksflow_denials_total{plugin, stage}``: sessions refused, by the plugin that refused and
   the stage (``accept``, ``auth``, ``request``); limit rejections are ``plugin="limits"``.
 * ``socksflow_plugin_errors_total{plugin, hook}``: plugin faults.
+* ``socksflow_descriptor_exhaustion_total``: times the process ran out of file descriptors
+  (each logged once); ``socksflow_descriptor_refused_total``: clients closed unserved meanwhile.
 
 With ``socksflow run --workers N`` every worker counts its own sessions and serves them on
 ``listen`` port + its number (9150, 9151, …): scrape each, or sum them in Prometheus.
@@ -31,10 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from socksflow import Address, Config, PluginError, StashKey, hookimpl
@@ -97,6 +101,7 @@ class Metrics:
         self.rule_hits = counter("rule_hits", "Decisions by the rule that made them", "rule", "verdict")
         self.denials = counter("denials", "Sessions refused, by plugin and stage", "plugin", "stage")
         self.plugin_errors = counter("plugin_errors", "Plugin faults, by plugin and hook", "plugin", "hook")
+        registry.register(_DescriptorCollector(server))
         self.listener: asyncio.Server | None = None
         self.address: Address | None = None
 
@@ -157,6 +162,24 @@ class Metrics:
             pass  # a scraper that hung up or sent nonsense gets nothing
         finally:
             writer.close()
+
+
+class _DescriptorCollector:
+    """The server's own account of running out of descriptors, read at each scrape."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        account = self.server.descriptors
+        yield CounterMetricFamily(
+            "socksflow_descriptor_exhaustion", "Times the process ran out of file descriptors",
+            value=account.episodes if account else 0,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "socksflow_descriptor_refused", "Clients closed unserved for lack of file descriptors",
+            value=account.refused if account else 0,
+        )  # fmt: skip
 
 
 METRICS = StashKey[Metrics]("metrics")

@@ -2,11 +2,12 @@
 
 asyncio's selector event loop retries ``accept()`` up to ``backlog`` times per wake-up after
 EMFILE and logs a traceback for every try (tens of thousands of lines a second, a quarter of a
-core) while new clients hang in the kernel's queue.  On selector loops socksflow accepts
-itself: out of descriptors, it closes the descriptor it keeps spare, accepts each waiting client
-and closes it at once (libuv's trick, which uvloop already uses), so clients are refused
-cleanly, one log line says so, and the loop only wakes when a client arrives.  Other event
-loops (uvloop) keep their own accept loop.
+core) while new clients hang in the kernel's queue; uvloop says nothing at all, and closes its
+listener for good when libuv's own spare descriptor is gone.  So socksflow accepts itself, on
+every event loop: out of descriptors, it closes the descriptor it keeps spare, accepts each
+waiting client and closes it at once (libuv's trick), so clients are refused cleanly, one log
+line per episode says so (:class:`Descriptors` counts episodes and refused clients for the
+metrics), and the loop only wakes when a client arrives.
 """
 
 from __future__ import annotations
@@ -39,11 +40,34 @@ def listening_socket(address: Address, reuse_port: bool) -> socket.socket:
 
 
 class SpareDescriptor:
-    """One descriptor held in reserve, to be freed for a moment when the process runs out."""
+    """One descriptor held in reserve, to be freed for a moment when the process runs out.
+
+    Shared by a server's listeners, it also keeps the account of running out: ``episodes``
+    (times the process ran out, each logged once) and ``refused`` (clients closed unserved).
+    """
 
     def __init__(self) -> None:
         self.fd: int | None = None
+        self.exhausted = False
+        self.episodes = 0
+        self.refused = 0
         self.reserve()
+
+    def ran_out(self, error: OSError) -> None:
+        """Out of descriptors: log it when an episode begins."""
+        if not self.exhausted:
+            self.exhausted = True
+            self.episodes += 1
+            log.error(
+                "cannot accept new clients: %s (raise the limit: ulimit -n); refusing them until "
+                "descriptors are free", error.strerror or error,
+            )  # fmt: skip
+
+    def available(self) -> None:
+        """A client was accepted: the episode, if any, is over."""
+        if self.exhausted:
+            self.exhausted = False
+            log.warning("file descriptors are available again: accepting new clients")
 
     def reserve(self) -> None:
         if self.fd is None:
@@ -77,7 +101,6 @@ class Acceptor:
         self._spare = spare
         self._loop = asyncio.get_running_loop()
         self._starting: set[asyncio.Task[None]] = set()
-        self._refusing = False
         self._closed = False
         self._loop.add_reader(sock.fileno(), self._accept)
 
@@ -102,9 +125,8 @@ class Acceptor:
                 else:
                     log.error("accept() on %s failed: %s", self.sock.getsockname(), exc.strerror or exc)
                 return
-            if self._refusing:
-                self._refusing = False
-                log.warning("file descriptors are available again: accepting new clients")
+            if self._spare.exhausted:
+                self._spare.available()
             conn.setblocking(False)
             task = self._loop.create_task(self._start(conn))
             self._starting.add(task)
@@ -117,12 +139,7 @@ class Acceptor:
             conn.close()
 
     def _refuse_waiting(self, error: OSError) -> None:
-        if not self._refusing:
-            self._refusing = True
-            log.error(
-                "cannot accept new clients: %s (raise the limit: ulimit -n); refusing them until "
-                "descriptors are free", error.strerror or error,
-            )  # fmt: skip
+        self._spare.ran_out(error)
         if not self._spare.release():  # nothing to free: stop looking at the socket for a while
             self._loop.remove_reader(self.sock.fileno())
             self._loop.call_later(RETRY_SECONDS, self._resume)
@@ -131,6 +148,7 @@ class Acceptor:
             for _ in range(ACCEPT_BATCH):
                 conn, _ = self.sock.accept()
                 conn.close()  # the client sees the connection closed, not a silent queue
+                self._spare.refused += 1
         except OSError:
             pass
         finally:

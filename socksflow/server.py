@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from socksflow import app, bind, udp
-from socksflow.accept import BACKLOG, Acceptor, SpareDescriptor, listening_socket
+from socksflow.accept import Acceptor, SpareDescriptor, listening_socket
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
 from socksflow.protocol import Address, Command, IPAddress, parse_host
@@ -39,7 +39,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []
-        self._listeners: list[Acceptor | asyncio.Server] = []
+        self._listeners: list[Acceptor] = []
         self._spare: SpareDescriptor | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()
@@ -48,21 +48,21 @@ class Server:
         self.register_command(Command.BIND, bind.handle)
         self.register_command(Command.UDP_ASSOCIATE, udp.handle)
 
+    @property
+    def descriptors(self) -> SpareDescriptor | None:
+        """The account of running out of file descriptors (``episodes``, ``refused``); None before start."""
+        return self._spare
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Bind every listener, then run the plugins' start-up hooks."""
         self.loop = loop = asyncio.get_running_loop()
-        if isinstance(loop, asyncio.SelectorEventLoop):  # its own accept loop spins out of descriptors
-            self._spare = SpareDescriptor()
+        self._spare = SpareDescriptor()  # every loop: see accept.py for why not the loop's accept
         try:
             for address in self.config.listen:
                 sock = listening_socket(address, reuse_port=self.worker is not None)
-                listener: Acceptor | asyncio.Server
-                if self._spare is not None:
-                    listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
-                else:
-                    listener = await loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=BACKLOG)
+                listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
                 self._listeners.append(listener)
                 self.addresses.append(Address.from_sockaddr(sock.getsockname()))
         except OSError as exc:

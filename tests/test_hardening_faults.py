@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import struct
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -354,7 +356,8 @@ def test_descriptor_exhaustion(server_process, echo_target, loop):
     """With ``ulimit -n 64``: new clients are closed, tunnels keep flowing, no spinning, recovery."""
     if loop == "uvloop":
         pytest.importorskip("uvloop")
-    proxy = server_process("timeouts: {handshake: 60s}\n", "--loop", loop, nofile=64)
+    rules = "timeouts: {handshake: 60s}\nmetrics: {listen: 127.0.0.1:0}\n"
+    proxy = server_process(rules, "--loop", loop, nofile=64)
     tunnels = _open_tunnels(proxy, echo_target, 5)
     flood = []
     for _ in range(80):  # more than the server has descriptors for
@@ -388,11 +391,19 @@ def test_descriptor_exhaustion(server_process, echo_target, loop):
         time.sleep(0.1)
     for tunnel in tunnels:
         tunnel.close()
+    metrics = re.search(r"metrics on (http://\S+)", proxy.stderr)
+    assert metrics, proxy.stderr
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(metrics[1], timeout=10) as response:
+        exposition = response.read().decode()
+    assert re.search(r"^socksflow_descriptor_exhaustion_total [1-3]\.0$", exposition, re.M), exposition
+    assert re.search(r"^socksflow_descriptor_refused_total [1-9]\d*\.0$", exposition, re.M), exposition
     report(f"emfile-{loop}", cpu_share_while_exhausted=round(cpu_share, 3), refused_cleanly=refused_cleanly)
     assert all(refused_cleanly), refused_cleanly
     assert cpu_share < 0.2, f"the accept loop spins: {cpu_share:.0%} of a core"
     assert proxy.stop() == 0
-    if loop == "asyncio":  # socksflow's own accept loop: a line per episode, not a traceback per try
-        assert 1 <= proxy.stderr.count("cannot accept new clients: Too many open files") <= 3
-        assert "file descriptors are available again" in proxy.stderr
+    # socksflow's own accept loop on both event loops: a line per episode, not a traceback per try
+    # (asyncio) nor silence (uvloop)
+    assert 1 <= proxy.stderr.count("cannot accept new clients: Too many open files") <= 3
+    assert "file descriptors are available again" in proxy.stderr
     assert "Traceback" not in proxy.stderr
