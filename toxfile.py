@@ -47,7 +47,7 @@ except ImportError:  # imported by the tests, or by a tox 3
 if impl is not None:
 
     @impl
-    def tox_add_core_config(core_conf, state) -> None:  # noqa: ARG001 - tox's hook signature
+    def tox_add_core_config(core_conf, state) -> None:
         root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
         os.environ["PATH"] = search_path(os.environ.get("PATH", ""), root)
         for version in missing(os.environ["PATH"]):
