@@ -61,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", action="append", metavar="HOST:PORT", type=_address,
         help="listen here instead of the config's addresses (repeatable; port 0 picks one)",
     )  # fmt: skip
-    run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="event loop")
+    run.add_argument(
+        "--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+        help="event loop: auto picks uvloop when it is installed (pip install .[fast]), else asyncio",
+    )  # fmt: skip
     run.add_argument(
         "--allow-open-proxy", action="store_true",
         help="serve a non-loopback address even though no login or rule keeps unknown clients out",
@@ -85,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--from", dest="client", default="127.0.0.1", help="client IP (default 127.0.0.1)")
     explain.add_argument("--user", help="authenticated user name")
     explain.add_argument(
-        "--command", default="connect", choices=[c.name.lower() for c in Command], help="SOCKS command"
-    )
+        "--command", default="connect", choices=list(EXPLAIN_COMMANDS), metavar="{connect,bind,udp}",
+        help="SOCKS command, as rules.yaml spells it (udp_associate is udp)",
+    )  # fmt: skip
     explain.set_defaults(handler=_explain)
 
     plugins = commands.add_parser("plugins", help="list the loaded plugins and their hooks")
@@ -169,7 +173,7 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
         except ImportError:
             if choice == "uvloop":
                 raise SystemExit(
-                    "socksflow: --loop uvloop needs the uvloop package (pip install socksflow[fast])"
+                    "socksflow: --loop uvloop needs the uvloop package (pip install .[fast] in socksflow's folder)"
                 ) from None
         else:
 
@@ -230,13 +234,22 @@ def _check(args: argparse.Namespace) -> int:
     failures = run_checks(config, pm)
     for failure in failures:
         print(failure, file=sys.stderr)
+    ran = config.checks_run
     if failures:
+        print(f"{config.file}: {len(failures)} of {_tests(ran)} failed", file=sys.stderr)
         return 1
-    print(f"{config.file}: OK")
+    print(f"{config.file}: OK, {_tests(ran)} passed" if ran else f"{config.file}: OK (it has no tests)")
     return 0
 
 
+def _tests(count: int) -> str:
+    return f"{count} test" if count == 1 else f"{count} tests"
+
+
 DECISION_HOOKS = ("socksflow_client_connected", "socksflow_request")
+# rules.yaml's spellings, and the protocol's name for UDP ASSOCIATE too
+EXPLAIN_COMMANDS = {"connect": Command.CONNECT, "bind": Command.BIND, "udp": Command.UDP_ASSOCIATE,
+                    "udp_associate": Command.UDP_ASSOCIATE}  # fmt: skip
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -247,7 +260,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise SystemExit(f"socksflow: --from: {exc}") from None
     if client.is_domain:
         raise SystemExit("socksflow: --from takes an IP address")
-    query = ExplainQuery(client, args.destination, Command[args.command.upper()], args.user)
+    query = ExplainQuery(client, args.destination, EXPLAIN_COMMANDS[args.command], args.user)
     lines = explain(config, pm, query)
     for line in lines:
         print(line)

@@ -381,6 +381,7 @@ class Config:
         self._disabled_at: dict[str, Node] = {}  # plugins.disable: each name and where it was given
         self.hooks: HookCaller | None = None  # the plugins' hooks for sessions under this configuration
         self.warnings: list[ConfigError] = []  # lints: the file works, but probably not as meant
+        self.checks_run = 0  # socksflow check: tests the plugins' socksflow_check hooks ran
         for error in errors or ():
             self.errors.add(error)
         self.stash = Stash()

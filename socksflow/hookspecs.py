@@ -120,7 +120,8 @@ def socksflow_check(config: Config, resolve: Resolver) -> list[ConfigError] | No
         hook, as a live session would.
 
     Returns the failures as located :class:`~socksflow.errors.ConfigError` objects (an empty
-    list or ``None`` when everything passed).  Every plugin is called.  May be async.
+    list or ``None`` when everything passed), and adds the number of tests it ran to
+    ``config.checks_run`` (``check`` says how many ran).  Every plugin is called.  May be async.
     Raising fails the check, naming the plugin.
     """
 

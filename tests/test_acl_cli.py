@@ -71,7 +71,7 @@ def socksflow(workdir: Path, *args: str, autoload: bool = False) -> subprocess.C
 
 def test_check_passes(workdir):
     result = socksflow(workdir, "check", "rules.yaml")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK, 4 tests passed\n", "")
 
 
 def test_check_reports_every_error_located(workdir):
@@ -119,6 +119,7 @@ def test_check_runs_the_rule_tests(workdir):
         "rules.yaml:18: tests[6]: expected allow, got deny by rules.yaml:5",
         "rules.yaml:19: tests[7]: expected allow, "
         "got deny: cannot resolve nowhere.example: nowhere.example: NXDOMAIN",
+        "rules.yaml: 4 of 8 tests failed",
     ]
 
 
@@ -134,7 +135,7 @@ def test_check_prints_lints_as_warnings(workdir):
         encoding="utf-8",
     )
     result = socksflow(workdir, "check", "rules.yaml")
-    assert (result.returncode, result.stdout) == (0, "rules.yaml: OK\n")
+    assert (result.returncode, result.stdout) == (0, "rules.yaml: OK (it has no tests)\n")
     assert result.stderr.splitlines() == [
         "warning: rules.yaml:2: rules[0].deny.to: nets.txt:2: "
         "10.20.0.0/16 overlaps 10.0.0.0/8 (line 1), which holds it",
@@ -198,3 +199,14 @@ def test_the_plugin_is_an_entry_point(workdir):
     result = socksflow(workdir, "plugins", "--json", autoload=True)
     assert result.returncode == 0, result.stderr
     assert '"name": "acl"' in result.stdout and '"socksflow_udp_datagram"' in result.stdout
+
+
+def test_explain_takes_the_rule_files_spelling_of_udp(workdir):
+    """Issue #13: ``--command`` took only ``udp_associate`` while rules.yaml and explain say ``udp``."""
+    results = [
+        socksflow(workdir, "explain", "-c", "rules.yaml", "--command", spelling, "192.0.2.7:53")
+        for spelling in ("udp", "udp_associate")
+    ]
+    assert results[0].returncode == 0, results[0].stderr
+    assert results[0].stdout.splitlines()[0] == "rules.yaml: a UDP datagram to 192.0.2.7:53 from 127.0.0.1"
+    assert results[1].stdout == results[0].stdout

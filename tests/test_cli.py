@@ -321,7 +321,7 @@ def test_shipped_rules_pass_their_own_tests(tmp_path):
     shipped_rules(tmp_path)
     result = socksflow_cmd("check", "rules.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "rules.yaml: OK"
+    assert result.stdout.strip() == "rules.yaml: OK, 17 tests passed"  # issue #13: say the tests ran
     explained = socksflow_cmd("explain", "--from", "127.0.0.1", "169.254.169.254:80", cwd=tmp_path)
     assert "deny" in explained.stdout and "internal networks" in explained.stdout, explained.stdout
 
@@ -368,3 +368,19 @@ def test_a_reload_that_changes_the_files_listen_addresses_says_so(socksflow_serv
     (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0, '[::1]:0']\n")
     assert server.call(server.server.reload)
     assert "listen addresses changed in" in caplog.text
+
+
+def test_loop_help_and_error_say_what_auto_picks_and_how_to_install_uvloop(tmp_path):
+    """Issue #13: the error said ``pip install socksflow[fast]`` where the README says ``.[fast]``."""
+    shown = socksflow_cmd("run", "--help", cwd=tmp_path)
+    assert "auto picks uvloop when it is installed (pip install .[fast])" in " ".join(shown.stdout.split())
+    without_uvloop = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['uvloop'] = None; from socksflow.cli import main; "
+         "sys.exit(main(['run', '--loop', 'uvloop', '--listen', '127.0.0.1:0']))"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert without_uvloop.returncode == 1
+    assert without_uvloop.stderr.strip().endswith(
+        "socksflow: --loop uvloop needs the uvloop package (pip install .[fast] in socksflow's folder)"
+    )
+    assert "pip install .[fast]" in (Path(__file__).parent.parent / "README.md").read_text()

@@ -90,6 +90,7 @@ async def socksflow_check(config: Config, resolve: Resolver) -> list[ConfigError
     tests = config.stash.get(TESTS)
     if not tests:
         return None
+    config.checks_run += len(tests)
     return await run_tests(config.stash[RULES], tests, resolve)
 
 
