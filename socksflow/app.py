@@ -26,7 +26,7 @@ def build_plugin_manager(config: Config, disabled: Iterable[str] = ()) -> Plugin
     pm = PluginManager()
     disabled = list(disabled)
     pm.load_all(
-        paths=config.plugins.paths,
+        paths=config.existing_plugin_paths(),
         disabled=[*config.plugins.disable, *disabled],
         autoload=config.plugins.autoload,
     )
@@ -39,7 +39,9 @@ def configure(pm: PluginManager, config: Config) -> None:
     dormant = set()
     for impl in pm.impls("socksflow_configure"):
         try:
-            if impl.function(*[{"config": config}[arg] for arg in impl.argnames]) is False:
+            with config.errors.collecting():
+                configured = impl.function(*[{"config": config}[arg] for arg in impl.argnames])
+            if configured is False:
                 dormant.add(impl.plugin)
         except ConfigError as exc:
             config.errors.add(exc)

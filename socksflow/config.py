@@ -9,6 +9,7 @@ line, duplicate keys and YAML 1.1 surprises are errors, and validators raise
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -74,14 +75,29 @@ class Node:
         return self.value
 
     def as_map(self, allowed: set[str] | frozenset[str] | None = None) -> dict[str, Node]:
-        """The mapping's items; with ``allowed``, any other key is an error."""
+        """The mapping's items; with ``allowed``, any other key is an error.
+
+        While a configuration is read (:meth:`ErrorCollector.collecting`), an unknown key is
+        recorded and the known items are returned, so the errors in their values are reported
+        too (a typo must not hide a bad value beside it); otherwise the first one is raised.
+        """
         if not isinstance(self.value, dict):
             raise self.error(f"expected a mapping, got {_describe(self.value)}")
-        if allowed is not None:
-            for key, child in self.value.items():
-                if key not in allowed:
-                    raise child.error(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
-        return self.value
+        if allowed is None:
+            return self.value
+        unknown = [
+            child.error(f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+            for key, child in self.value.items()
+            if key not in allowed
+        ]
+        if not unknown:
+            return self.value
+        collector = _COLLECTING.get()
+        if collector is None:
+            raise unknown[0]
+        for error in unknown:
+            collector.add(error)
+        return {key: child for key, child in self.value.items() if key in allowed}
 
     def get(self, key: str) -> Node | None:
         return self.as_map().get(key)
@@ -285,6 +301,20 @@ class ErrorCollector:
     def __bool__(self) -> bool:
         return bool(self.errors)
 
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Within the block, :meth:`Node.as_map` records unknown keys here rather than raising."""
+        token = _COLLECTING.set(self)
+        try:
+            yield
+        finally:
+            _COLLECTING.reset(token)
+
+
+_COLLECTING: contextvars.ContextVar[ErrorCollector | None] = contextvars.ContextVar(
+    "socksflow_config_errors", default=None
+)
+
 
 @dataclass(slots=True)
 class Timeouts:
@@ -378,7 +408,8 @@ class Config:
         self.root = root
         self.file = file
         self.errors = ErrorCollector()
-        self._disabled_at: dict[str, Node] = {}  # plugins.disable: each name and where it was given
+        self._disabled_at: dict[str, Node] = {}
+        self._path_nodes: dict[Path, Node] = {}  # plugins.paths: each path and where it was given  # plugins.disable: each name and where it was given
         self.hooks: HookCaller | None = None  # the plugins' hooks for sessions under this configuration
         self.warnings: list[ConfigError] = []  # lints: the file works, but probably not as meant
         self.checks_run = 0  # socksflow check: tests the plugins' socksflow_check hooks ran
@@ -396,7 +427,8 @@ class Config:
         self.plugins = PluginSettings()
         self.group_names: frozenset[str] = frozenset()
         self.user_groups: dict[str, frozenset[str]] = {}
-        self._read_core()
+        with self.errors.collecting():
+            self._read_core()
 
     @classmethod
     def from_text(cls, text: str, file: str = "<config>") -> Config:
@@ -468,13 +500,26 @@ class Config:
             if node is not None:
                 items = node.as_map({"paths", "disable", "autoload"})
                 if "paths" in items:
-                    self.plugins.paths = [p.as_path() for p in items["paths"].as_list()]
+                    self._path_nodes = {node.as_path(): node for node in items["paths"].as_list()}
+                    self.plugins.paths = list(self._path_nodes)
                 if "disable" in items:
                     self._disabled_at = {p.as_str(): p for p in items["disable"].as_list()}
                     self.plugins.disable = list(self._disabled_at)
                 if "autoload" in items:
                     self.plugins.autoload = items["autoload"].as_bool()
 
+
+    def existing_plugin_paths(self) -> list[Path]:
+        """``plugins.paths`` that exist; each missing one is a located error, and the rest still load."""
+        found = []
+        for path in self.plugins.paths:
+            if path.exists():
+                found.append(path)
+            elif path in self._path_nodes:
+                self.errors.add(self._path_nodes[path].error(f"plugin path {str(path)!r} does not exist"))
+            else:
+                self.errors.add(ConfigError(f"plugin path {str(path)!r} does not exist", self.file))
+        return found
 
     @property
     def listen_in_file(self) -> tuple[Address, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -525,3 +527,41 @@ def test_bad_rates(text: str | int, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_rate(text)  # type: ignore[arg-type]
     assert str(caught.value) == message
+
+
+def test_an_unknown_key_does_not_hide_the_errors_beside_it(tmp_path: Path) -> None:
+    """Issue #13: ``timeouts.conect`` hid a bad ``idle``; a typo'd key hid a bad CIDR in the same rule."""
+    (tmp_path / "rules.yaml").write_text(
+        "timeouts: {conect: 5s, idle: soon}\n"
+        "rules:\n"
+        "  - deny: {to: 10.0.0.0/33, prot: 80}\n"
+        "    reasn: typo\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "socksflow", "check", "rules.yaml"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert "rules.yaml:1: timeouts.conect: unknown key" in "\n".join(lines)
+    assert f"rules.yaml:1: timeouts.idle: 'soon' {NOT_DURATION}" in lines
+    assert any(line.startswith("rules.yaml:3: rules[0].deny.prot: unknown key") for line in lines), lines
+    assert any(line.startswith("rules.yaml:3: rules[0].deny.to: ") and "10.0.0.0/33" in line for line in lines)
+    assert any(line.startswith("rules.yaml:4: rules[0].reasn: unknown key") for line in lines), lines
+
+
+def test_a_missing_plugin_path_is_located_and_the_other_errors_still_shown(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(
+        "plugins:\n  paths: [here.py, nowhere.py]\ntimeouts: {idle: soon}\n", encoding="utf-8"
+    )
+    (tmp_path / "here.py").write_text("", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "socksflow", "check", "rules.yaml"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "rules.yaml:2: plugins.paths[1]: plugin path 'nowhere.py' does not exist",
+        f"rules.yaml:3: timeouts.idle: 'soon' {NOT_DURATION}",
+    ]
