@@ -547,7 +547,9 @@ def test_an_unknown_key_does_not_hide_the_errors_beside_it(tmp_path: Path) -> No
     assert "rules.yaml:1: timeouts.conect: unknown key" in "\n".join(lines)
     assert f"rules.yaml:1: timeouts.idle: 'soon' {NOT_DURATION}" in lines
     assert any(line.startswith("rules.yaml:3: rules[0].deny.prot: unknown key") for line in lines), lines
-    assert any(line.startswith("rules.yaml:3: rules[0].deny.to: ") and "10.0.0.0/33" in line for line in lines)
+    assert any(
+        line.startswith("rules.yaml:3: rules[0].deny.to: ") and "10.0.0.0/33" in line for line in lines
+    )
     assert any(line.startswith("rules.yaml:4: rules[0].reasn: unknown key") for line in lines), lines
 
 
