@@ -30,12 +30,12 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from socksflow import Config, StashKey, hookimpl
+from socksflow.logs import timestamp
 
 log = logging.getLogger("socksflow.log")
 
@@ -229,17 +229,6 @@ def record(session: Any) -> dict[str, Any]:
 
 
 _JSON = json.JSONEncoder(check_circular=False)  # a record holds no containers: nothing to check
-_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
-
-
-def timestamp(when: float) -> str:
-    """``when`` in ISO 8601 UTC to the millisecond: ``2026-11-24T23:34:05.576Z``."""
-    global _second
-    whole = int(when)
-    if whole != _second[0]:  # formatting the date once per second saves a µs per line
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    millis = min(999, round((when - whole) * 1_000_000) // 1000)  # as datetime rounds: µs first
-    return f"{_second[1]}.{millis:03d}Z"
 
 
 def text_line(fields: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import socksflow
-from socksflow import app, exposure
+from socksflow import app, exposure, logs
 from socksflow.errors import ConfigErrors
 from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.plugins import PluginLoadError
@@ -30,11 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(getattr(logging, args.log_level.upper()))
     try:
         return args.handler(args)
     except ConfigErrors as exc:
@@ -187,6 +183,8 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
 
 async def _serve(server: Server, ready_fd: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT; ``ready_fd`` (a worker's) gets one byte instead of the ready line."""
+    if server.worker is not None:
+        logs.name_worker(server.worker)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # "reopen logs": a no-op unless a plugin handles it
     try:
         await server.start()

@@ -228,7 +228,7 @@ class Session:
     )
 
     def __init__(self, server: Server, client: ClientProtocol) -> None:
-        self.id = f"{next(_ids):x}"
+        self.id = f"{next(_ids):x}" if server.worker is None else f"w{server.worker}-{next(_ids):x}"
         self.server = server
         self.config: Config = server.config
         self.pm: HookCaller = self.config.hooks or server.pm  # without the dormant plugins' hooks

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import re
 import signal
 import socket
 import time
@@ -17,7 +19,7 @@ import pytest
 from hardening import Firehose, report, server_process_fixture  # noqa: F401 - a fixture
 
 from socksflow.protocol import Address, Command, build_request
-from socksflow.testing import socks5_handshake
+from socksflow.testing import Socks5Client, socks5_handshake
 
 DOWNLOADS = 100
 SIZE = 2 * 1024 * 1024
@@ -147,3 +149,32 @@ def test_a_second_sigterm_stops_at_once(server_process, echo_target, workers):
     assert time.monotonic() - began < 2  # not the 30 s drain
     client.close()
     assert proxy.wait(timeout=10) == 0
+
+
+def test_workers_give_unique_session_ids_and_name_themselves_in_the_log(
+    server_process, echo_target, tmp_path
+):
+    """Issue #13: two ``session=1`` lines with --workers, log lines that did not say which worker,
+    and an application log whose times did not look like the access log's."""
+    proxy = server_process("log: {access: {format: json, file: access.log}}\n", "--workers", "2")
+    for _ in range(40):  # SO_REUSEPORT spreads connections by their ports: both workers get some
+        with Socks5Client(proxy.address) as client:
+            client.greet()
+            assert client.connect(f"127.0.0.1:{echo_target[1]}")[0] == 0
+    proxy.send_signal(signal.SIGHUP)  # each worker reloads, and logs it
+    deadline = time.monotonic() + 15
+    while proxy.stderr.count("configuration reloaded") < 2:
+        assert time.monotonic() < deadline, proxy.stderr
+        time.sleep(0.05)
+    assert proxy.stop() == 0
+    records = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    ids = [record["session"] for record in records]
+    assert len(ids) == 40 and len(set(ids)) == 40, ids
+    assert {session.split("-")[0] for session in ids} == {"w0", "w1"}
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"  # the access log's "time", to the millisecond
+    assert all(re.fullmatch(stamp, record["time"]) for record in records)
+    lines = proxy.stderr.splitlines()
+    assert all(re.match(stamp + r" (\[worker \d\] )?[A-Z]+ ", line) for line in lines), lines[:5]
+    for number in (0, 1):
+        tagged = rf" \[worker {number}\] INFO socksflow\.server: configuration reloaded"
+        assert any(re.match(stamp + tagged, line) for line in lines), lines
