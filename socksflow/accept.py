@@ -23,17 +23,29 @@ from socksflow.protocol import Address
 
 log = logging.getLogger("socksflow.server")
 
-BACKLOG = 1024
+BACKLOG = 1024  # where /proc/sys/net/core/somaxconn cannot be read
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
 ACCEPT_BATCH = 128  # connections accepted per wake-up, so one busy listener cannot starve the loop
 RETRY_SECONDS = 0.5  # out of descriptors with no spare one to free: look again after this long
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def backlog() -> int:
+    """The longest listen queue the kernel allows (``somaxconn``): a burst of connections (a
+    handshake flood reconnecting) must not overflow it, or the kernel drops SYNs, good clients'
+    among them, and each dropped SYN costs its client a second."""
+    try:
+        with open(SOMAXCONN, encoding="ascii") as file:
+            return max(BACKLOG, int(file.read()))
+    except (OSError, ValueError):
+        return BACKLOG
 
 
 def listening_socket(address: Address, reuse_port: bool) -> socket.socket:
     """A non-blocking TCP socket listening on ``address`` (IPv6 sockets take IPv6 only)."""
     family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
     sock = socket.create_server(
-        (str(address.host), address.port), family=family, backlog=BACKLOG, reuse_port=reuse_port
+        (str(address.host), address.port), family=family, backlog=backlog(), reuse_port=reuse_port
     )
     sock.setblocking(False)
     return sock

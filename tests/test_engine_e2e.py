@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import recv_all, require_tool, serve_tcp, wait_until
@@ -466,3 +467,13 @@ def test_a_client_reset_resets_the_destination(socksflow_server):
         client.sock.close()
         assert wait_until(lambda: len(seen) == 2)
     assert seen[0] == b"hi" and isinstance(seen[1], ConnectionResetError)
+
+
+def test_the_listen_queue_is_as_long_as_the_kernel_allows(socksflow_server):
+    """Issue #13: a reconnect burst overflowed a 1 024-long queue and the kernel dropped good SYNs."""
+    ss = require_tool("ss")
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    server = socksflow_server()
+    shown = subprocess.run([ss, "-ltnH", f"sport = :{server.port}"], capture_output=True, text=True, timeout=10)
+    (line,) = shown.stdout.splitlines()
+    assert int(line.split()[2]) == max(1024, somaxconn)  # a listener's Send-Q is its backlog
