@@ -640,6 +640,29 @@ def test_per_user_throttling_protects_an_account_attacked_from_many_addresses(so
         pass  # other accounts, even from the guessing addresses, are not blocked
 
 
+def test_handshakes_in_progress_are_capped_per_address(socksflow_server, echo_target):
+    """A slowloris flood from one address holds at most max_handshakes connections; others are served."""
+    server = socksflow_server("limits: [{max_handshakes: 2}]\n")
+    stalled = []
+    try:
+        for _ in range(2):
+            client = connect_from(server, "127.0.0.1")
+            assert client.greet() == Method.NO_AUTH  # and no request: still in its handshake
+            stalled.append(client)
+        assert refused_before_greeting(server)
+        with connect_from(server, "127.0.0.2") as other:
+            assert other.greet() == Method.NO_AUTH
+        stalled[0].sock.sendall(build_request(Command.CONNECT, Address.parse(f"127.0.0.1:{echo_target[1]}")))
+        assert stalled[0].read_reply()[0] == Reply.SUCCEEDED  # its handshake is over: a place is free
+        with connect_from(server, "127.0.0.1") as again:
+            assert again.greet() == Method.NO_AUTH
+        stalled[1].close()
+        wait_for(lambda: not server.call(lambda: sum(server.server.stash[limits.STATE].handshaking.values())))
+    finally:
+        for client in stalled:
+            client.close()
+
+
 class PrivateLogin:
     """Method 0x80: one byte, 01 is "alice" and anything else a failure; answered 01 or 00."""
 

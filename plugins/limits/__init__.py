@@ -8,6 +8,8 @@ limits:                            # evaluated for every session: EVERY matching
     sessions_per_second: 50        # new sessions: a number, or a rate (100/s, 600/m)
     burst: 100                     # sessions accepted at once before the rate applies (default: the rate)
     max_sessions: 200              # open at the same time
+    max_handshakes: 20             # connections still in their handshake (greeting, login, request):
+                                   #   a slowloris flood from one address cannot crowd out the rest
     per: address                   # who shares one limit: address | /24 (a network; "/24 /56" for IPv6) |
                                    #   user | session | all.  Default: user if match names users or
                                    #   groups, else address.  Anonymous sessions' "user" is their address.
@@ -63,6 +65,7 @@ log = logging.getLogger("socksflow.limits")
 SETTINGS = StashKey[Limits]("limits")
 STATE = StashKey[State]("limits.state")
 COUNTED = StashKey[set[Hashable]]("limits.counted")  # per session: the concurrency keys it holds
+HANDSHAKING = StashKey[list[Hashable]]("limits.handshaking")  # per session, until its request
 
 
 @hookimpl
@@ -80,6 +83,7 @@ def socksflow_configure(config: Config) -> bool | None:
         at_request=tuple(e for e in admission if not e.at_accept),
         bandwidth=tuple(e for e in entries if e.up or e.down),
         auth=tuple(e for e in entries if e.auth),
+        handshakes=tuple(e for e in entries if e.max_handshakes),
     )
 
 
@@ -171,7 +175,41 @@ def socksflow_client_connected(session) -> Verdict | None:
         refusal = _blocked(session, None, accepting=True)
         if refusal is not None:
             return refusal
+    if limits.handshakes:
+        refusal = _start_handshake(session, limits.handshakes)
+        if refusal is not None:
+            return refusal
     return _admit(session, limits.at_accept) if limits.at_accept else None
+
+
+def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
+    """Count the connection among its address's handshakes in progress, or refuse it (quietly:
+    a flood's refusals are counted by the metrics, not logged one by one)."""
+    state = _state(session)
+    keys = []
+    for entry in entries:
+        if entry.match.client_matches(session):
+            key = (entry.ident, entry.per.key(session))
+            if state.handshaking[key] >= entry.max_handshakes:  # type: ignore[operator]
+                _end_handshake(session, state, keys)
+                return _refuse(
+                    session, entry, entry.describe(f"{entry.max_handshakes} handshakes"), logging.DEBUG
+                )
+            state.handshaking[key] += 1
+            keys.append(key)
+    if keys:
+        session.stash[HANDSHAKING] = keys
+    return None
+
+
+def _end_handshake(session, state: State, keys: list[Hashable] | None = None) -> None:
+    if keys is None:
+        keys = session.stash.get(HANDSHAKING) or []
+        del session.stash[HANDSHAKING]
+    for key in keys:
+        state.handshaking[key] -= 1
+        if not state.handshaking[key]:
+            del state.handshaking[key]
 
 
 @hookimpl(tryfirst=True)
@@ -198,6 +236,8 @@ def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict 
 
 @hookimpl(tryfirst=True)
 def socksflow_request(session) -> Verdict | None:
+    if HANDSHAKING in session.stash:
+        _end_handshake(session, _state(session))
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.at_request:
         return None
@@ -240,6 +280,8 @@ def socksflow_explain(config: Config, query) -> list[str] | None:
 def socksflow_session_end(session) -> None:
     counted = session.stash.get(COUNTED)
     state = session.server.stash.get(STATE)
+    if HANDSHAKING in session.stash and state is not None:
+        _end_handshake(session, state)
     if counted and state is not None:
         for key in counted:
             state.active[key] -= 1

@@ -43,6 +43,8 @@ def _limits_of(entry: Entry) -> str:
         parts.append(f"at most {rate.per_second:g} new sessions/s (burst {rate.burst:g}), then refused")
     if entry.max_sessions is not None:
         parts.append(f"at most {entry.max_sessions} open sessions, then refused")
+    if entry.max_handshakes is not None:
+        parts.append(f"at most {entry.max_handshakes} connections in their handshake, then refused")
     if entry.up is not None or entry.down is not None:
         ways = [f"{way} {_bytes_per_second(rate)}" for way, rate in (("up", entry.up), ("down", entry.down)) if rate]
         parts.append(f"bandwidth {', '.join(ways)} (paced, never refused)")

@@ -11,7 +11,16 @@ from socksflow.protocol import parse_network as parse_ip_network
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENTRY_KEYS = frozenset(
-    {"match", "per", "sessions_per_second", "burst", "max_sessions", "bandwidth", "auth_failures"}
+    {
+        "match",
+        "per",
+        "sessions_per_second",
+        "burst",
+        "max_sessions",
+        "max_handshakes",
+        "bandwidth",
+        "auth_failures",
+    }
 )
 SCOPES = ("address", "user", "session", "all")
 DEFAULT_IPV6_PREFIX = 64
@@ -87,6 +96,7 @@ class Entry:
     per: Scope
     session_rate: Rate | None = None
     max_sessions: int | None = None
+    max_handshakes: int | None = None
     up: Rate | None = None
     down: Rate | None = None
     auth: AuthThrottle | None = None
@@ -107,6 +117,7 @@ class Limits:
     at_request: tuple[Entry, ...]
     bandwidth: tuple[Entry, ...]
     auth: tuple[Entry, ...]
+    handshakes: tuple[Entry, ...] = ()
 
 
 def parse_entry(node: Node) -> Entry:
@@ -123,6 +134,12 @@ def parse_entry(node: Node) -> Entry:
         raise items["burst"].error("burst goes with sessions_per_second (bandwidth: {down: .., burst: 1MiB})")
     if "max_sessions" in items:
         entry = replace(entry, max_sessions=items["max_sessions"].as_int(minimum=0))
+    if "max_handshakes" in items:
+        if match.needs_identity or per.kind not in ("address", "network", "all"):
+            raise items["max_handshakes"].error(
+                "max_handshakes counts per client address or network (before any login): match on 'from' only"
+            )
+        entry = replace(entry, max_handshakes=items["max_handshakes"].as_int(minimum=1))
     if per.kind == "session" and (entry.session_rate or entry.max_sessions is not None):
         raise items["per"].error("per session only applies to bandwidth")
     if "bandwidth" in items:
@@ -134,10 +151,18 @@ def parse_entry(node: Node) -> Entry:
                 "auth_failures counts per client address, network or user name: match on 'from' only"
             )
         entry = replace(entry, auth=parse_auth_throttle(items["auth_failures"]))
-    if not (entry.session_rate or entry.max_sessions is not None or entry.up or entry.down or entry.auth):
-        raise node.error("no limit given (sessions_per_second, max_sessions, bandwidth or auth_failures)")
+    if not (
+        entry.session_rate or entry.max_sessions is not None or entry.max_handshakes or entry.up or entry.down
+        or entry.auth
+    ):  # fmt: skip
+        raise node.error(
+            "no limit given (sessions_per_second, max_sessions, max_handshakes, bandwidth or auth_failures)"
+        )
     # A reload keeps the buckets of an entry that stayed where it was with the same limits.
-    return replace(entry, ident=f"{entry.location} {entry.session_rate} {entry.up} {entry.down} {entry.auth}")
+    return replace(
+        entry,
+        ident=f"{entry.location} {entry.session_rate} {entry.up} {entry.down} {entry.auth} {entry.max_handshakes}",
+    )
 
 
 def parse_match(node: Node) -> Match:

@@ -39,6 +39,7 @@ class State:
     """What outlives a session and a reload: per server."""
 
     active: collections.Counter[Hashable] = field(default_factory=collections.Counter)
+    handshaking: collections.Counter[Hashable] = field(default_factory=collections.Counter)
     session_buckets: dict[Hashable, TokenBucket] = field(default_factory=dict)
     # Shared bandwidth buckets live as long as a tunnel holds them: a bucket left alone refills to
     # full anyway, so forgetting it loses at most the debt of the last chunk.
