@@ -2,12 +2,13 @@
 
 asyncio's selector event loop retries ``accept()`` up to ``backlog`` times per wake-up after
 EMFILE and logs a traceback for every try (tens of thousands of lines a second, a quarter of a
-core) while new clients hang in the kernel's queue; uvloop says nothing at all, and closes its
-listener for good when libuv's own spare descriptor is gone.  So socksflow accepts itself, on
-every event loop: out of descriptors, it closes the descriptor it keeps spare, accepts each
-waiting client and closes it at once (libuv's trick), so clients are refused cleanly, one log
-line per episode says so (:class:`Descriptors` counts episodes and refused clients for the
-metrics), and the loop only wakes when a client arrives.
+core) while new clients hang in the kernel's queue.  On selector loops socksflow accepts
+itself: out of descriptors, it closes the descriptor it keeps spare, accepts each waiting client
+and closes it at once (libuv's trick, which uvloop already uses), so clients are refused
+cleanly and the loop only wakes when a client arrives.  Other event loops (uvloop) keep their
+own accept loop, which drains the queue faster than Python can, but says nothing when it
+refuses clients: there, :meth:`SpareDescriptor.watch` looks once a second.  Either way one log
+line per episode says so, and :class:`SpareDescriptor` counts the episodes for the metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ BACKLOG = 1024  # where /proc/sys/net/core/somaxconn cannot be read
 SOMAXCONN = "/proc/sys/net/core/somaxconn"
 ACCEPT_BATCH = 128  # connections accepted per wake-up, so one busy listener cannot starve the loop
 RETRY_SECONDS = 0.5  # out of descriptors with no spare one to free: look again after this long
+WATCH_SECONDS = 1.0  # on loops that accept on their own: how often to look for an episode
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -55,7 +57,8 @@ class SpareDescriptor:
     """One descriptor held in reserve, to be freed for a moment when the process runs out.
 
     Shared by a server's listeners, it also keeps the account of running out: ``episodes``
-    (times the process ran out, each logged once) and ``refused`` (clients closed unserved).
+    (times the process ran out, each logged once) and ``refused`` (clients closed unserved;
+    counted by :class:`Acceptor` only, uvloop drops them unseen).
     """
 
     def __init__(self) -> None:
@@ -63,7 +66,21 @@ class SpareDescriptor:
         self.exhausted = False
         self.episodes = 0
         self.refused = 0
+        self._watch: asyncio.TimerHandle | None = None
         self.reserve()
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Look every second whether the process ran out (for loops that accept on their own)."""
+        try:
+            probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                self.ran_out(exc)
+        else:
+            os.close(probe)
+            if self.exhausted:
+                self.available()
+        self._watch = loop.call_later(RETRY_SECONDS if self.exhausted else WATCH_SECONDS, self.watch, loop)
 
     def ran_out(self, error: OSError) -> None:
         """Out of descriptors: log it when an episode begins."""
@@ -87,6 +104,13 @@ class SpareDescriptor:
                 self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 self.fd = None
+
+    def close(self) -> None:
+        """Stop watching, and close the spare descriptor."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self.release()
 
     def release(self) -> bool:
         """Close the spare descriptor; False if there was none."""

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from socksflow import app, bind, udp
-from socksflow.accept import Acceptor, SpareDescriptor, listening_socket
+from socksflow.accept import Acceptor, SpareDescriptor, backlog, listening_socket
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
 from socksflow.protocol import Address, Command, IPAddress, parse_host
@@ -39,7 +39,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()
         self.addresses: list[Address] = []
-        self._listeners: list[Acceptor] = []
+        self._listeners: list[Acceptor | asyncio.Server] = []
         self._spare: SpareDescriptor | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()
@@ -58,19 +58,26 @@ class Server:
     async def start(self) -> None:
         """Bind every listener, then run the plugins' start-up hooks."""
         self.loop = loop = asyncio.get_running_loop()
-        self._spare = SpareDescriptor()  # every loop: see accept.py for why not the loop's accept
+        self._spare = SpareDescriptor()
+        own_accept = isinstance(loop, asyncio.SelectorEventLoop)  # its own accept loop spins out of descriptors
         try:
             for address in self.config.listen:
                 sock = listening_socket(address, reuse_port=self.worker is not None)
-                listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
+                listener: Acceptor | asyncio.Server
+                if own_accept:
+                    listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
+                else:
+                    listener = await loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=backlog())
                 self._listeners.append(listener)
                 self.addresses.append(Address.from_sockaddr(sock.getsockname()))
         except OSError as exc:
             await self._close_listeners()
             if self._spare is not None:
-                self._spare.release()
+                self._spare.close()
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {address}: {reason}") from None
+        if not own_accept:
+            self._spare.watch(loop)
         await self.pm.call_all("socksflow_startup", None, server=self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
@@ -94,7 +101,7 @@ class Server:
             await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
         await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
         if self._spare is not None:
-            self._spare.release()
+            self._spare.close()
 
     def abort_all(self) -> None:
         """Close every session now."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import socket
 import time
 from collections.abc import Awaitable
@@ -48,6 +49,10 @@ MAX_HANDSHAKE_BUFFER = 64 * 1024  # bytes accepted ahead of the reply before rea
 # input sends a reset, which can destroy the reply in flight (RFC 1928 §6 allows up to 10 s).
 LINGER_SECONDS = 2.0
 MAX_REMEMBERED_NAMES = 1024  # per session (a UDP association may name many destinations)
+# Handshake deadlines are spread over this share of their length: connections accepted together
+# (a flood reconnecting in a burst) then expire over many loop iterations, not in one that would
+# hold every good client up for as long as closing thousands of sessions takes.
+DEADLINE_SPREAD = 1 / 16
 _ids = itertools.count(1)
 
 
@@ -334,7 +339,8 @@ class Session:
         try:
             await self._accept()
             # One deadline for greeting, authentication and request, plugin hooks included.
-            request = await self._within(self.config.timeouts.handshake, self._negotiate())
+            handshake = self.config.timeouts.handshake
+            request = await self._within(handshake * (1 + DEADLINE_SPREAD * random.random()), self._negotiate())
             assert isinstance(request, Request)
             self.request = request
             self.timings["handshake"] = time.monotonic() - self._clock

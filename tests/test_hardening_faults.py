@@ -391,13 +391,15 @@ def test_descriptor_exhaustion(server_process, echo_target, loop):
         time.sleep(0.1)
     for tunnel in tunnels:
         tunnel.close()
+    proxy.wait_for_log("file descriptors are available again")
     metrics = re.search(r"metrics on (http://\S+)", proxy.stderr)
     assert metrics, proxy.stderr
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(metrics[1], timeout=10) as response:
         exposition = response.read().decode()
     assert re.search(r"^socksflow_descriptor_exhaustion_total [1-3]\.0$", exposition, re.M), exposition
-    assert re.search(r"^socksflow_descriptor_refused_total [1-9]\d*\.0$", exposition, re.M), exposition
+    if loop == "asyncio":  # uvloop refuses the clients unseen: only the episode is known
+        assert re.search(r"^socksflow_descriptor_refused_total [1-9]\d*\.0$", exposition, re.M), exposition
     report(f"emfile-{loop}", cpu_share_while_exhausted=round(cpu_share, 3), refused_cleanly=refused_cleanly)
     assert all(refused_cleanly), refused_cleanly
     assert cpu_share < 0.2, f"the accept loop spins: {cpu_share:.0%} of a core"
