@@ -47,7 +47,10 @@ def reserve_ports(config: Config) -> list[socket.socket]:
             raise OSError(exc.errno, f"cannot listen on {address}: {os.strerror(exc.errno or 0)}") from None
         reserved.append(sock)
         addresses.append(Address(address.host, sock.getsockname()[1]))
-    config.listen = tuple(addresses)
+    if config.listen_override is not None:  # what a reload keeps: the ports the workers really use
+        config.override_listen(tuple(addresses))
+    else:
+        config.listen = tuple(addresses)
     return reserved
 
 
