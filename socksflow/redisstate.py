@@ -54,7 +54,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any
 
 from .sharedstate import SharedTable
@@ -64,10 +64,11 @@ try:  # an optional extra: ``pip install socksflow[redis]``
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as _RedisConnectionError
+    from redis.exceptions import NoScriptError
     from redis.exceptions import TimeoutError as _RedisTimeoutError
 except ImportError:  # pragma: no cover - exercised only without the extra
     aioredis = None
-    _RedisConnectionError = _RedisTimeoutError = OSError  # type: ignore[assignment,misc]
+    _RedisConnectionError = _RedisTimeoutError = NoScriptError = OSError  # type: ignore[assignment,misc]
 
 log = logging.getLogger("socksflow.redisstate")
 
@@ -107,9 +108,10 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {1 + spare, elsewhere}
 """
 
-# KEYS[1] holdings hash.  ARGV: instance, slots given back, spares still held, hash expiry ms.
+# KEYS[1] holdings hash.  ARGV: instance, minus the slots given back (an integer's text: Lua
+# would print minus zero as "-0", which HINCRBY refuses), spares still held, hash expiry ms.
 _RELEASE = """
-local left = redis.call('HINCRBY', KEYS[1], ARGV[1], -tonumber(ARGV[2]))
+local left = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 if left <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1], '~' .. ARGV[1])
 elseif tonumber(ARGV[3]) > 0 then
@@ -223,13 +225,19 @@ def _part(value: object) -> str:
 class _Slots:
     """Concurrency slots this instance holds for one key."""
 
-    __slots__ = ("held", "key", "name", "spare", "text", "used")
+    __slots__ = ("asking", "held", "key", "name", "returning", "spare", "text", "used")
 
     def __init__(self, key: Hashable, text: str, name: str) -> None:
         self.key, self.text, self.name = key, text, name
         self.held = 0  # granted by Redis
         self.used = 0  # sessions counted: held - used are spare
         self.spare = 0  # how many spares to keep when sessions end
+        self.returning: asyncio.Future[None] | None = None  # slots on their way back to Redis
+        self.asking = 0  # scripts in flight for more
+
+    def idle(self) -> bool:
+        """Nothing held, used or on its way: the entry may be forgotten."""
+        return not (self.held or self.used or self.asking or self.returning)
 
 
 class _Tokens:
@@ -383,10 +391,7 @@ class RedisState:
         awaitable that asks Redis.  While Redis is unreachable, answers at once from this
         instance's own count (or ``False`` with ``fail_closed``).
         """
-        text = self._text(key)
-        slots = self._slots.get(text)
-        if slots is None:
-            slots = self._slots[text] = _Slots(key, text, f"{self._prefix}c:{text}")
+        slots = self._slots_of(key)
         if not self._healthy:
             return self._acquire_locally(slots, limit, now)
         if slots.used < slots.held:
@@ -394,6 +399,13 @@ class RedisState:
             self.stats["local_hits"] += 1
             return True
         return self._acquire_remote(slots, limit, now)
+
+    def _slots_of(self, key: Hashable) -> _Slots:
+        text = self._text(key)
+        slots = self._slots.get(text)
+        if slots is None:
+            slots = self._slots[text] = _Slots(key, text, f"{self._prefix}c:{text}")
+        return slots
 
     def _acquire_locally(self, slots: _Slots, limit: int, now: float) -> bool:
         self.stats["fallback"] += 1
@@ -404,11 +416,20 @@ class RedisState:
 
     async def _acquire_remote(self, slots: _Slots, limit: int, now: float) -> bool:
         for wait in (*_RECLAIM_WAITS, None):
-            answer = await self._call(
-                self._acquire,
-                slots.name,
-                self.instance, limit, self._spares, self._alive, self._hold_ms, self._channel, slots.text,
-            )  # fmt: skip
+            if slots.returning is not None:  # our own slots must be back before we ask for more
+                await asyncio.shield(slots.returning)
+                if slots.used < slots.held:
+                    slots.used += 1
+                    return True
+            slots.asking += 1
+            try:
+                answer = await self._call(
+                    self._acquire,
+                    slots.name,
+                    self.instance, limit, self._spares, self._alive, self._hold_ms, self._channel, slots.text,
+                )  # fmt: skip
+            finally:
+                slots.asking -= 1
             if answer is None:
                 return self._acquire_locally(slots, limit, now)
             granted, elsewhere = int(answer[0]), int(answer[1])
@@ -434,7 +455,7 @@ class RedisState:
         if slots is None or not slots.used:
             return
         slots.used -= 1
-        if slots.held - slots.used > slots.spare:
+        if slots.held - slots.used > 2 * slots.spare:  # hysteresis: not a round trip per session
             self._queue_return(slots)
 
     def count(self, key: Hashable) -> int | Awaitable[int]:
@@ -484,20 +505,40 @@ class RedisState:
 
     async def _returns_task(self, batch: list[_Slots]) -> None:
         calls = []
-        for slots in batch:
+        done = asyncio.get_running_loop().create_future()
+        for slots in batch:  # what to give back is decided now: sessions may have come or gone
             back = slots.held - slots.used - slots.spare
             if back >= 0:
                 slots.held -= back
-                calls.append(([slots.name], [self.instance, back, slots.held - slots.used, self._hold_ms]))
+                slots.returning = done
+                calls.append(([slots.name], [self.instance, -back, slots.held - slots.used, self._hold_ms]))
+        if not calls:
+            return
         self.stats["redis_calls"] += 1
         try:
-            if len(calls) == 1:  # a pipeline of scripts costs a SCRIPT EXISTS round trip
+            await self._send_release(calls)
+        finally:
+            done.set_result(None)
+            for slots in batch:
+                if slots.returning is done:
+                    slots.returning = None
+
+    async def _send_release(self, calls: list[tuple[list[str], list[Any]]]) -> None:
+        try:
+            if len(calls) == 1:
                 await self._release(keys=calls[0][0], args=calls[0][1])
                 return
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    await self._release(keys=keys, args=args, client=pipe)
-                await pipe.execute()
+            for attempt in range(2):  # EVALSHA straight: redis-py's pipelined scripts cost a round trip
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for keys, args in calls:
+                            pipe.evalsha(self._release.sha, len(keys), *keys, *args)
+                        await pipe.execute()
+                    return
+                except NoScriptError:  # the server forgot its scripts (SCRIPT FLUSH): load them again
+                    if attempt:
+                        raise
+                    await self._load_scripts()
         except _DOWN as exc:
             self._down(exc)
 
@@ -674,12 +715,20 @@ class RedisState:
     def _script_now(self, now: float) -> str | float:
         return "" if self._clock is None else now
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        if not self._started:  # closed: what it held is given back already
+            work.close()
+            return
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
 
-    async def _quietly(self, work: Awaitable[Any]) -> None:
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug or a Redis refusal
+            log.error("redis state: background work failed", exc_info=task.exception())
+
+    async def _quietly(self, work: Awaitable[Any]) -> None:  # for a plain command, fire-and-forget
         try:
             await work
         except _DOWN as exc:
@@ -687,7 +736,7 @@ class RedisState:
 
     def _down(self, exc: BaseException) -> None:
         self._healthy = False
-        if self._down_logged:
+        if self._down_logged or not self._started:
             return
         self._down_logged = True
         self.stats["outages"] += 1
@@ -706,10 +755,11 @@ class RedisState:
         if self.stats["outages"]:  # pooled connections to the Redis that went away are dead
             await self._redis.connection_pool.disconnect()
         await self._redis.ping()
+        await self._load_scripts()
         for key in self._local_keys:  # sessions admitted on local limits now count in Redis
+            slots = self._slots_of(key)
             while self._local.count(key):
                 self._local.release(key)
-                slots = self._slots[self._text(key)]
                 slots.used += 1
         self._local_keys.clear()
         await self._register()
@@ -732,11 +782,17 @@ class RedisState:
         self._healthy = True
         self._down_logged = False
 
+    async def _load_scripts(self) -> None:
+        for script in (self._acquire, self._release, self._bucket, self._record, self._block):
+            script.sha = await self._redis.script_load(script.script)
+
     async def _register(self) -> None:
         """Heartbeat and the slots held, as this instance counts them (spares dropped)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._alive + self.instance, "1", px=self._ttl_ms)
             for slots in list(self._slots.values()):
+                if slots.asking:  # its grant will count
+                    continue
                 slots.held, slots.spare = slots.used, 0
                 if slots.used:
                     pipe.hset(slots.name, self.instance, slots.used)
@@ -744,7 +800,8 @@ class RedisState:
                     pipe.pexpire(slots.name, self._hold_ms)
                 else:
                     pipe.hdel(slots.name, self.instance, "~" + self.instance)
-                    del self._slots[slots.text]
+                    if slots.idle():
+                        del self._slots[slots.text]
             await pipe.execute()
 
     async def _heartbeat(self) -> None:
@@ -759,15 +816,17 @@ class RedisState:
                         if not slots.used:  # idle: give its spares back
                             slots.spare = 0
                             self._queue_return(slots)
-                    elif not slots.used:
+                    elif slots.idle():
                         del self._slots[slots.text]
                 await pipe.execute()
         await self._report_all()
-        now = self._now()
-        for flows in (self._flows, self._tokens):  # forget what has not been used for a while
-            for text, lease in list(flows.items()):
-                if now - lease.stamp > 10.0 and not getattr(lease, "pending", 0):
-                    del flows[text]
+        stale = self._now() - 10.0  # forget buckets not used for a while
+        for text, flow in list(self._flows.items()):
+            if flow.stamp < stale and not flow.pending:
+                del self._flows[text]
+        for text, lease in list(self._tokens.items()):
+            if lease.stamp < stale:
+                del self._tokens[text]
 
     async def _run(self) -> None:
         backoff = _BACKOFF[0]
