@@ -79,17 +79,18 @@ _BACKOFF = (0.1, 5.0)
 _TEXTS_MAX = 100_000
 
 # KEYS[1] holdings hash (field <instance> = slots held, ~<instance> = of which spare).
-# ARGV: instance, limit, spares wanted, heartbeat key prefix, hash expiry ms, channel, key text.
-# Returns {slots granted (0 = refused), spares other live instances say they hold}.
+# ARGV: instance, limit, slots wanted (sessions waiting), spares wanted, heartbeat key prefix,
+# hash expiry ms, channel, key text.  Returns {slots granted (0 = refused), spares other live
+# instances say they hold}.
 _ACQUIRE = """
-local me, limit, wanted = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local me, limit, want, spares = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local total, elsewhere = 0, 0
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   local field, value = fields[i], tonumber(fields[i + 1])
   local owner = field
   if string.sub(field, 1, 1) == '~' then owner = string.sub(field, 2) end
-  if owner ~= me and redis.call('EXISTS', ARGV[4] .. owner) == 0 then
+  if owner ~= me and redis.call('EXISTS', ARGV[5] .. owner) == 0 then
     redis.call('HDEL', KEYS[1], field)
   elseif owner == field then
     total = total + value
@@ -97,15 +98,14 @@ for i = 1, #fields, 2 do
     elsewhere = elsewhere + value
   end
 end
-if total >= limit then
-  if elsewhere > 0 then redis.call('PUBLISH', ARGV[6], 'r ' .. ARGV[7]) end
-  return {0, elsewhere}
-end
-local spare = math.max(0, math.min(wanted, math.floor((limit - total - 1) / 8)))
-redis.call('HINCRBY', KEYS[1], me, 1 + spare)
+local grant = math.max(0, math.min(want, limit - total))
+if grant < want and elsewhere > 0 then redis.call('PUBLISH', ARGV[7], 'r ' .. ARGV[8]) end
+if grant == 0 then return {0, elsewhere} end
+local spare = math.max(0, math.min(spares, math.floor((limit - total - grant) / 8)))
+redis.call('HINCRBY', KEYS[1], me, grant + spare)
 if spare > 0 then redis.call('HINCRBY', KEYS[1], '~' .. me, spare) end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return {1 + spare, elsewhere}
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {grant + spare, elsewhere}
 """
 
 # KEYS[1] holdings hash.  ARGV: instance, minus the slots given back (an integer's text: Lua
@@ -225,7 +225,7 @@ def _part(value: object) -> str:
 class _Slots:
     """Concurrency slots this instance holds for one key."""
 
-    __slots__ = ("asking", "held", "key", "name", "returning", "spare", "text", "used")
+    __slots__ = ("asking", "held", "key", "name", "returning", "spare", "text", "tickets", "used", "waiting")
 
     def __init__(self, key: Hashable, text: str, name: str) -> None:
         self.key, self.text, self.name = key, text, name
@@ -233,11 +233,15 @@ class _Slots:
         self.used = 0  # sessions counted: held - used are spare
         self.spare = 0  # how many spares to keep when sessions end
         self.returning: asyncio.Future[None] | None = None  # slots on their way back to Redis
-        self.asking = 0  # scripts in flight for more
+        # One script in flight per key asks for every session waiting; its outcome: (spares
+        # elsewhere, or None if Redis is unreachable; the tickets below the one it covered).
+        self.asking: asyncio.Future[tuple[int | None, int]] | None = None
+        self.tickets = 0  # numbers handed to sessions waiting, in arrival order
+        self.waiting = 0
 
     def idle(self) -> bool:
         """Nothing held, used or on its way: the entry may be forgotten."""
-        return not (self.held or self.used or self.asking or self.returning)
+        return not (self.held or self.used or self.waiting or self.returning)
 
 
 class _Tokens:
@@ -276,6 +280,8 @@ class RedisState:
     ``lease_ttl``: seconds after which a silent instance's slots are given back.
     ``lease_seconds``: how much of a rate one lease or one bandwidth report covers.
     ``spares``: at most this many spare slots leased per key (fewer near the limit).
+    ``timeout``: seconds a command may take before Redis counts as unreachable.
+    ``connections``: the most connections to Redis (one asks per key at a time).
     ``fail_closed``: refuse admission (``acquire``, ``take``) while Redis is unreachable
     instead of enforcing this instance's own limits.
     ``clock``: tests only: a clock every instance shares; scripts then use the ``now`` given.
@@ -292,18 +298,22 @@ class RedisState:
         spares: int = 8,
         fail_closed: bool = False,
         timeout: float = 0.5,
+        connections: int = 32,
         clock: Callable[[], float] | None = None,
         client: Any = None,
     ) -> None:
         if client is None:
             if aioredis is None:
                 raise RuntimeError("Redis state needs redis-py: pip install 'socksflow[redis]'")
-            client = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 url,
+                max_connections=connections,  # more asks wait for a connection instead of failing
+                timeout=4 * timeout,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
                 retry=Retry(NoBackoff(), 0),  # an outage is handled here: fall back, do not stall
             )
+            client = aioredis.Redis(connection_pool=pool)
         self.url = url
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.fail_closed = fail_closed
@@ -415,36 +425,54 @@ class RedisState:
         return self._local.acquire(slots.key, limit - slots.used, now)
 
     async def _acquire_remote(self, slots: _Slots, limit: int, now: float) -> bool:
-        for wait in (*_RECLAIM_WAITS, None):
-            if slots.returning is not None:  # our own slots must be back before we ask for more
-                await asyncio.shield(slots.returning)
-                if slots.used < slots.held:
+        slots.waiting += 1
+        try:
+            for wait in (*_RECLAIM_WAITS, None):
+                ticket = slots.tickets
+                slots.tickets += 1
+                while True:
+                    elsewhere, covered = await self._ask(slots, limit)
+                    if elsewhere is None:
+                        return self._acquire_locally(slots, limit, now)
+                    if slots.used < slots.held:
+                        slots.used += 1
+                        return True
+                    if ticket < covered:  # the script counted this session: the limit is reached
+                        break
+                if not elsewhere or wait is None:
+                    return False
+                await asyncio.sleep(wait)  # the script asked the others to give their spares back
+                if slots.used < slots.held:  # a grant to another waiter left one
                     slots.used += 1
                     return True
-            slots.asking += 1
-            try:
-                answer = await self._call(
-                    self._acquire,
-                    slots.name,
-                    self.instance, limit, self._spares, self._alive, self._hold_ms, self._channel, slots.text,
-                )  # fmt: skip
-            finally:
-                slots.asking -= 1
-            if answer is None:
-                return self._acquire_locally(slots, limit, now)
-            granted, elsewhere = int(answer[0]), int(answer[1])
-            slots.held += granted
-            slots.spare = max(0, granted - 1)
-            if slots.used < slots.held:
-                slots.used += 1
-                return True
-            if not elsewhere or wait is None:
-                return False
-            await asyncio.sleep(wait)  # the script asked the others to give their spares back
-            if slots.used < slots.held:  # a concurrent grant left one
-                slots.used += 1
-                return True
-        return False  # pragma: no cover - the loop returns
+            return False  # pragma: no cover - the loop returns
+        finally:
+            slots.waiting -= 1
+
+    async def _ask(self, slots: _Slots, limit: int) -> tuple[int | None, int]:
+        """Ask Redis for a slot for every session waiting on ``slots``: one script at a time."""
+        while slots.returning is not None:  # our own slots must be back before we ask for more
+            await asyncio.shield(slots.returning)
+        if slots.asking is not None:
+            return await asyncio.shield(slots.asking)
+        want = max(1, slots.waiting - (slots.held - slots.used))
+        outcome: tuple[int | None, int] = (None, slots.tickets)
+        slots.asking = asking = asyncio.get_running_loop().create_future()
+        try:
+            answer = await self._call(
+                self._acquire,
+                slots.name,
+                self.instance, limit, want, self._spares, self._alive, self._hold_ms, self._channel, slots.text,
+            )  # fmt: skip
+            if answer is not None:
+                granted, elsewhere = int(answer[0]), int(answer[1])
+                slots.held += granted
+                slots.spare = max(0, granted - want)
+                outcome = (elsewhere, outcome[1])
+        finally:
+            slots.asking = None
+            asking.set_result(outcome)
+        return outcome
 
     def release(self, key: Hashable) -> None:
         """Give back one session this instance counted under ``key`` (Redis is told in a batch)."""
@@ -791,7 +819,7 @@ class RedisState:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(self._alive + self.instance, "1", px=self._ttl_ms)
             for slots in list(self._slots.values()):
-                if slots.asking:  # its grant will count
+                if slots.asking is not None:  # its grant will count
                     continue
                 slots.held, slots.spare = slots.used, 0
                 if slots.used:
