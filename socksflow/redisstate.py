@@ -784,31 +784,38 @@ class RedisState:
             await self._redis.connection_pool.disconnect()
         await self._redis.ping()
         await self._load_scripts()
-        for key in self._local_keys:  # sessions admitted on local limits now count in Redis
-            slots = self._slots_of(key)
-            while self._local.count(key):
-                self._local.release(key)
-                slots.used += 1
-        self._local_keys.clear()
-        await self._register()
-        blocks: dict[str, float] = {}
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self._channel)  # before reading the blocks: none slips between
+        if self._listener is not None:
+            self._listener.cancel()
+        self._listener = asyncio.create_task(self._listen(pubsub), name="redisstate-events")
+        in_redis: set[str] = set()
         now = self._now()
         async for name in self._redis.scan_iter(match=f"{self._prefix}k:*", count=1000):
             left = await self._redis.pttl(name)
             if left > 0:
-                blocks[name.decode()[len(self._prefix) + 2 :]] = now + left / 1000
-        for text, until in blocks.items():
-            self._blocks[text] = max(self._blocks.get(text, 0.0), until)
-        pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self._channel)
-        if self._listener is not None:
-            self._listener.cancel()
-        self._listener = asyncio.create_task(self._listen(pubsub), name="redisstate-events")
+                text = name.decode()[len(self._prefix) + 2 :]
+                in_redis.add(text)
+                self._blocks[text] = max(self._blocks.get(text, 0.0), now + left / 1000)
+        while True:  # sessions admitted on local limits meanwhile now count in Redis
+            for key in self._local_keys:
+                slots = self._slots_of(key)
+                while self._local.count(key):
+                    self._local.release(key)
+                    slots.used += 1
+            self._local_keys.clear()
+            await self._register()
+            if not self._local_keys:  # none admitted locally while registering: switch now
+                break
         if self.stats["outages"]:
             self.stats["rejoins"] += 1
             log.warning("redis at %s is back: limits are shared again", self.url)
         self._healthy = True
         self._down_logged = False
+        now = self._now()
+        for text, until in list(self._blocks.items()):  # blocks made here during the outage
+            if until > now and text not in in_redis:
+                self._spawn(self._block_remote(text, until, now))
 
     async def _load_scripts(self) -> None:
         for script in (self._acquire, self._release, self._bucket, self._record, self._block):

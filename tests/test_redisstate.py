@@ -321,6 +321,7 @@ def test_redis_down_falls_back_to_local_limits_and_rejoins(
             assert a.charge("bw", 1000.0, 1000.0, 1500, now) == pytest.approx(0.5)  # local bucket
             assert await answer(closed.acquire("k", 3, now)) is False  # fail closed
             assert closed.take("r", 10.0, 10.0, now) is False
+            assert a.block("ip", now + 100, now) is True  # a block made during the outage
             a.release("k")  # one of the local ones ends
             await eventually(lambda: not b.healthy)  # b finds out at its next heartbeat
             redis_server.start()
@@ -331,6 +332,7 @@ def test_redis_down_falls_back_to_local_limits_and_rejoins(
             assert await answer(b.acquire("k", 4, time.monotonic())) is True
             assert await answer(a.acquire("k", 4, time.monotonic())) is False
             assert await answer(closed.acquire("other", 1, time.monotonic())) is True
+            await eventually(lambda: b.blocked_until("ip", time.monotonic()) > 0)  # pushed on rejoin
         finally:
             for state in (a, b, closed):
                 await state.close()
