@@ -8,9 +8,10 @@ talk to Redis only in batches:
 * **Concurrency** (:meth:`~RedisState.acquire`, :meth:`~RedisState.release`): an instance leases
   slots from Redis.  A Lua script grants a slot, plus spare slots while the limit is far off,
   and never grants beyond the limit across instances.  A session that finds a spare slot is
-  admitted without a round trip; one that does not waits for the script.  Spares are given back
-  when sessions end (batched, fire-and-forget) and on request: a refusal while other instances
-  hold spares publishes a *reclaim* and retries, so a limit admits exactly its number.
+  admitted without a round trip; one that does not waits for the script (one script per key at
+  a time, asking for every session waiting on it).  Spares are given back when sessions end
+  (batched, fire-and-forget), when idle, and on request: a refusal while other instances hold
+  spares publishes a *reclaim* and retries, so a limit admits exactly its number.
 * **Session rates** (:meth:`~RedisState.take`): tokens are leased in batches sized from the rate
   and refilled in the background before they run out.  Low rates lease one token at a time.
 * **Bandwidth** (:meth:`~RedisState.charge`): always answered synchronously, per chunk.  Each
@@ -38,8 +39,24 @@ reconnects with back-off and, once Redis answers, registers the sessions it hold
 arguments, like :class:`SharedTable`'s, are the caller's monotonic clock; block deadlines
 travel as durations.  Tests pass ``clock=`` to make every script use the given ``now`` instead.
 
-The scripts touch keys they build from a prefix (the heartbeat keys), so this needs one Redis
-(or a primary behind Sentinel), not Redis Cluster.
+**Data model** (``P`` is the prefix, ``K`` the key's :func:`key_text`): ``P alive:<instance>``
+heartbeat (``PX lease_ttl``); ``P c:K`` hash of slots held, field ``<instance>`` = held,
+``~<instance>`` = of which spare (expires ``2 × lease_ttl`` after the last holder's heartbeat);
+``P t:K`` and ``P b:K`` token buckets (``t`` tokens, ``s`` stamp, ``r`` rate, ``b`` burst;
+expire once full again); ``P e:K`` failed-login windows (``w`` start, ``c`` current, ``p``
+previous); ``P k:K`` a block (``PX`` its duration); channel ``P events``: ``b <ms> K`` (a
+block), ``r K`` (reclaim spares).  The scripts build the heartbeat keys' names, so this needs
+one Redis (or a primary behind Sentinel), not Redis Cluster.
+
+**Where it differs from SharedTable.**  :meth:`~RedisState.count` is awaitable and counts the
+spares instances hold (an upper bound).  A release reaches Redis a round trip later, so another
+instance may briefly be refused a slot just given back.  :meth:`~RedisState.charge` sees other
+instances' traffic once they report it (every ``lease_seconds`` of the rate, or heartbeat): the
+long-run total is the rate, a momentary burst across n instances up to n × ``burst``.  Leased
+session-rate tokens left unused for a while are dropped.  :meth:`~RedisState.release_worker`
+takes an instance id and only hastens the expiry.  Keys are str, int, bool and
+:mod:`ipaddress` objects, or tuples of them (``hash`` differs between processes;
+:func:`key_text` does not).
 """
 
 from __future__ import annotations
