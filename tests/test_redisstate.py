@@ -322,10 +322,13 @@ def test_redis_down_falls_back_to_local_limits_and_rejoins(
             assert await answer(closed.acquire("k", 3, now)) is False  # fail closed
             assert closed.take("r", 10.0, 10.0, now) is False
             assert a.block("ip", now + 100, now) is True  # a block made during the outage
+            late = RedisState(redis_server.url, instance="late")  # starts while Redis is down
+            await late.start()
+            assert not late.healthy and late.acquire("solo", 1, now) is True
             a.release("k")  # one of the local ones ends
             await eventually(lambda: not b.healthy)  # b finds out at its next heartbeat
             redis_server.start()
-            await eventually(lambda: a.healthy and b.healthy and closed.healthy)
+            await eventually(lambda: a.healthy and b.healthy and closed.healthy and late.healthy)
             assert a.stats["rejoins"] == 1
             # a registered the 2 sessions it still holds, b its 1: the limit is shared again.
             assert await answer(b.count("k")) == 3
@@ -333,12 +336,13 @@ def test_redis_down_falls_back_to_local_limits_and_rejoins(
             assert await answer(a.acquire("k", 4, time.monotonic())) is False
             assert await answer(closed.acquire("other", 1, time.monotonic())) is True
             await eventually(lambda: b.blocked_until("ip", time.monotonic()) > 0)  # pushed on rejoin
+            assert await answer(b.count("solo")) == 1  # late's session, admitted before it joined
         finally:
-            for state in (a, b, closed):
+            for state in (a, b, closed, late):
                 await state.close()
         messages = [r.getMessage() for r in caplog.records if r.name == "socksflow.redisstate"]
-        assert sum("unreachable" in m for m in messages) == 3  # once per instance, not per operation
-        assert sum("is back:" in m for m in messages) == 3
+        assert sum("unreachable" in m for m in messages) == 4  # once per instance, not per operation
+        assert sum("is back:" in m for m in messages) == 4
         assert not any("expired" in m for m in messages)
 
     with caplog.at_level(logging.WARNING, logger="socksflow.redisstate"):
