@@ -6,10 +6,12 @@ import asyncio
 import inspect
 import ipaddress
 import logging
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -210,6 +212,59 @@ def test_an_instance_that_stops_heartbeating_has_its_counts_expire(redis_server:
             await dead._redis.aclose()
 
     asyncio.run(main())
+
+
+_CHILD = """
+import asyncio, sys, time
+from socksflow.redisstate import RedisState
+
+async def main():
+    state = RedisState(sys.argv[1], instance="child", lease_ttl=0.3, spares=0)
+    await state.start()
+    held = [await state.acquire(("user", "alice"), 3, time.monotonic()) for _ in range(2)]
+    print("held" if all(held) else "refused", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_killed_while_holding_slots_gives_them_back_at_lease_expiry(
+    redis_server: RedisServer,
+) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, redis_server.url],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},  # its hash() differs from ours: key texts do not
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"held\n"
+
+        async def main() -> None:
+            (parent,) = await instances(redis_server.url, 1, spares=0)
+            try:
+                now = time.monotonic()
+                assert [await answer(parent.acquire(("user", "alice"), 3, now)) for _ in range(2)] == [
+                    True,
+                    False,
+                ]
+                child.send_signal(signal.SIGKILL)  # no goodbye: only the heartbeat's expiry tells
+                child.wait(10)
+                deadline = time.monotonic() + 5
+                while not await answer(parent.acquire(("user", "alice"), 3, now)):
+                    assert time.monotonic() < deadline, "the dead process's slots were never given back"
+                    await asyncio.sleep(0.05)
+                assert await answer(parent.acquire(("user", "alice"), 3, now))
+                assert not await answer(parent.acquire(("user", "alice"), 3, now))
+            finally:
+                await parent.close()
+
+        asyncio.run(main())
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+        child.wait(10)
 
 
 def test_bandwidth_is_paced_by_the_total_of_both_instances(redis_server: RedisServer) -> None:
