@@ -264,13 +264,14 @@ class _Slots:
 class _Tokens:
     """Session-rate tokens leased from one shared bucket."""
 
-    __slots__ = ("burst", "fetching", "name", "rate", "stamp", "tokens")
+    __slots__ = ("burst", "fetch", "name", "rate", "stamp", "tokens", "waiting")
 
     def __init__(self, name: str, rate: float, burst: float) -> None:
         self.name, self.rate, self.burst = name, rate, burst
         self.tokens = 0
         self.stamp = 0.0  # when they were leased: stale tokens are dropped
-        self.fetching = False
+        self.fetch: asyncio.Future[bool] | None = None  # a lease in flight: did Redis answer?
+        self.waiting = 0  # sessions waiting for a token
 
 
 class _Flow:
@@ -614,33 +615,50 @@ class RedisState:
         if lease.tokens:
             lease.tokens -= 1
             self.stats["local_hits"] += 1
-            if batch > 1 and lease.tokens < batch / 2 and not lease.fetching:
-                lease.fetching = True
-                self._spawn(self._lease_tokens(lease, key, batch, now))
+            if batch > 1 and lease.tokens < batch / 2 and lease.fetch is None:  # refill ahead
+                self._fetch(lease, batch, now)
             return True
         return self._take_remote(lease, key, batch, now)
 
     async def _take_remote(self, lease: _Tokens, key: Hashable, batch: int, now: float) -> bool:
-        if not await self._lease_tokens(lease, key, batch, now) and not self._healthy:
-            self.stats["fallback"] += 1
-            return False if self.fail_closed else self._local.take(key, lease.rate, lease.burst, now)
-        if lease.tokens:
-            lease.tokens -= 1
-            return True
-        return False
+        lease.waiting += 1
+        try:
+            for _ in range(2):  # the lease in flight, then (if it brought too few) one for all waiting
+                if not await asyncio.shield(self._fetch(lease, max(batch, lease.waiting), now)):
+                    self.stats["fallback"] += 1
+                    return False if self.fail_closed else self._local.take(key, lease.rate, lease.burst, now)
+                if lease.tokens:
+                    lease.tokens -= 1
+                    return True
+            return False
+        finally:
+            lease.waiting -= 1
 
-    async def _lease_tokens(self, lease: _Tokens, key: Hashable, batch: int, now: float) -> bool:
+    def _fetch(self, lease: _Tokens, want: int, now: float) -> asyncio.Future[bool]:
+        """Lease up to ``want`` tokens (one lease in flight per bucket); whether Redis answered."""
+        if lease.fetch is None:
+            done = lease.fetch = asyncio.get_running_loop().create_future()
+            task = self._spawn(self._lease_tokens(lease, want, now, done))
+            if task is None:
+                done.set_result(False)
+            else:  # cancelled before it ran (close): its waiters must not wait for ever
+                task.add_done_callback(lambda _: done.done() or done.set_result(False))
+        return lease.fetch
+
+    async def _lease_tokens(self, lease: _Tokens, want: int, now: float, done: asyncio.Future[bool]) -> None:
+        answered = False
         try:
             answer = await self._call(
-                self._bucket, lease.name, self._script_now(now), lease.rate, lease.burst, batch, "t"
+                self._bucket, lease.name, self._script_now(now), lease.rate, lease.burst, want, "t"
             )
+            if answer is not None:
+                lease.tokens += int(answer[0])
+                lease.stamp = now
+                answered = True
         finally:
-            lease.fetching = False
-        if answer is None:
-            return False
-        lease.tokens += int(answer[0])
-        lease.stamp = now
-        return True
+            if lease.fetch is done:
+                lease.fetch = None
+            done.set_result(answered)
 
     def _batch(self, rate: float, burst: float) -> int:
         return max(1, min(int(burst), int(rate * self._lease_seconds)))
@@ -760,13 +778,14 @@ class RedisState:
     def _script_now(self, now: float) -> str | float:
         return "" if self._clock is None else now
 
-    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any] | None:
         if not self._started:  # closed: what it held is given back already
             work.close()
-            return
+            return None
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
+        return task
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

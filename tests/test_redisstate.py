@@ -311,6 +311,11 @@ def test_session_rates_are_shared_and_leased_in_batches(redis_server: RedisServe
             assert [await answer(b.take("slow", 10.0, 3.0, now)) for _ in range(3)] == [True, True, False]
             assert not await answer(a.take("slow", 10.0, 3.0, now))
             assert await answer(a.take("slow", 10.0, 3.0, now + 0.15))  # 1.5 tokens back at 10/s
+            # Sessions waiting on one bucket at once share a lease: one script asks for all of them.
+            calls = b.stats["redis_calls"]
+            takes = [answer(b.take("burst", 10.0, 3.0, now)) for _ in range(10)]
+            assert sum(await asyncio.gather(*takes)) == 3
+            assert b.stats["redis_calls"] - calls == 2  # the first (one token), then one for the 9 behind it
             # A high rate leases a batch (rate x 50 ms): the next takes are answered locally.
             assert await answer(a.take("fast", 1000.0, 100.0, now))
             assert all(a.take("fast", 1000.0, 100.0, now) is True for _ in range(20))
