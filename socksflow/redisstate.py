@@ -896,7 +896,7 @@ class RedisState:
             if flow.stamp < stale and not flow.pending:
                 del self._flows[text]
         for text, lease in list(self._tokens.items()):
-            if lease.stamp < stale:
+            if lease.stamp < stale and lease.fetch is None and not lease.waiting:
                 del self._tokens[text]
 
     async def _run(self) -> None:
@@ -910,12 +910,16 @@ class RedisState:
                     await self._heartbeat()
                 except _DOWN as exc:
                     self._down(exc)
+                except Exception:  # a refusal (say, NOAUTH): keep the heartbeat going regardless
+                    log.exception("redis state: heartbeat failed")
             else:
                 await asyncio.sleep(backoff)
                 try:
                     await self._join()
                     backoff = _BACKOFF[0]
-                except _DOWN:
+                except Exception as exc:
+                    if not isinstance(exc, _DOWN):
+                        log.exception("redis state: joining failed")
                     backoff = min(backoff * 2, _BACKOFF[1])
 
     async def _listen(self, pubsub: Any) -> None:
