@@ -1,0 +1,306 @@
+"""Limit state that every worker of one machine shares: counts, token buckets, blocks.
+
+``socksflow run --workers N`` forks N servers; a limit written once in ``rules.yaml`` must hold
+for all of them together.  The supervisor makes one :class:`SharedTable` before it forks: an
+anonymous shared mapping holding a fixed-size hash table and a process-shared *robust* mutex
+(a worker killed while holding it does not wedge the others: the next locker is told the
+owner died and carries on).  Each operation is one short critical section — a lock, a few
+field updates, an unlock — about a microsecond, so a session pays for sharing once or twice.
+
+Keys are hashed with Python's ``hash``: forked workers share the supervisor's hash seed, so a
+key hashes alike in all of them (this table is for one machine; Redis is for many).  Each slot
+keeps the concurrency count per worker as well as the total, so the supervisor can give back
+what a dead worker held (:meth:`SharedTable.release_worker`).
+
+A slot that carries no information (no count, a full bucket, no block, no recent event) is
+reused; a key finds its slot within a window of :data:`PROBE_WINDOW` slots.  When a window is
+full of live slots the operation cannot record anything: admission then refuses (an attacker
+who fills the table must not escape the limits) and bandwidth goes unpaced; both are logged
+once.  Size the table above the number of keys live at once (``slots``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+from collections.abc import Hashable
+
+log = logging.getLogger("socksflow.sharedstate")
+
+PROBE_WINDOW = 32
+DEFAULT_SLOTS = 65536
+_MUTEX_BYTES = 64  # pthread_mutex_t is 40 bytes on x86-64 glibc, 48 on arm64
+_ATTR_BYTES = 16
+_PTHREAD_PROCESS_SHARED = 1
+_PTHREAD_MUTEX_ROBUST = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class TableFull(Exception):
+    """No slot could be found or made for a key (the probe window is full of live slots)."""
+
+
+def _slot_type(workers: int) -> type[ctypes.Structure]:
+    class Slot(ctypes.Structure):
+        _fields_ = (
+            ("key", ctypes.c_int64),  # hash(key); 0 = free
+            ("total", ctypes.c_int64),  # concurrency count, all workers
+            ("tokens", ctypes.c_double),  # token bucket
+            ("stamp", ctypes.c_double),
+            ("rate", ctypes.c_double),
+            ("burst", ctypes.c_double),
+            ("until", ctypes.c_double),  # blocked until (monotonic)
+            ("window", ctypes.c_double),  # start of the current event window
+            ("current", ctypes.c_int64),  # events in the current window
+            ("previous", ctypes.c_int64),  # events in the window before it
+            ("span", ctypes.c_double),  # the windows' length
+            ("counts", ctypes.c_int32 * workers),  # concurrency count per worker
+        )
+
+    return Slot
+
+
+class SharedTable:
+    """A hash table of limit state in memory shared by forked workers (make it before forking)."""
+
+    def __init__(self, workers: int, slots: int = DEFAULT_SLOTS) -> None:
+        if workers < 1 or slots < PROBE_WINDOW:
+            raise ValueError("a shared table needs at least one worker and PROBE_WINDOW slots")
+        self.workers = workers
+        self.worker = 0  # this process's column: set by each worker after the fork
+        slot_type = _slot_type(workers)
+        size = _MUTEX_BYTES + ctypes.sizeof(slot_type) * slots
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._mutex = ctypes.byref(ctypes.c_char.from_buffer(self._map, 0))
+        self._slots = (slot_type * slots).from_buffer(self._map, _MUTEX_BYTES)
+        self._size = slots
+        self._full_logged = False
+        attr = ctypes.create_string_buffer(_ATTR_BYTES)
+        for call, argument in (
+            (_libc.pthread_mutexattr_init, None),
+            (_libc.pthread_mutexattr_setpshared, _PTHREAD_PROCESS_SHARED),
+            (_libc.pthread_mutexattr_setrobust, _PTHREAD_MUTEX_ROBUST),
+        ):
+            rc = call(attr) if argument is None else call(attr, argument)
+            if rc:
+                raise OSError(rc, f"{call.__name__}: {errno.errorcode.get(rc, rc)}")
+        rc = _libc.pthread_mutex_init(self._mutex, attr)
+        if rc:
+            raise OSError(rc, f"pthread_mutex_init: {errno.errorcode.get(rc, rc)}")
+
+    # ------------------------------------------------------------------ locking
+
+    def _lock(self) -> None:
+        rc = _libc.pthread_mutex_lock(self._mutex)
+        if rc == errno.EOWNERDEAD:  # a worker died inside a critical section: its update may be half done
+            _libc.pthread_mutex_consistent(self._mutex)
+        elif rc:
+            raise OSError(rc, "pthread_mutex_lock failed")
+
+    def _unlock(self) -> None:
+        _libc.pthread_mutex_unlock(self._mutex)
+
+    # ------------------------------------------------------------------ slots
+
+    def _slot(self, key: Hashable, now: float, create: bool) -> ctypes.Structure | None:
+        """The key's slot (caller holds the lock); a new one if ``create``; raises TableFull."""
+        wanted = _mix(hash(key))
+        slots = self._slots
+        start = wanted % self._size
+        reusable = None
+        for probe in range(PROBE_WINDOW):
+            slot = slots[(start + probe) % self._size]
+            if slot.key == wanted:
+                return slot
+            if reusable is None and (slot.key == 0 or _forgettable(slot, now)):
+                reusable = slot
+        if not create:
+            return None
+        if reusable is None:
+            if not self._full_logged:
+                self._full_logged = True
+                log.error(
+                    "shared limit table full (%d slots): new keys are refused; raise its size", self._size
+                )
+            raise TableFull(key)
+        ctypes.memset(ctypes.addressof(reusable), 0, ctypes.sizeof(reusable))
+        reusable.key = wanted
+        reusable.window = now
+        return reusable
+
+    # ------------------------------------------------------------------ concurrency counts
+
+    def acquire(self, key: Hashable, limit: int, now: float) -> bool:
+        """Count one more session under ``key`` unless ``limit`` are already counted."""
+        self._lock()
+        try:
+            try:
+                slot = self._slot(key, now, True)
+            except TableFull:
+                return False
+            if slot.total >= limit:
+                return False
+            slot.total += 1
+            slot.counts[self.worker] += 1
+            return True
+        finally:
+            self._unlock()
+
+    def release(self, key: Hashable) -> None:
+        """Give back one session counted by this worker under ``key``."""
+        self._lock()
+        try:
+            slot = self._slot(key, 0.0, False)
+            if slot is not None and slot.counts[self.worker] > 0:
+                slot.counts[self.worker] -= 1
+                slot.total -= 1
+        finally:
+            self._unlock()
+
+    def count(self, key: Hashable) -> int:
+        """Sessions counted under ``key`` by every worker."""
+        self._lock()
+        try:
+            slot = self._slot(key, 0.0, False)
+            return 0 if slot is None else slot.total
+        finally:
+            self._unlock()
+
+    def release_worker(self, worker: int) -> int:
+        """Give back everything ``worker`` held (it died); the number of sessions released."""
+        released = 0
+        self._lock()
+        try:
+            for slot in self._slots:
+                held = slot.counts[worker]
+                if held:
+                    slot.counts[worker] = 0
+                    slot.total -= held
+                    released += held
+        finally:
+            self._unlock()
+        return released
+
+    # ------------------------------------------------------------------ token buckets
+
+    def take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
+        """Take one token from the bucket ``key`` (``rate``/s, at most ``burst``; starts full)."""
+        self._lock()
+        try:
+            try:
+                slot = self._bucket(key, rate, burst, now)
+            except TableFull:
+                return False
+            if slot.tokens >= 1:
+                slot.tokens -= 1
+                return True
+            return False
+        finally:
+            self._unlock()
+
+    def charge(self, key: Hashable, rate: float, burst: float, amount: float, now: float) -> float:
+        """Take ``amount`` tokens, into debt if need be; the seconds until the debt is paid."""
+        self._lock()
+        try:
+            try:
+                slot = self._bucket(key, rate, burst, now)
+            except TableFull:
+                return 0.0
+            slot.tokens -= amount
+            return -slot.tokens / rate if slot.tokens < 0 else 0.0
+        finally:
+            self._unlock()
+
+    def _bucket(self, key: Hashable, rate: float, burst: float, now: float) -> ctypes.Structure:
+        slot = self._slot(key, now, True)
+        if slot.rate != rate or slot.burst != burst:  # new, or a reload changed the limit
+            slot.rate, slot.burst, slot.tokens, slot.stamp = rate, burst, burst, now
+        else:
+            slot.tokens = min(burst, slot.tokens + (now - slot.stamp) * rate)
+            slot.stamp = now
+        return slot
+
+    # ------------------------------------------------------------------ events and blocks
+
+    def record(self, key: Hashable, within: float, now: float) -> float:
+        """Count one event (a failed login) under ``key``; the events in the last ``within`` seconds.
+
+        A sliding window estimated from two fixed ones: the previous window's count weighted
+        by how much of it the sliding window still covers, plus the current window's.
+        """
+        self._lock()
+        try:
+            try:
+                slot = self._slot(key, now, True)
+            except TableFull:
+                return float("inf")
+            slot.span = within
+            _roll(slot, within, now)
+            slot.current += 1
+            covered = 1.0 - (now - slot.window) / within
+            return slot.previous * covered + slot.current
+        finally:
+            self._unlock()
+
+    def forget_events(self, key: Hashable) -> None:
+        """Start counting ``key``'s events afresh (after a block)."""
+        self._lock()
+        try:
+            slot = self._slot(key, 0.0, False)
+            if slot is not None:
+                slot.current = slot.previous = 0
+        finally:
+            self._unlock()
+
+    def block(self, key: Hashable, until: float, now: float) -> bool:
+        """Block ``key`` until ``until``; True if it was not blocked already (log it once)."""
+        self._lock()
+        try:
+            try:
+                slot = self._slot(key, now, True)
+            except TableFull:
+                return False
+            fresh = slot.until <= now
+            slot.until = max(slot.until, until)
+            return fresh
+        finally:
+            self._unlock()
+
+    def blocked_until(self, key: Hashable, now: float) -> float:
+        """When ``key``'s block ends, or 0.0 if it is not blocked."""
+        self._lock()
+        try:
+            slot = self._slot(key, now, False)
+            return slot.until if slot is not None and slot.until > now else 0.0
+        finally:
+            self._unlock()
+
+
+def _mix(value: int) -> int:
+    """Spread ``hash`` values (small ints hash to themselves) over a non-zero signed 64-bit key."""
+    mixed = (value * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    mixed ^= mixed >> 32
+    if mixed >= 1 << 63:
+        mixed -= 1 << 64
+    return mixed or 1
+
+
+def _roll(slot: ctypes.Structure, within: float, now: float) -> None:
+    elapsed = now - slot.window
+    if elapsed >= 2 * within:
+        slot.previous = slot.current = 0
+        slot.window = now
+    elif elapsed >= within:
+        slot.previous, slot.current = slot.current, 0
+        slot.window += within
+
+
+def _forgettable(slot: ctypes.Structure, now: float) -> bool:
+    if slot.total or slot.until > now:
+        return False
+    if (slot.current or slot.previous) and now - slot.window < 2 * slot.span:
+        return False
+    return slot.rate == 0 or slot.tokens + (now - slot.stamp) * slot.rate >= slot.burst

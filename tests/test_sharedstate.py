@@ -1,0 +1,127 @@
+"""The limit table shared by forked workers: real processes, real shared memory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from socksflow.sharedstate import PROBE_WINDOW, SharedTable
+
+pytestmark = pytest.mark.smoke
+
+
+def _in_child(table: SharedTable, worker: int, action) -> int:  # type: ignore[no-untyped-def]
+    """Run ``action`` in a forked worker; its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            table.worker = worker
+            code = action()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_counts_made_in_one_worker_hold_in_the_other_and_are_given_back_when_it_dies() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    now = time.monotonic()
+
+    def hold_three() -> int:
+        return 0 if all(table.acquire("alice", 5, now) for _ in range(3)) else 1
+
+    assert _in_child(table, 1, hold_three) == 0
+    assert table.count("alice") == 3
+    assert [table.acquire("alice", 5, now) for _ in range(3)] == [True, True, False]
+    assert table.count("alice") == 5
+    assert table.release_worker(1) == 3  # the supervisor, after waitpid
+    assert table.count("alice") == 2
+    table.release("alice")
+    table.release("alice")
+    table.release("alice")  # more releases than acquisitions change nothing
+    assert table.count("alice") == 0
+
+
+def test_two_workers_racing_for_a_limit_get_exactly_the_limit_between_them() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    now = time.monotonic()
+    read_fd, write_fd = os.pipe()
+
+    def grab() -> int:
+        granted = sum(table.acquire("k", 700, now) for _ in range(1000))
+        os.write(write_fd, str(granted).encode())
+        return 0
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            table.worker = 1
+            grab()
+        finally:
+            os._exit(0)
+    mine = sum(table.acquire("k", 700, now) for _ in range(1000))
+    os.waitpid(pid, 0)
+    theirs = int(os.read(read_fd, 100))
+    os.close(read_fd)
+    os.close(write_fd)
+    assert mine + theirs == 700
+    assert table.count("k") == 700
+
+
+def test_a_worker_killed_while_holding_the_lock_does_not_wedge_the_others() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        table._lock()
+        os.write(write_fd, b"locked")
+        time.sleep(60)
+        os._exit(0)
+    assert os.read(read_fd, 6) == b"locked"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read_fd)
+    os.close(write_fd)
+    assert table.acquire("after", 1, time.monotonic())  # would hang forever on a plain mutex
+
+
+def test_a_bucket_is_shared_and_refills_at_its_rate() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    assert _in_child(table, 1, lambda: 0 if table.take("rate", 10.0, 3.0, 100.0) else 1) == 0
+    assert [table.take("rate", 10.0, 3.0, 100.0) for _ in range(3)] == [True, True, False]
+    assert table.take("rate", 10.0, 3.0, 100.15)  # a token and a half back after 0.15 s at 10/s
+    assert not table.take("rate", 10.0, 3.0, 100.15)
+    # Bandwidth: charges go into debt, and the debt says how long to pause.
+    assert table.charge("bytes", 1000.0, 1000.0, 1500, 200.0) == pytest.approx(0.5)
+    assert table.charge("bytes", 1000.0, 1000.0, 500, 200.5) == pytest.approx(0.5)
+    # A reload that changes the rate starts the bucket afresh.
+    assert table.charge("bytes", 2000.0, 2000.0, 1000, 200.5) == 0.0
+
+
+def test_events_within_a_window_and_blocks_logged_once() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    assert _in_child(table, 1, lambda: 0 if table.record("ip", 60.0, 1000.0) == 1 else 1) == 0
+    assert table.record("ip", 60.0, 1001.0) == 2
+    # Half of the previous window is still covered: 2 * 0.5 + 1.
+    assert table.record("ip", 60.0, 1090.0) == pytest.approx(2.0)
+    assert table.record("ip", 60.0, 1300.0) == 1  # long after: starts over
+    assert table.block("ip", 1400.0, 1300.0) is True
+    assert table.block("ip", 1450.0, 1310.0) is False  # already blocked: no second log line
+    assert table.blocked_until("ip", 1320.0) == 1450.0
+    assert table.blocked_until("ip", 1450.0) == 0.0
+    table.forget_events("ip")
+    assert table.record("ip", 60.0, 1301.0) == 1
+
+
+def test_slots_without_information_are_reused_and_a_full_window_refuses_admission() -> None:
+    table = SharedTable(workers=1, slots=PROBE_WINDOW)
+    for key in range(PROBE_WINDOW):
+        assert table.acquire(key, 1, 0.0)
+    assert not table.acquire("one too many", 1, 0.0)  # refused, not unlimited
+    assert table.charge("unpaced", 1.0, 1.0, 10, 0.0) == 0.0
+    table.release(0)
+    assert table.acquire("one too many", 1, 0.0)  # key 0's slot held nothing any more
