@@ -1,0 +1,562 @@
+"""GSSAPI (RFC 1961) against a real MIT KDC, with a client written here on the ``gssapi`` library.
+
+Each test logs in with a real Kerberos ticket (or fails to, on purpose) and asserts the bytes
+the proxy answers: context tokens, the ``01 FF`` abort, the protection level, and the request,
+reply and relayed data in ``01 03`` frames wrapped under the level agreed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import recv_all, require_tool, serve_tcp, wait_until
+from kdc import OTHER_SERVICE, REALM, SERVICE, TOOLS, Kdc, start_kdc
+
+import socksflow
+from socksflow import protocol
+from socksflow.protocol import Address, Command, Method, Reply
+from socksflow.testing import Socks5Client
+
+try:
+    import gssapi
+    from gssapi.exceptions import GSSError
+except ImportError:  # CI installs it (the test extra); elsewhere, say what is missing
+    gssapi = None
+
+ABORT = b"\x01\xff"
+DOWNLOAD_SIZE = 20 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def kdc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kdc]:
+    """One KDC for the whole run; its KRB5_* variables are this process's while it runs."""
+    if gssapi is None:
+        if os.environ.get("CI"):
+            pytest.fail("the gssapi library is not installed, and CI must install it (the test extra)")
+        pytest.skip("the gssapi library is not installed (pip install 'socksflow[gssapi]')")
+    for tool in TOOLS:
+        require_tool(tool)
+    with start_kdc(tmp_path_factory.mktemp("kdc")) as running, pytest.MonkeyPatch.context() as env:
+        for name, value in running.env.items():
+            env.setenv(name, value)
+        yield running
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+def frame(mtyp: int, token: bytes) -> bytes:
+    return struct.pack("!BBH", 1, mtyp, len(token)) + token
+
+
+class GssClient:
+    """A SOCKS5 client that authenticates with GSSAPI as RFC 1961 says, over a blocking socket."""
+
+    def __init__(self, server: Any, kdc: Kdc, user: str = "alice", service: str = SERVICE) -> None:
+        self.socks = Socks5Client(server.address)
+        self.sock = self.socks.sock
+        self.kdc = kdc
+        self.user = user
+        self.service = service
+        self.context: Any = None
+        self.encrypt: bool | None = None  # None: no per-message protection
+        self._plain = b""
+
+    def close(self) -> None:
+        self.socks.close()
+
+    def __enter__(self) -> GssClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def new_context(self) -> Any:
+        credentials = gssapi.Credentials(
+            usage="initiate", store={"ccache": f"FILE:{self.kdc.ccache(self.user)}"}
+        )
+        flags = gssapi.RequirementFlag
+        wanted = (
+            flags.mutual_authentication | flags.integrity | flags.confidentiality
+            | flags.replay_detection | flags.out_of_sequence_detection
+        )  # fmt: skip
+        target = gssapi.Name(self.service.replace("/", "@", 1), gssapi.NameType.hostbased_service)
+        return gssapi.SecurityContext(name=target, creds=credentials, usage="initiate", flags=wanted)
+
+    def read_message(self) -> tuple[int, bytes]:
+        """(mtyp, token) of the server's next message; (0xFF, b"") for an abort."""
+        head = self.socks.recv_exactly(2)
+        assert head[0] == 1, f"not an RFC 1961 message: {head!r}"
+        if head[1] == 0xFF:
+            return 0xFF, b""
+        (length,) = struct.unpack("!H", self.socks.recv_exactly(2))
+        return head[1], self.socks.recv_exactly(length)
+
+    def establish(self) -> None:
+        assert self.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        self.context = self.new_context()
+        token = self.context.step()
+        while True:
+            if token:
+                self.sock.sendall(frame(1, token))
+            if self.context.complete:
+                return
+            mtyp, answer = self.read_message()
+            assert mtyp == 1, f"context establishment failed: message type {mtyp:02x}"
+            token = self.context.step(answer)
+
+    def level_message(self, level: int, nec: bool = False) -> bytes:
+        octet = bytes((level,))
+        return frame(2, octet if nec else self.context.wrap(octet, False).message)
+
+    def agree(self, level: int, nec: bool = False) -> int:
+        """Ask for ``level``; the level the server granted (0xFF: it aborted)."""
+        self.sock.sendall(self.level_message(level, nec))
+        return self.read_level(nec)
+
+    def read_level(self, nec: bool = False) -> int:
+        mtyp, token = self.read_message()
+        if mtyp == 0xFF:
+            return 0xFF
+        assert mtyp == 2
+        octet = token if nec else self.context.unwrap(token).message
+        granted = octet[0]
+        self.encrypt = {0: None, 1: False, 2: True}[granted]
+        return granted
+
+    def login(self, level: int = 2) -> None:
+        self.establish()
+        assert self.agree(level) == level
+
+    def wrap(self, data: bytes) -> bytes:
+        if self.encrypt is None:
+            return data
+        out = b""
+        for start in range(0, len(data), 60000):
+            out += frame(3, self.context.wrap(data[start : start + 60000], self.encrypt).message)
+        return out
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(self.wrap(data))
+
+    def recv(self) -> bytes:
+        """The next plaintext chunk (one frame's worth); b"" when the server closed."""
+        if self.encrypt is None:
+            return self.sock.recv(65536)
+        head = self.sock.recv(4, socket.MSG_WAITALL)
+        if not head:
+            return b""
+        assert len(head) == 4 and head[:2] == b"\x01\x03", f"not a data frame: {head!r}"
+        token = self.socks.recv_exactly(struct.unpack("!H", head[2:])[0])
+        result = self.context.unwrap(token)
+        assert result.encrypted == self.encrypt
+        return result.message
+
+    def recv_exactly(self, n: int) -> bytes:
+        while len(self._plain) < n:
+            chunk = self.recv()
+            if not chunk:
+                raise ConnectionError(f"closed after {len(self._plain)} of {n} bytes")
+            self._plain += chunk
+        data, self._plain = self._plain[:n], self._plain[n:]
+        return data
+
+    def connect(self, destination: Address | str) -> tuple[int, Address]:
+        if isinstance(destination, str):
+            destination = Address.parse(destination)
+        return self.request(Command.CONNECT, destination)
+
+    def request(self, command: Command, destination: Address) -> tuple[int, Address]:
+        self.send(protocol.build_request(command, destination))
+        head = self.recv_exactly(5)
+        size = {protocol.AddressType.IPV4: 10, protocol.AddressType.IPV6: 22}.get(head[3], 7 + head[4])
+        parsed = protocol.parse_reply(head + self.recv_exactly(size - 5))
+        assert parsed is not None
+        return int(parsed[0]), parsed[1]
+
+
+class Sessions:
+    """Records every finished session."""
+
+    __name__ = "sessions"
+
+    def __init__(self) -> None:
+        self.ended: list[Any] = []
+
+    @socksflow.hookimpl
+    def socksflow_session_end(self, session: Any) -> None:
+        self.ended.append(session)
+
+    def closed_for(self, reason: str) -> Any:
+        """The session that ended with ``reason`` in its close reason (waiting for it)."""
+        found = lambda: [s for s in self.ended if reason in s.close_reason]  # noqa: E731
+        assert wait_until(lambda: bool(found())), (
+            f"no session closed for {reason!r}: {[s.close_reason for s in self.ended]}"
+        )
+        return found()[-1]
+
+    def of(self, user: str, count: int = 1) -> list[Any]:
+        """The ``count`` ended sessions of ``user`` (waiting for them)."""
+        found = lambda: [s for s in self.ended if s.identity.user == user]  # noqa: E731
+        assert wait_until(lambda: len(found()) >= count), (
+            f"{user}: {len(found())} sessions ended, not {count}"
+        )
+        return found()
+
+
+def config(kdc: Kdc, extra: str = "", **gss: str) -> str:
+    settings = {"keytab": str(kdc.keytab), **gss}
+    body = ", ".join(f"{key}: {value}" for key, value in settings.items())
+    return f"auth: {{methods: [gssapi]}}\ngssapi: {{{body}}}\n{extra}"
+
+
+@pytest.fixture
+def sessions() -> Sessions:
+    return Sessions()
+
+
+@pytest.fixture
+def proxy(socksflow_server: Any, kdc: Kdc, sessions: Sessions) -> Any:
+    """A proxy with the default GSSAPI settings (integrity or confidentiality)."""
+    return socksflow_server(config(kdc), plugins=[sessions])
+
+
+class Blob(socketserver.BaseRequestHandler):
+    """Sends the same 20 MB of random bytes to every client, then closes."""
+
+    blob = os.urandom(DOWNLOAD_SIZE)
+
+    def handle(self) -> None:
+        self.request.sendall(self.blob)
+
+
+@pytest.fixture(scope="module")
+def blob_target() -> Iterator[tuple[str, int]]:
+    yield from serve_tcp(Blob)
+
+
+def assert_refused(client: GssClient, sessions: Sessions, reason: str) -> Any:
+    """The server sent ``01 FF`` and closed; the session is a failed login."""
+    assert recv_all(client.sock) == ABORT
+    client.close()  # the server waits for the client to close first (RFC 1928 §6 lingering)
+    session = sessions.closed_for(reason)
+    assert session.authenticated is False
+    assert session.method == Method.GSSAPI
+    return session
+
+
+# ---------------------------------------------------------------------------- protection levels
+
+
+def test_confidentiality_20mb_download_and_echo(proxy, kdc, sessions, blob_target, echo_target):
+    with GssClient(proxy, kdc) as client:
+        client.login(level=2)
+        code, _ = client.connect("{}:{}".format(*blob_target))
+        assert code == Reply.SUCCEEDED
+        digest, received = hashlib.sha256(), 0
+        while chunk := client.recv():
+            digest.update(chunk)
+            received += len(chunk)
+    assert received == DOWNLOAD_SIZE
+    assert digest.hexdigest() == hashlib.sha256(Blob.blob).hexdigest()
+    (session,) = sessions.of("alice")
+    assert (session.authenticated, session.bytes_down, session.bytes_up) == (True, DOWNLOAD_SIZE, 0)
+
+    upload = os.urandom(3 * 1024 * 1024 + 17)  # many frames up, many down
+    with GssClient(proxy, kdc) as client:
+        client.login(level=2)
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+        sender = threading.Thread(target=client.send, args=(upload,))
+        sender.start()
+        assert client.recv_exactly(len(upload)) == upload
+        sender.join()
+
+
+@pytest.mark.parametrize(("level", "visible"), [(1, True), (2, False)], ids=["integrity", "confidentiality"])
+def test_the_level_agreed_is_what_travels(proxy, kdc, echo_target, level, visible):
+    """Under integrity the data is readable on the wire (signed); under confidentiality it is not."""
+    marker = b"plaintext-marker-" * 8
+    with GssClient(proxy, kdc) as client:
+        client.login(level)
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+        client.send(marker)
+        raw = client.sock.recv(4, socket.MSG_WAITALL)
+        assert raw[:2] == b"\x01\x03"
+        token = client.socks.recv_exactly(struct.unpack("!H", raw[2:])[0])
+        assert (marker in token) is visible
+        unwrapped = client.context.unwrap(token)
+        assert (unwrapped.message, unwrapped.encrypted) == (marker, not visible)
+
+
+def test_no_protection_only_when_enabled(socksflow_server, proxy, kdc, sessions, echo_target):
+    with GssClient(proxy, kdc) as client:
+        client.establish()
+        assert client.agree(0) == 0xFF  # the default grants integrity and confidentiality only
+    assert sessions.closed_for("protection level 0 asked").authenticated is False
+
+    clear = socksflow_server(config(kdc, protection="[none, integrity, confidentiality]"))
+    with GssClient(clear, kdc) as client:
+        client.login(level=0)
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+        client.sock.sendall(b"in the clear")  # no frames at all
+        assert client.socks.recv_exactly(12) == b"in the clear"
+
+
+def test_a_level_not_granted_is_answered_with_the_best_below_or_refused(socksflow_server, kdc, sessions):
+    integrity_only = socksflow_server(config(kdc, protection="[integrity]"), plugins=[sessions])
+    with GssClient(integrity_only, kdc) as client:
+        client.establish()
+        assert client.agree(2) == 1  # RFC 1961 §4.3: the server may agree to less
+    with GssClient(integrity_only, kdc) as client:
+        client.establish()
+        assert client.agree(3) == 1  # per-message choice: answered with a level this server grants
+
+    confidential = socksflow_server(config(kdc, protection="[confidentiality]"), plugins=[sessions])
+    with GssClient(confidential, kdc) as client:
+        client.establish()
+        assert client.agree(1) == 0xFF  # never more than asked
+        assert recv_all(client.sock) == b""
+    sessions.closed_for("protection level 1 asked; this server grants [2]")
+
+
+def test_nec_variant_only_when_enabled(socksflow_server, kdc, sessions, echo_target):
+    strict = socksflow_server(config(kdc), plugins=[sessions])
+    with GssClient(strict, kdc) as client:
+        client.establish()
+        assert client.agree(2, nec=True) == 0xFF
+    sessions.closed_for("NEC")
+
+    nec = socksflow_server(config(kdc, nec="true"))
+    with GssClient(nec, kdc) as client:
+        client.establish()
+        assert client.agree(2, nec=True) == 2
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+        client.send(b"nec")
+        assert client.recv_exactly(3) == b"nec"
+
+
+def test_request_and_data_sent_ahead_of_the_answers(proxy, kdc, echo_target):
+    """Level, request and data in one segment: bytes past the sub-negotiation are unwrapped too."""
+    with GssClient(proxy, kdc) as client:
+        client.establish()
+        client.encrypt = True
+        destination = Address.parse("{}:{}".format(*echo_target))
+        client.sock.sendall(
+            client.level_message(2) + client.wrap(protocol.build_request(Command.CONNECT, destination))
+            + client.wrap(b"optimistic")
+        )  # fmt: skip
+        assert client.read_level() == 2
+        assert client.recv_exactly(10)[1] == Reply.SUCCEEDED
+        assert client.recv_exactly(10) == b"optimistic"
+
+
+# ---------------------------------------------------------------------------- identity, rules, limits
+
+
+def test_rules_and_limits_see_the_kerberos_user(socksflow_server, kdc, sessions, echo_target):
+    host, port = echo_target
+    rules = f"""
+groups: {{staff: [alice]}}
+rules:
+  - allow: {{group: staff, to: [{host}], port: [{port}]}}
+limits:
+  - match: {{user: alice}}
+    max_sessions: 1
+"""
+    server = socksflow_server(config(kdc, rules), plugins=[sessions])
+    with GssClient(server, kdc, user="bob") as bob:
+        bob.login()
+        assert bob.connect(f"{host}:{port}")[0] == Reply.NOT_ALLOWED  # the reply is wrapped too
+        assert bob.recv() == b""
+    (session,) = sessions.of("bob")
+    assert (session.authenticated, session.verdict.allowed, session.reply) == (True, False, Reply.NOT_ALLOWED)
+
+    with GssClient(server, kdc) as first, GssClient(server, kdc) as second:
+        first.login()
+        assert first.connect(f"{host}:{port}")[0] == Reply.SUCCEEDED
+        second.login()
+        assert second.connect(f"{host}:{port}")[0] == Reply.NOT_ALLOWED  # alice's one session is open
+        first.send(b"still here")
+        assert first.recv_exactly(10) == b"still here"
+    alice = sessions.of("alice", 2)
+    assert sorted(s.reply for s in alice) == [Reply.SUCCEEDED, Reply.NOT_ALLOWED]
+    assert all(s.identity.groups == frozenset({"staff"}) for s in alice)
+
+
+def test_realm_kept_when_configured(socksflow_server, kdc, sessions, echo_target):
+    server = socksflow_server(config(kdc, strip_realm="false"), plugins=[sessions])
+    with GssClient(server, kdc) as client:
+        client.login()
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+    sessions.of(f"alice@{REALM}")
+
+
+def test_udp_associate_is_refused_on_a_protected_session(proxy, kdc):
+    with GssClient(proxy, kdc) as client:
+        client.login()
+        code, _ = client.request(Command.UDP_ASSOCIATE, Address.parse("0.0.0.0:0"))
+        assert code == Reply.COMMAND_NOT_SUPPORTED
+
+
+# ---------------------------------------------------------------------------- failures: 01 FF, then close
+
+
+def test_wrong_service_principal(proxy, kdc, sessions):
+    with GssClient(proxy, kdc, service=OTHER_SERVICE) as client:  # a real ticket, for another service
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(frame(1, client.new_context().step()))
+        assert_refused(client, sessions, "context not accepted")
+
+
+def test_absent_ticket(proxy, kdc, sessions, tmp_path):
+    """Without a ticket the client cannot make a token; what it sends instead is refused."""
+    empty = tmp_path / "empty.ccache"
+    subprocess.run(["kdestroy", "-c", f"FILE:{empty}"], env=kdc.env, capture_output=True, check=False)
+    with pytest.raises(GSSError):
+        credentials = gssapi.Credentials(usage="initiate", store={"ccache": f"FILE:{empty}"})
+        gssapi.SecurityContext(
+            name=gssapi.Name(SERVICE, gssapi.NameType.kerberos_principal), creds=credentials, usage="initiate"
+        ).step()
+    with GssClient(proxy, kdc) as client:  # RFC 1961 §3.3: such a client aborts
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(ABORT)
+        assert_refused(client, sessions, "the client aborted")
+    with GssClient(proxy, kdc) as client:  # a client that sends something anyway
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(frame(1, b"no ticket, no token"))
+        assert_refused(client, sessions, "context not accepted")
+
+
+def test_corrupted_token(proxy, kdc, sessions):
+    with GssClient(proxy, kdc) as client:
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        token = bytearray(client.new_context().step())
+        token[len(token) // 2] ^= 0xFF
+        client.sock.sendall(frame(1, bytes(token)))
+        assert_refused(client, sessions, "context not accepted")
+
+
+def test_oversized_token_is_refused_before_it_is_read(proxy, kdc, sessions):
+    with GssClient(proxy, kdc) as client:
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(b"\x01\x01" + struct.pack("!H", 60000))  # the body never comes
+        assert_refused(client, sessions, "a token of 60000 bytes")
+
+
+def test_wrong_version_or_message_type(proxy, kdc, sessions):
+    for message in (b"\x02\x01\x00\x01x", b"\x01\x03\x00\x01x"):
+        with GssClient(proxy, kdc) as client:
+            assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+            client.sock.sendall(message)
+            assert_refused(client, sessions, f"got {message[:2].hex(' ')}")
+
+
+def test_corrupted_data_frame_closes_the_session(proxy, kdc, sessions, echo_target):
+    with GssClient(proxy, kdc) as client:
+        client.login()
+        wrapped = bytearray(
+            client.wrap(protocol.build_request(Command.CONNECT, Address.parse("{}:{}".format(*echo_target))))
+        )
+        wrapped[-1] ^= 0x01
+        client.sock.sendall(bytes(wrapped))
+        assert client.sock.recv(100) == b""  # no reply, and a close (not a reset): the frame failed its check
+    (session,) = sessions.of("alice")
+    assert session.reply is None
+    assert session.close_reason.startswith("protocol error: GSSAPI: a frame failed gss_unwrap")
+
+    with GssClient(proxy, kdc) as client:  # the same in the relay: the tunnel ends
+        client.login()
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+        wrapped = bytearray(client.wrap(b"tampered"))
+        wrapped[-1] ^= 0x01
+        client.sock.sendall(bytes(wrapped))
+        assert client.sock.recv(100) == b""
+    (_, session) = sessions.of("alice", 2)
+    assert session.reply == Reply.SUCCEEDED and session.bytes_up == 0
+    assert session.close_reason.startswith("relay error: GSSAPI: a frame failed gss_unwrap")
+
+
+def test_handshake_timeout_covers_the_sub_negotiation(socksflow_server, kdc, sessions):
+    server = socksflow_server(config(kdc, "timeouts: {handshake: 1s}"), plugins=[sessions])
+    with GssClient(server, kdc) as client:
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(b"\x01\x01\x00\x10")  # and then nothing
+        assert recv_all(client.sock) == b""
+    sessions.closed_for("handshake timed out")
+
+
+def test_gssapi_and_userpass_in_the_operators_order(socksflow_server, kdc, tmp_path):
+    from helpers import write_htpasswd
+
+    write_htpasswd(tmp_path / "users", {"carol": "pw"})
+    server = socksflow_server(config(kdc).replace("[gssapi]", "[gssapi, userpass], users: users"))
+    with Socks5Client(server.address) as client:
+        assert client.greet([Method.USERPASS, Method.GSSAPI]) == Method.GSSAPI
+    with Socks5Client(server.address) as client:
+        assert client.greet([Method.USERPASS]) == Method.USERPASS
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_configuration_errors_name_the_key(kdc, tmp_path):
+    from socksflow import app
+    from socksflow.config import Config
+    from socksflow.errors import ConfigErrors
+
+    cases = {
+        "gssapi: {keytab: missing.keytab}\n": "rules.yaml:1: gssapi.keytab: no keytab file",
+        f"gssapi: {{keytab: {kdc.keytab}, service: nfs}}\n": "rules.yaml:1: gssapi.service: no key for 'nfs'",
+        f"gssapi: {{keytab: {kdc.keytab}, protection: [secret]}}\n": "rules.yaml:1: gssapi.protection[0]",
+        "auth: {methods: [gssapi]}\n": "rules.yaml:1: auth.methods: 'gssapi' needs a gssapi section",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "rules.yaml"
+        path.write_text(text)
+        loaded = Config.from_file(path)
+        with pytest.raises(ConfigErrors) as raised:
+            app.configure(app.build_plugin_manager(loaded), loaded)
+        assert expected in str(raised.value), str(raised.value)
+
+
+def test_without_the_library_the_plugin_is_dormant_and_says_why(tmp_path):
+    """``import gssapi`` failing (None in sys.modules) stands for the library not installed."""
+    script = (
+        "import sys; sys.modules['gssapi'] = None\n"
+        "from socksflow.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    listed = subprocess.run(
+        [sys.executable, "-c", script, "plugins"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "gssapi 0.1.0" in listed.stdout
+    assert "    dormant: the gssapi library cannot be imported" in listed.stdout
+    assert "pip install 'socksflow[gssapi]'" in listed.stdout
+    (tmp_path / "rules.yaml").write_text("gssapi: {}\n")
+    checked = subprocess.run(
+        [sys.executable, "-c", script, "check"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert checked.returncode != 0
+    assert "rules.yaml:1: gssapi: the gssapi library cannot be imported" in checked.stdout + checked.stderr
+
+
+def test_kdc_fixture_is_a_real_kdc(kdc):
+    """The fixture's KDC issued the tickets the tests use (not a cached or system one)."""
+    klist = subprocess.run(
+        ["klist", "-c", f"FILE:{kdc.ccache('alice')}"], capture_output=True, text=True, env=kdc.env
+    )
+    assert f"alice@{REALM}" in klist.stdout and f"krbtgt/{REALM}@{REALM}" in klist.stdout
+    assert "AS_REQ" in kdc.log
+    assert Path(kdc.keytab).is_file()
