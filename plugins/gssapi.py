@@ -226,8 +226,10 @@ def _user(context: Any, strip_realm: bool) -> str:
 
 
 def _describe(error: Exception) -> str:
-    text = str(error)
-    return re.sub(r"\s+", " ", text).strip() or type(error).__name__
+    """The library's messages without status numbers and the "see the minor code" preamble."""
+    text = re.sub(r"(Major|Minor) \(\d+\): ", "", str(error))
+    text = re.sub(r"Unspecified GSS failure\.\s+Minor code may provide more information,?\s*", "", text)
+    return re.sub(r"\s+", " ", text).strip(" ,") or type(error).__name__
 
 
 class GssProtection:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 from helpers import serve_tcp
+from kdc import kdc  # noqa: F401 - the session's Kerberos realm, for test_gssapi and test_docs
 
 BLOB_SIZE = 50 * 1024 * 1024
 
