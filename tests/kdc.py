@@ -9,7 +9,6 @@ resolver: the configuration names the KDC by IP literal and turns off every DNS 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -18,9 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
-from helpers import require_tool
 
 REALM = "EXAMPLE.TEST"
 SERVICE = "rcmd/localhost"  # in the proxy's keytab (rcmd: the service curl and Dante ask for)
@@ -145,21 +141,3 @@ def start_kdc(directory: Path) -> Iterator[Kdc]:
                 os.kill(kdc.pid, signal.SIGKILL)
                 kdc.wait(10)
         out.close()
-
-
-@pytest.fixture(scope="session")
-def kdc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kdc]:
-    """One KDC for the whole run (registered in conftest); its KRB5_* variables are this process's meanwhile.
-
-    Skips without the KDC tools or the ``gssapi`` library — in CI (``CI`` set), fails instead.
-    """
-    if importlib.util.find_spec("gssapi") is None:
-        if os.environ.get("CI"):
-            pytest.fail("the gssapi library is not installed, and CI must install it (the test extra)")
-        pytest.skip("the gssapi library is not installed (pip install 'socksflow[gssapi]')")
-    for tool in TOOLS:
-        require_tool(tool)
-    with start_kdc(tmp_path_factory.mktemp("kdc")) as running, pytest.MonkeyPatch.context() as env:
-        for name, value in running.env.items():
-            env.setenv(name, value)
-        yield running
