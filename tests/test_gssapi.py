@@ -271,6 +271,23 @@ def test_realm_kept_when_configured(socksflow_server, kdc, sessions, echo_target
     sessions.of(f"alice@{REALM}")
 
 
+def test_bind_under_confidentiality(proxy, kdc):
+    """Both BIND replies and the relayed bytes travel wrapped."""
+    with GssClient(proxy, kdc) as client:
+        client.login(level=2)
+        code, bound = client.request(Command.BIND, Address.parse("127.0.0.1:0"))
+        assert code == Reply.SUCCEEDED
+        with socket.create_connection((str(bound.host), bound.port), timeout=10) as peer:
+            head = client.recv_exactly(4)
+            second = head + client.recv_exactly({1: 6, 4: 18}[head[3]])
+            assert second[1] == Reply.SUCCEEDED
+            assert protocol.parse_reply(second)[1].port == peer.getsockname()[1]
+            client.send(b"from the client")
+            assert peer.recv(100) == b"from the client"
+            peer.sendall(b"from the peer")
+            assert client.recv_exactly(13) == b"from the peer"
+
+
 def test_udp_associate_is_refused_on_a_protected_session(proxy, kdc):
     with GssClient(proxy, kdc) as client:
         client.login()
@@ -313,6 +330,45 @@ def test_corrupted_token(proxy, kdc, sessions):
         token[len(token) // 2] ^= 0xFF
         client.sock.sendall(frame(1, bytes(token)))
         assert_refused(client, sessions, "context not accepted")
+
+
+def test_round_trips_are_bounded(proxy, kdc, sessions, monkeypatch):
+    """A mechanism that never completes gets MAX_ROUNDS answers, then 01 FF."""
+    from socksflow_plugins import gssapi as plugin
+
+    class Endless:
+        def __init__(self, **kwargs: Any) -> None:
+            self.complete = False
+
+        def step(self, token: bytes) -> bytes:
+            return b"more"
+
+    monkeypatch.setattr(plugin.gssapi, "SecurityContext", Endless)
+    with GssClient(proxy, kdc) as client:
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(frame(1, b"token") * (plugin.MAX_ROUNDS + 1))
+        assert recv_all(client.sock) == frame(1, b"more") * plugin.MAX_ROUNDS + ABORT
+        client.close()
+    sessions.closed_for(f"no context after {plugin.MAX_ROUNDS} tokens")
+
+
+@pytest.mark.parametrize(
+    ("initiator", "strip", "user"),
+    [
+        ("alice@EXAMPLE.TEST", True, "alice"),
+        ("alice@EXAMPLE.TEST", False, "alice@EXAMPLE.TEST"),
+        ("alice@OTHER.TEST", True, "alice@OTHER.TEST"),  # a trusted realm's alice is not ours
+        ("svc/host.example.test@EXAMPLE.TEST", True, "svc/host.example.test"),
+    ],
+)
+def test_user_names(initiator, strip, user):
+    from socksflow_plugins.gssapi import _user
+
+    class Context:
+        initiator_name = initiator
+        target_name = "rcmd/proxy.example.test@EXAMPLE.TEST"
+
+    assert _user(Context(), strip) == user
 
 
 def test_oversized_token_is_refused_before_it_is_read(proxy, kdc, sessions):
