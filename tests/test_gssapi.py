@@ -8,6 +8,7 @@ reply and relayed data in ``01 03`` frames wrapped under the level agreed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import socketserver
@@ -248,6 +249,29 @@ limits:
     alice = sessions.of("alice", 2)
     assert sorted(s.reply for s in alice) == [Reply.SUCCEEDED, Reply.NOT_ALLOWED]
     assert all(s.identity.groups == frozenset({"staff"}) for s in alice)
+
+
+def test_the_access_log_names_the_kerberos_user(socksflow_server, kdc, sessions, echo_target, tmp_path):
+    server = socksflow_server(
+        config(kdc, "log: {access: {format: json, file: access.log}}\n"), plugins=[sessions]
+    )
+    with GssClient(server, kdc) as client:
+        client.login()
+        assert client.connect("{}:{}".format(*echo_target))[0] == Reply.SUCCEEDED
+        client.send(b"12345")
+        assert client.recv_exactly(5) == b"12345"
+    with GssClient(server, kdc, service=OTHER_SERVICE) as client:
+        assert client.socks.greet([Method.GSSAPI]) == Method.GSSAPI
+        client.sock.sendall(frame(1, client.new_context().step()))
+        assert_refused(client, sessions, "context not accepted")
+    sessions.of("alice")
+    server.stop()  # writes what the log still holds
+    ok, failed = (json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines())
+    assert (ok["user"], ok["authenticated"], ok["bytes_up"], ok["bytes_down"]) == ("alice", True, 5, 5)
+    assert (failed["user"], failed["authenticated"]) == (None, False)  # who failed is not known
+    assert failed["reason"].startswith(
+        "method 0x01: GSSAPI: context not accepted: Request ticket server HTTP/localhost"
+    )
 
 
 def test_failed_kerberos_logins_count_as_failed_logins(socksflow_server, kdc, sessions):
