@@ -104,6 +104,8 @@ def socksflow_configure(config: Config) -> bool | None:
     max_token = (
         items["max_token_size"].as_int(1024, MAX_FRAME) if "max_token_size" in items else MAX_TOKEN_SIZE
     )
+    if not _offered(config):
+        config.warnings.append(node.error("no client can use it: auth.methods does not list gssapi"))
     config.stash[SETTINGS] = GssSettings(
         credentials=_credentials(node, items.get("keytab"), items.get("service")),
         levels=levels,
@@ -112,6 +114,15 @@ def socksflow_configure(config: Config) -> bool | None:
         max_token_size=max_token,
     )
     return None
+
+
+def _offered(config: Config) -> bool:
+    """Whether the auth section (the auth plugin's) offers GSSAPI: read, not claimed."""
+    auth = config.root.get("auth")
+    methods = auth.get("methods") if auth is not None and auth.is_map else None
+    if methods is None:
+        return False
+    return any(item.value == "gssapi" for item in methods.as_list())
 
 
 def _credentials(section: Node, keytab: Node | None, service: Node | None) -> Any:
