@@ -90,7 +90,7 @@ def socksflow_configure(config: Config) -> bool | None:
     if node is None:
         return False
     if gssapi is None:
-        raise node.error(f"{unavailable}")
+        raise node.error(str(unavailable))
     items = (
         node.as_map({"keytab", "service", "protection", "nec", "strip_realm", "max_token_size"})
         if node.value
@@ -136,9 +136,12 @@ def _credentials(section: Node, keytab: Node | None, service: Node | None) -> An
         raise (service or section).error(
             f"{text!r} is neither a service name (rcmd) nor a principal (rcmd/host)"
         )
-    store = {"keytab": str(keytab.as_path())} if keytab is not None else None
-    if keytab is not None and not keytab.as_path().is_file():
-        raise keytab.error(f"no keytab file at {str(keytab.as_path())!r}")
+    store = None
+    if keytab is not None:
+        path = keytab.as_path()
+        if not path.is_file():
+            raise keytab.error(f"no keytab file at {str(path)!r}")
+        store = {"keytab": str(path)}
     try:
         return gssapi.Credentials(name=name, usage="accept", store=store)
     except GSSError as exc:
