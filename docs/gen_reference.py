@@ -46,6 +46,11 @@ TYPES = {
         "`Verdict.allow()`, `Verdict.deny(reason, reply=…)`, `Verdict.rewrite(address)`",
     ),
     "Identity": ("socksflow.Identity", "who authenticated: `user`, `groups`"),
+    "Protected": (
+        "socksflow.Protected",
+        "`Protected(identity, protection)`: authenticated, and the rest of the session goes through"
+        " `protection.wrap(data)` / `protection.unwrap(data)` (see `socksflow.protection`)",
+    ),
     "Limiter": (
         "socksflow.Limiter",
         "any object with `delay(direction, nbytes) -> float` (seconds to pause)",

@@ -2,7 +2,7 @@
 
 ```yaml
 auth:
-  methods: [userpass]          # in order of preference: none, userpass
+  methods: [userpass]          # in order of preference: none, userpass, gssapi (see the gssapi plugin)
   users: users.htpasswd        # htpasswd -B (bcrypt) file; plaintext and MD5 are refused
 ```
 """
@@ -23,7 +23,7 @@ from socksflow import Config, ConfigError, Identity, Method, Node, StashKey, Ver
 
 log = logging.getLogger("socksflow.auth")
 
-METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERPASS}
+METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERPASS, "gssapi": Method.GSSAPI}
 BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 BCRYPT_MAX_BYTES = 72
 CACHE_SECONDS = 300.0
@@ -60,6 +60,8 @@ def socksflow_configure(config: Config) -> bool | None:
         settings.users = load_htpasswd(items["users"])
     if Method.USERPASS in methods and "users" not in items:
         raise node.error("'userpass' needs a users file (users: FILE, made with htpasswd -B)")
+    if Method.GSSAPI in methods and config.root.get("gssapi") is None:  # the gssapi plugin's section
+        raise items["methods"].error("'gssapi' needs a gssapi section (gssapi: {keytab: FILE})")
     config.stash[SETTINGS] = settings
 
 
@@ -96,7 +98,11 @@ def socksflow_exposure(config: Config) -> str | None:
     settings = config.stash.get(SETTINGS)
     if settings is None or Method.NO_AUTH in settings.methods:
         return None
-    return "auth: every client must log in with a username and password"
+    how = " or ".join(
+        {Method.USERPASS: "a username and password", Method.GSSAPI: "a Kerberos ticket"}[m]
+        for m in settings.methods
+    )
+    return f"auth: every client must log in with {how}"
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from socksflow.config import Config, Node
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.errors import ConfigError, PluginError, ResolveError
 from socksflow.plugins import hookimpl
+from socksflow.protection import Protected, Protection
 from socksflow.protocol import Address, AddressType, Command, Method, Reply, Request
 from socksflow.relay import Direction, Limiter
 from socksflow.stash import Stash, StashKey
@@ -26,6 +27,8 @@ __all__ = [
     "Method",
     "Node",
     "PluginError",
+    "Protected",
+    "Protection",
     "Reply",
     "Request",
     "ResolveError",

@@ -281,10 +281,15 @@ def _plugins(args: argparse.Namespace) -> int:
         return 0
     for info in infos:
         print(f"{info.name} {info.version}  ({info.source})")
+        if info.unavailable:
+            print(f"    dormant: {info.unavailable}")
         for hook in info.hooks:
             print(f"    {hook}")
     return 0
 
 
 def _as_dict(info: Any) -> dict[str, Any]:
-    return {"name": info.name, "version": info.version, "source": info.source, "hooks": list(info.hooks)}
+    return {
+        "name": info.name, "version": info.version, "source": info.source, "hooks": list(info.hooks),
+        "unavailable": info.unavailable,
+    }  # fmt: skip

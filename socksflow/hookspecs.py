@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from socksflow.decisions import Identity, Verdict
     from socksflow.errors import ConfigError
     from socksflow.explain import ExplainQuery, Resolver
+    from socksflow.protection import Protected
     from socksflow.protocol import Address, IPAddress, Request
     from socksflow.relay import Direction, Limiter
     from socksflow.server import Server
@@ -203,7 +204,9 @@ def socksflow_authenticate(session: Session, username: bytes, password: bytes) -
 
 
 @hookspec(firstresult=True)
-def socksflow_subnegotiate(session: Session, method: int, channel: AuthChannel) -> Identity | Verdict | None:
+def socksflow_subnegotiate(
+    session: Session, method: int, channel: AuthChannel
+) -> Identity | Protected | Verdict | None:
     """Run the sub-negotiation of a method the core does not know (GSSAPI, private methods).
 
     When: the client was sent ``05 <method>`` for a method other than 0x00 and 0x02.
@@ -213,8 +216,10 @@ def socksflow_subnegotiate(session: Session, method: int, channel: AuthChannel) 
     :param channel: ``await channel.read(n)`` / ``await channel.readexactly(n)`` and
         ``channel.write(data)`` exchange the method's own messages with the client.
 
-    Returns an :class:`~socksflow.decisions.Identity` when the client is authenticated, a
-    denying :class:`~socksflow.decisions.Verdict` (or ``None`` from every plugin) to close
+    Returns an :class:`~socksflow.decisions.Identity` when the client is authenticated, or a
+    :class:`~socksflow.protection.Protected` (the identity and a per-message protection the
+    rest of the session travels in: request, reply and relayed bytes); a denying
+    :class:`~socksflow.decisions.Verdict` (or ``None`` from every plugin) to close
     the connection.  Send the method's own failure message before returning a denial.
     *First result*, may be async.  Raising closes the connection.  Called once per session
     using such a method.

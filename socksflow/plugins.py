@@ -59,6 +59,7 @@ class PluginInfo:
     version: str
     source: str
     hooks: tuple[str, ...]
+    unavailable: str | None = None  # why it can do nothing here: the module's ``unavailable`` string
 
 
 class HookCaller:
@@ -374,7 +375,8 @@ class PluginManager(HookCaller, pluggy.PluginManager):
             dist = distinfo.get(id(plugin))
             version = dist.version if dist else str(getattr(plugin, "__version__", "-"))
             hooks = tuple(sorted(c.name for c in self.get_hookcallers(plugin) or ()))
-            infos.append(PluginInfo(name, version, self._source(name), hooks))
+            unavailable = getattr(plugin, "unavailable", None)  # e.g. an optional library is missing
+            infos.append(PluginInfo(name, version, self._source(name), hooks, unavailable))
         return infos
 
     def _source(self, name: str) -> str:

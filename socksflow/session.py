@@ -22,6 +22,7 @@ from socksflow import protocol
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
+from socksflow.protection import Protected, protect
 from socksflow.protocol import (
     NEED_DATA,
     Address,
@@ -111,6 +112,8 @@ class ClientProtocol(asyncio.Protocol):
         self._wake()
         session = getattr(self, "session", None)  # none if the client was gone in connection_made
         if session is not None:
+            if isinstance(exc, ProtocolError):  # a security layer refused a frame (socksflow.protection)
+                session.close_reason = session.close_reason or f"protocol error: {exc}"
             session.client_lost()
 
     def finish(self) -> None:
@@ -539,16 +542,22 @@ class Session:
         except PluginError as exc:
             conn.finish_subnegotiation(False)
             await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)
-        if isinstance(result, Identity):
-            refusal = await self.login_result(method, result.user, True)
+        identity = result.identity if isinstance(result, Protected) else result
+        if isinstance(identity, Identity):
+            refusal = await self.login_result(method, identity.user, True)
             result = result if refusal is None else refusal
         else:
             await self.login_result(method, None, False)
-        if not isinstance(result, Identity):
+        if not isinstance(result, Identity | Protected):
             conn.finish_subnegotiation(False)
             self.authenticated = False
             reason = result.reason if isinstance(result, Verdict) and result.reason else "not authenticated"
+            self.verdict = result if isinstance(result, Verdict) else Verdict.deny(reason)
             await self._deny(f"method 0x{method:02x}: {reason}")
+        if isinstance(result, Protected):  # the rest of the session travels in the method's frames
+            client = self._client
+            client.transport = protect(client.transport, result.protection, conn.take_subnegotiation_data())
+            result = result.identity
         conn.finish_subnegotiation(True)
         self.identity = self._with_groups(result)
         self.authenticated = True

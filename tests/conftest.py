@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import os
 import socket
 import socketserver
@@ -12,7 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from helpers import serve_tcp
+from helpers import require_tool, serve_tcp
+from kdc import TOOLS, Kdc, start_kdc
 
 BLOB_SIZE = 50 * 1024 * 1024
 
@@ -143,3 +145,22 @@ def refusing_port() -> Iterator[int]:
 def echo(echo_target: tuple[str, int]) -> str:
     """``host:port`` of the echo server (it closes when its client half-closes, so tunnels end)."""
     return "{}:{}".format(*echo_target)
+
+
+@pytest.fixture(scope="session")
+def kdc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kdc]:
+    """A real MIT KDC for the run (realm EXAMPLE.TEST, see tests/kdc.py), tickets for alice and bob.
+
+    Its KRB5_* variables are this process's while it runs.  Skips without the KDC tools or the
+    ``gssapi`` library; in CI (``CI`` set), fails instead.
+    """
+    if importlib.util.find_spec("gssapi") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the gssapi library is not installed, and CI must install it (the test extra)")
+        pytest.skip("the gssapi library is not installed (pip install 'socksflow[gssapi]')")
+    for tool in TOOLS:
+        require_tool(tool)
+    with start_kdc(tmp_path_factory.mktemp("kdc")) as running, pytest.MonkeyPatch.context() as env:
+        for name, value in running.env.items():
+            env.setenv(name, value)
+        yield running

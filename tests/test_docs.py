@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -105,6 +106,7 @@ def test_every_example_is_run_by_a_test():
         "byte_meter.py",
         "redirect.py", "redirect.yaml",
         "upstream.py", "upstream.yaml",
+        "kerberos.yaml", "socks_gssapi_check.py",
         "broken.yaml",
         "test_async_example.py", "test_udp_example.py", "test_bind_example.py",
     }  # fmt: skip
@@ -293,6 +295,50 @@ def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target,
         code, client = socks5_handshake(front.address, destination)
         client.close()
         assert code == expected, destination  # the upstream's answer, passed on
+
+
+def test_kerberos_logins(socksflow_server, tmp_path, kdc, http_target):
+    """The how-to's configuration, with the fixture realm's keytab; its check script as a client."""
+    write(tmp_path, "kerberos.yaml", "socks_gssapi_check.py")
+    shutil.copy(kdc.keytab, tmp_path / "proxy.keytab")
+    server = socksflow_server(EXAMPLES["kerberos.yaml"])
+
+    def check(user: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, KRB5CCNAME=f"FILE:{kdc.ccache(user)}")
+        return subprocess.run(
+            [sys.executable, "socks_gssapi_check.py", f"localhost:{server.port}", f"127.0.0.1:{http_target.port}"],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+        )  # fmt: skip
+
+    alice = check("alice")
+    assert alice.stdout == "logged in; protection: confidentiality\nHTTP/1.1 200 OK\n", alice.stderr
+    bob = check("bob")  # not in staff
+    assert bob.returncode != 0 and "the proxy answered the request with reply code 2" in bob.stderr
+    page = " ".join((DOCS / "howto/kerberos.md").read_text().split())
+    assert "logged in; protection: confidentiality HTTP/1.1 200 OK" in page
+    assert "`the proxy answered the request with reply code 2`" in page
+
+
+def test_kerberos_how_to_errors_are_as_documented(tmp_path, kdc):
+    write(tmp_path, "kerberos.yaml")
+    page = " ".join((DOCS / "howto/kerberos.md").read_text().split())
+    other = tmp_path / "proxy.keytab"  # a keytab without an rcmd key
+    for keytab, message in [
+        (None, "rules.yaml:5: gssapi.keytab: no keytab file at"),
+        (other, "rules.yaml:6: gssapi.service: no key for 'rcmd' in the keytab:"),
+    ]:
+        if keytab is not None:
+            subprocess.run(
+                ["kadmin.local", "-q", f"ktadd -norandkey -k {keytab} HTTP/localhost"],
+                capture_output=True, check=True, timeout=60,  # the realm's KRB5_* are this process's
+            )  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "socksflow", "check", "kerberos.yaml"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        )  # fmt: skip
+        assert result.returncode != 0
+        assert message.replace("rules.yaml", "kerberos.yaml") in result.stdout + result.stderr
+        assert f"`{message}" in page
 
 
 def test_the_documented_config_errors_are_what_check_prints(tmp_path):
