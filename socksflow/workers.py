@@ -13,11 +13,13 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from socksflow.config import Config
 from socksflow.protocol import Address
@@ -29,6 +31,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 READY_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """What the workers of one server share: a name for their private sockets, and their count."""
+
+    name: str
+    workers: int
 
 
 def reserve_ports(config: Config) -> list[socket.socket]:
@@ -51,9 +61,10 @@ def reserve_ports(config: Config) -> list[socket.socket]:
     return reserved
 
 
-def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> int:
-    """Run ``serve(number, ready_fd)`` in ``count`` forked workers until a stop signal; the exit code."""
+def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int]) -> int:
+    """Run ``serve(number, ready_fd, group)`` in ``count`` forked workers until a stop signal; the exit code."""
     reserved = reserve_ports(config)
+    group = Group(f"{os.getpid()}-{secrets.token_hex(4)}", count)
     workers: dict[int, int] = {}  # pid -> worker number
     stopping: list[int] = []
 
@@ -74,7 +85,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
                 sock.close()
             code = 1
             try:
-                code = serve(number, ready_fd if ready_fd is not None else -1)
+                code = serve(number, ready_fd if ready_fd is not None else -1, group)
             finally:
                 os._exit(code)
         workers[pid] = number
