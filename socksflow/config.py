@@ -473,7 +473,6 @@ class Config:
                 if "autoload" in items:
                     self.plugins.autoload = items["autoload"].as_bool()
 
-
     def _read_listen(self, node: Node) -> None:
         """``listen: [ADDRESS, ...]``, or ``listen: {addresses: [ADDRESS, ...], open_proxy: true}``."""
         addresses: Node | None = node

@@ -379,6 +379,7 @@ class PluginManager(HookCaller, pluggy.PluginManager):
             return getattr(plugin, "__file__", None) or plugin.__name__
         return type(plugin).__module__
 
+
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)
     if inspect.isawaitable(result):

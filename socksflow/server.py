@@ -19,6 +19,7 @@ from socksflow.peers import Peers
 from socksflow.protocol import Address, Command, IPAddress, parse_host
 from socksflow.relay import Direction, Transform
 from socksflow.session import ClientProtocol, Session
+from socksflow.sharedstate import SharedTable
 from socksflow.stash import Stash
 from socksflow.workers import Group
 
@@ -39,10 +40,14 @@ class Server:
         self.config = config
         self.pm = pm
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
-        # With --workers N: the other workers, to ask for their share of the whole server's view.
-        self.peers = (
-            Peers(group.name, worker, group.workers) if group is not None and worker is not None else None
-        )
+        # With --workers N: the other workers (to ask for their share of the whole server's view),
+        # and limit state shared with them; otherwise this process's own.
+        self.peers: Peers | None = None
+        self.shared_state = SharedTable(workers=1)
+        if group is not None and worker is not None:
+            self.peers = Peers(group.name, worker, group.workers)
+            self.shared_state = group.table
+            self.shared_state.worker = worker
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from socksflow.config import Config
 from socksflow.protocol import Address
+from socksflow.sharedstate import SharedTable
 
 log = logging.getLogger("socksflow.workers")
 
@@ -35,10 +36,12 @@ READY_TIMEOUT_SECONDS = 30.0
 
 @dataclass(frozen=True, slots=True)
 class Group:
-    """What the workers of one server share: a name for their private sockets, and their count."""
+    """What the workers of one server share: a name for their private sockets, their count, and
+    the table of limit state (made before the fork, so it is the same memory in every worker)."""
 
     name: str
     workers: int
+    table: SharedTable
 
 
 def reserve_ports(config: Config) -> list[socket.socket]:
@@ -64,7 +67,7 @@ def reserve_ports(config: Config) -> list[socket.socket]:
 def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int]) -> int:
     """Run ``serve(number, ready_fd, group)`` in ``count`` forked workers until a stop signal; the exit code."""
     reserved = reserve_ports(config)
-    group = Group(f"{os.getpid()}-{secrets.token_hex(4)}", count)
+    group = Group(f"{os.getpid()}-{secrets.token_hex(4)}", count, SharedTable(count))
     workers: dict[int, int] = {}  # pid -> worker number
     stopping: list[int] = []
 
@@ -123,6 +126,9 @@ def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int
         if number is None:
             continue
         code = os.waitstatus_to_exitcode(status)
+        released = group.table.release_worker(number)
+        if released:
+            log.info("worker %d held %d sessions in shared limits: released", number, released)
         if stopping:
             exit_code = exit_code or code
             continue
