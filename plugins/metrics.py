@@ -21,8 +21,10 @@ Series (sessions are counted when they end):
 * ``socksflow_descriptor_exhaustion_total``: times the process ran out of file descriptors
   (each logged once); ``socksflow_descriptor_refused_total``: clients closed unserved meanwhile.
 
-With ``socksflow run --workers N`` every worker counts its own sessions and serves them on
-``listen`` port + its number (9150, 9151, …): scrape each, or sum them in Prometheus.
+With ``socksflow run --workers N`` one scrape shows the whole server: worker 0 serves
+``listen``, asks the other workers for their series over their private sockets, and answers
+with the sums (``_created`` series: the earliest).  A worker that does not answer in time
+(restarting) is left out of that scrape and logged.
 
 Each server has its own registry (never prometheus-client's global one), served by an
 asyncio listener on the server's own loop, so metric callbacks never race the sessions.
@@ -33,13 +35,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from socksflow import Address, Config, PluginError, StashKey, hookimpl
 
@@ -47,6 +51,7 @@ log = logging.getLogger("socksflow.metrics")
 
 DEFAULT_LISTEN = "127.0.0.1:9150"
 REQUEST_TIMEOUT = 10.0
+PEER_TIMEOUT = 2.0  # a worker's own series, asked for by the worker being scraped
 MAX_REQUEST_HEAD = 8192
 
 
@@ -81,6 +86,7 @@ class Metrics:
     """One server's registry and series."""
 
     def __init__(self, server: Any) -> None:
+        self.peers = server.peers
         self.registry = registry = CollectorRegistry()
 
         def counter(name: str, documentation: str, *labels: str) -> Counter:
@@ -134,7 +140,20 @@ class Metrics:
             await self.listener.wait_closed()
             self.listener = None
 
-    def _response(self, head: str) -> tuple[str, str, bytes]:
+    def exposition(self) -> bytes:
+        """This worker's series, in the text format the workers exchange."""
+        return generate_latest(self.registry)
+
+    async def _registry(self) -> CollectorRegistry:
+        """What a scrape shows: this server's registry, or with workers the sum of theirs."""
+        if self.peers is None:
+            return self.registry
+        answers = await self.peers.ask("metrics", PEER_TIMEOUT)
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(Sum([self.exposition(), *answers]))
+        return merged
+
+    async def _response(self, head: str) -> tuple[str, str, bytes]:
         """Status, content type and body for a request head (request line and headers)."""
         request_line, *header_lines = head.split("\r\n")
         method, _, rest = request_line.partition(" ")
@@ -144,14 +163,14 @@ class Metrics:
         headers = {name.strip().lower(): value.strip() for name, _, value in fields}
         # Prometheus text 0.0.4 by default; the newer text or OpenMetrics when the scraper asks.
         encoder, content_type = choose_encoder(headers.get("accept", ""))
-        return "200 OK", content_type, encoder(self.registry)
+        return "200 OK", content_type, encoder(await self._registry())
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One HTTP/1.x exchange: ``GET /metrics`` gets the exposition, anything else a 404."""
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-                status, content_type, body = self._response(head.decode("latin-1"))
+                status, content_type, body = await self._response(head.decode("latin-1"))
                 writer.write(
                     f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                     "Connection: close\r\n\r\n".encode()
@@ -182,6 +201,35 @@ class _DescriptorCollector:
         )  # fmt: skip
 
 
+class Sum:
+    """A collector of the series of several expositions added up, sample by sample."""
+
+    def __init__(self, texts: Iterable[bytes]) -> None:
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for text in self.texts:
+            for family in text_string_to_metric_families(text.decode()):
+                families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type, family.unit)
+                )
+                samples = values.setdefault(family.name, {})
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    if key not in samples:
+                        samples[key] = sample.value
+                    elif sample.name.endswith("_created"):  # when the series started: the first worker's
+                        samples[key] = min(samples[key], sample.value)
+                    else:
+                        samples[key] += sample.value
+        for name, metric in families.items():
+            for (sample_name, labels), value in values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric
+
+
 METRICS = StashKey[Metrics]("metrics")
 
 
@@ -194,14 +242,15 @@ async def socksflow_startup(server: Any) -> None:
     if settings is None:
         return
     metrics = Metrics(server)
+    server.stash[METRICS] = metrics
+    if server.peers is not None:
+        server.peers.answer("metrics", metrics.exposition)
+        if server.worker != 0:
+            return  # worker 0 answers scrapes for all
     try:
-        listen = settings.listen
-        if server.worker is not None and listen.port:  # --workers N: worker i serves port + i
-            listen = Address(listen.host, listen.port + server.worker)
-        await metrics.serve(listen)
+        await metrics.serve(settings.listen)
     except OSError as exc:
         raise OSError(exc.errno, f"metrics: cannot listen on {settings.listen}: {exc.strerror}") from None
-    server.stash[METRICS] = metrics
     log.info("metrics on http://%s/metrics", metrics.address)
 
 

@@ -133,7 +133,9 @@ def _run(args: argparse.Namespace) -> int:
         return supervise(
             config,
             args.workers,
-            lambda number, ready_fd: runner(_serve(Server(config, pm, worker=number), ready_fd)),
+            lambda number, ready_fd, group: runner(
+                _serve(Server(config, pm, worker=number, group=group), ready_fd)
+            ),
         )
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)

@@ -197,7 +197,9 @@ class Tunnel:
     def bytes_down(self) -> int:
         return self.upstream.count
 
-    def start(self, client: asyncio.Transport, upstream: Pending, early_data: bytes, client_eof: bool) -> None:
+    def start(
+        self, client: asyncio.Transport, upstream: Pending, early_data: bytes, client_eof: bool
+    ) -> None:
         """Take over both connections; ``early_data`` arrived with the request (optimistic data)."""
         for half, transport in ((self.client, client), (self.upstream, upstream.transport)):
             half.transport = transport

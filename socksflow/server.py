@@ -15,10 +15,13 @@ from socksflow import app, bind, udp
 from socksflow.accept import Acceptor, SpareDescriptor, backlog, listening_socket
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
+from socksflow.peers import Peers
 from socksflow.protocol import Address, Command, IPAddress, parse_host
 from socksflow.relay import Direction, Transform
 from socksflow.session import ClientProtocol, Session
+from socksflow.sharedstate import SharedTable
 from socksflow.stash import Stash
+from socksflow.workers import Group
 
 if TYPE_CHECKING:
     from socksflow.plugins import PluginManager
@@ -31,10 +34,20 @@ CommandHandler = Callable[[Session], Awaitable[None]]
 class Server:
     """A running socksflow server: one plugin manager, one configuration in force at a time."""
 
-    def __init__(self, config: Config, pm: PluginManager, *, worker: int | None = None) -> None:
+    def __init__(
+        self, config: Config, pm: PluginManager, *, worker: int | None = None, group: Group | None = None
+    ) -> None:
         self.config = config
         self.pm = pm
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
+        # With --workers N: the other workers (to ask for their share of the whole server's view),
+        # and limit state shared with them; otherwise this process's own.
+        self.peers: Peers | None = None
+        self.shared_state = SharedTable(workers=1)
+        if group is not None and worker is not None:
+            self.peers = Peers(group.name, worker, group.workers)
+            self.shared_state = group.table
+            self.shared_state.worker = worker
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()
@@ -78,6 +91,8 @@ class Server:
             raise OSError(exc.errno, f"cannot listen on {address}: {reason}") from None
         if not own_accept:
             self._spare.watch(loop)
+        if self.peers is not None:
+            await self.peers.start()
         await self.pm.call_all("socksflow_startup", None, server=self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
@@ -100,6 +115,8 @@ class Server:
         if self._background:  # session_end observers (the access log) run before the plugins shut down
             await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
         await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
+        if self.peers is not None:
+            await self.peers.close()
         if self._spare is not None:
             self._spare.close()
 
@@ -142,7 +159,9 @@ class Server:
             return
         self.sessions.discard(session)
         session.ended = time.time()
-        pending = session.pm.notify_nowait("socksflow_session_end", self.config.timeouts.hook, session=session)
+        pending = session.pm.notify_nowait(
+            "socksflow_session_end", self.config.timeouts.hook, session=session
+        )
         if pending is not None:  # only async observers cost a task
             self.spawn(pending)
         if not self.sessions:
@@ -171,7 +190,9 @@ class Server:
 
         def transform(direction: Direction, data: bytes) -> bytes | None:
             try:
-                results = pm.call_all_sync("socksflow_relay_data", session=session, direction=direction, data=data)
+                results = pm.call_all_sync(
+                    "socksflow_relay_data", session=session, direction=direction, data=data
+                )
             except PluginError as exc:  # fail closed: this tunnel ends, the server goes on
                 log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
                 session.close_reason = str(exc)

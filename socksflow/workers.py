@@ -13,14 +13,17 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from socksflow.config import Config
 from socksflow.protocol import Address
+from socksflow.sharedstate import SharedTable
 
 log = logging.getLogger("socksflow.workers")
 
@@ -29,6 +32,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 FORWARDED_SIGNALS = (*STOP_SIGNALS, signal.SIGUSR1)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 READY_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """What the workers of one server share: a name for their private sockets, their count, and
+    the table of limit state (made before the fork, so it is the same memory in every worker)."""
+
+    name: str
+    workers: int
+    table: SharedTable
 
 
 def reserve_ports(config: Config) -> list[socket.socket]:
@@ -54,9 +67,10 @@ def reserve_ports(config: Config) -> list[socket.socket]:
     return reserved
 
 
-def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> int:
-    """Run ``serve(number, ready_fd)`` in ``count`` forked workers until a stop signal; the exit code."""
+def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int]) -> int:
+    """Run ``serve(number, ready_fd, group)`` in ``count`` forked workers until a stop signal; the exit code."""
     reserved = reserve_ports(config)
+    group = Group(f"{os.getpid()}-{secrets.token_hex(4)}", count, SharedTable(count))
     workers: dict[int, int] = {}  # pid -> worker number
     stopping: list[int] = []
 
@@ -77,7 +91,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
                 sock.close()
             code = 1
             try:
-                code = serve(number, ready_fd if ready_fd is not None else -1)
+                code = serve(number, ready_fd if ready_fd is not None else -1, group)
             finally:
                 os._exit(code)
         workers[pid] = number
@@ -115,6 +129,9 @@ def supervise(config: Config, count: int, serve: Callable[[int, int], int]) -> i
         if number is None:
             continue
         code = os.waitstatus_to_exitcode(status)
+        released = group.table.release_worker(number)
+        if released:
+            log.info("worker %d held %d sessions in shared limits: released", number, released)
         if stopping:
             exit_code = exit_code or code
             continue

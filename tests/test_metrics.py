@@ -218,3 +218,55 @@ def test_logins_refused_by_a_block_are_counted_not_logged(socksflow_server, tmp_
     assert value(samples, "socksflow_denials_total", plugin="auth", stage="auth") == 2
     assert sum("failed logins within" in r.getMessage() for r in caplog.records) == 1
     assert not [r for r in caplog.records if r.levelno >= 20 and "refused: limit reached" in r.getMessage()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_with_workers_one_scrape_shows_the_sum_over_every_worker(tmp_path, echo_target):
+    import signal
+    import subprocess
+    import sys
+
+    from socksflow.testing import socks5_handshake
+
+    port = free_port()
+    (tmp_path / "rules.yaml").write_text(
+        f"metrics: {{listen: 127.0.0.1:{port}}}\ntimeouts: {{shutdown: 2s}}\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        ready = process.stdout.readline().strip()
+        host, _, proxy_port = ready.rpartition(" ")[2].rpartition(":")
+        # 40 sessions land on both workers (SO_REUSEPORT hashes each connection): a scrape that
+        # showed one worker's count would see fewer than 40 (all on one: a chance of 2^-39).
+        for _ in range(40):
+            code, client = socks5_handshake((host, int(proxy_port)), f"127.0.0.1:{echo_target[1]}")
+            assert code == 0
+            client.close()
+
+        def sessions() -> float:
+            with HTTP.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "socksflow_sessions_total"
+            )
+
+        deadline = time.monotonic() + 10
+        while sessions() < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sessions() == 40
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "did not answer" not in stderr
