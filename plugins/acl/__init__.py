@@ -31,6 +31,7 @@ from collections.abc import Awaitable
 
 from socksflow import Address, Config, ConfigError, Request, StashKey, Verdict, hookimpl
 from socksflow.explain import ExplainQuery, Resolver
+from socksflow.outbound import OUTBOUNDS
 
 from .explain import explain
 from .exposure import client_restriction
@@ -98,4 +99,4 @@ async def socksflow_explain(config: Config, query: ExplainQuery, resolve: Resolv
     ruleset = config.stash.get(RULES)
     if ruleset is None:
         return None
-    return await explain(ruleset, query, resolve)
+    return await explain(ruleset, query, resolve, config.stash.get(OUTBOUNDS))

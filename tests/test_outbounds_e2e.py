@@ -1,0 +1,304 @@
+"""Routing through real upstreams on loopback: microsocks, danted, tinyproxy, OpenSSH's sshd, socksflow.
+
+Each upstream binds its outgoing side to its own 127.0.0.x where it can, and the target
+answers the address it saw: the body proves which way the session went.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+from upstreams import (
+    DANTED_SOURCE,
+    MICROSOCKS_SOURCE,
+    TINYPROXY_SOURCE,
+    curl,
+    danted,
+    free_port,
+    http_target,
+    microsocks,
+    sshd,
+    tinyproxy,
+)
+
+from socksflow.testing import Socks5Client
+
+
+def routed(outbounds: str, via: str) -> str:
+    return f"outbounds:\n{outbounds}\nrules:\n  - allow: all\n    via: {via}\n"
+
+
+def peer_through(server, target, host: str = "localhost") -> str:
+    result = curl(_text(server), target.url("peer", host))
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+@pytest.fixture
+def target():
+    with http_target() as running:
+        yield running
+
+
+def _text(server) -> str:
+    return f"{server.host}:{server.port}"
+
+
+def connect_reply(server, destination: str) -> tuple[int, object]:
+    """The reply code and BND address socksflow answers a CONNECT with."""
+    with Socks5Client(server.address) as client:
+        client.greet()
+        return client.connect(destination)
+
+
+def _connect_code(server, destination: str) -> int:
+    return connect_reply(server, destination)[0]
+
+
+# --------------------------------------------------------------------------- each kind
+
+
+def test_socks5_upstream_with_login_carries_the_session(socksflow_server, target) -> None:
+    with microsocks("alice", "s3cret") as upstream:
+        server = socksflow_server(
+            routed(f"  up: {{socks5: {upstream.address}, username: alice, password: s3cret}}", "up")
+        )
+        assert peer_through(server, target) == MICROSOCKS_SOURCE
+
+
+def test_socks5_upstream_without_login_danted(socksflow_server, target, tmp_path) -> None:
+    with danted(tmp_path) as upstream:
+        server = socksflow_server(routed(f"  up: {{socks5: {upstream.address}}}", "up"))
+        assert peer_through(server, target) == DANTED_SOURCE
+
+
+def test_socks4_upstream_danted(socksflow_server, target, tmp_path) -> None:
+    # Dante speaks SOCKS4 but not 4a: a name is resolved here first (dns: local)
+    with danted(tmp_path) as upstream:
+        server = socksflow_server(routed(f"  up: {{socks4: {upstream.address}, dns: local}}", "up"))
+        assert peer_through(server, target, "127.0.0.1") == DANTED_SOURCE
+        assert peer_through(server, target, "localhost") == DANTED_SOURCE
+
+
+def test_http_connect_upstream_with_basic_auth(socksflow_server, target, tmp_path) -> None:
+    with tinyproxy(tmp_path, "bob", "pa55") as upstream:
+        server = socksflow_server(routed(f'  web: {{http: "http://bob:pa55@{upstream.address}"}}', "web"))
+        assert peer_through(server, target) == TINYPROXY_SOURCE
+
+
+def test_ssh_upstream_one_connection_for_many_tunnels(socksflow_server, target, tmp_path) -> None:
+    with sshd(tmp_path) as ssh:
+        server = socksflow_server(
+            routed(
+                f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
+                f" known_hosts: {ssh.known_hosts}}}",
+                "home",
+            )
+        )
+        for _ in range(3):
+            assert peer_through(server, target) == "127.0.0.1"
+        log = ssh.upstream.log.read_text()
+        assert log.count("server_request_direct_tcpip") == 3  # sshd carried each tunnel
+        assert log.count("Accepted publickey") == 1  # over one connection
+
+
+def test_ssh_upstream_with_an_unknown_host_key_is_refused(socksflow_server, target, tmp_path) -> None:
+    with sshd(tmp_path) as ssh:
+        ssh.known_hosts.write_text(f"[127.0.0.1]:{ssh.upstream.port} ssh-ed25519 "
+                                   "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")  # fmt: skip
+        server = socksflow_server(
+            routed(
+                f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
+                f" known_hosts: {ssh.known_hosts}}}",
+                "home",
+            )
+        )
+        assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x01
+
+
+def test_second_socksflow_as_upstream(socksflow_server, target) -> None:
+    seen = []
+
+    class Recorder:
+        from socksflow import hookimpl
+
+        @hookimpl
+        def socksflow_request(self, session, request):
+            seen.append(str(request.destination))
+
+    upstream = socksflow_server("rules:\n  - allow: all\n", [Recorder()])
+    server = socksflow_server(routed(f"  next: {{socks5: {_text(upstream)}}}", "next"))
+    assert peer_through(server, target) == "127.0.0.1"
+    assert seen == [f"localhost:{target.port}"]  # the name went to the upstream (remote DNS)
+
+
+# --------------------------------------------------------------------------- chains
+
+
+@pytest.mark.slow
+def test_three_hop_chain_carries_50_mb_intact(socksflow_server, tmp_path) -> None:
+    with (
+        http_target(50 * 1024 * 1024) as blob,
+        microsocks("alice", "s3cret") as first,
+        tinyproxy(tmp_path, "bob", "pa55") as second,
+        danted(tmp_path) as third,
+    ):
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: {first.address}, username: alice, password: s3cret}}\n"
+                f'  b: {{http: "http://bob:pa55@{second.address}"}}\n'
+                f"  c: {{socks5: {third.address}}}\n"
+                "  far: {chain: [a, b, c]}",
+                "far",
+            )
+        )
+        result = curl(_text(server), blob.url("blob", "localhost"), timeout=120)
+        assert result.returncode == 0, result.stderr.decode()
+        assert hashlib.sha256(result.stdout).hexdigest() == blob.blob_sha256
+        result = curl(_text(server), blob.url("peer", "localhost"))
+        assert result.stdout.decode() == DANTED_SOURCE  # the last hop dialled the target
+        # danted logs its client: tinyproxy's outgoing address, so the middle hop carried it
+        assert f"tcp/connect [: {TINYPROXY_SOURCE}." in third.log.read_text()
+
+
+def test_chain_reply_carries_the_last_hops_bound_address(socksflow_server, target, tmp_path) -> None:
+    with microsocks() as first, danted(tmp_path) as last:
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {last.address}}}\n  ab: {{chain: [a, b]}}",
+                "ab",
+            )
+        )
+        code, bound = connect_reply(server, f"127.0.0.1:{target.port}")
+        assert code == 0
+        assert str(bound.host) == DANTED_SOURCE  # danted's BND: its external address
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _connect_code(server, destination: str) -> int:
+    with Socks5Client(server.address) as client:
+        client.greet()
+        code, _ = client.connect(destination)
+        return code
+
+
+def test_upstream_wrong_password_is_0x01_and_logged(socksflow_server, target, caplog) -> None:
+    with microsocks("alice", "s3cret") as upstream:
+        server = socksflow_server(
+            routed(f"  up: {{socks5: {upstream.address}, username: alice, password: wrong-one}}", "up")
+        )
+        with caplog.at_level("INFO"):
+            assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x01
+        text = caplog.text
+        assert "outbound 'up'" in text and "login failed" in text
+        assert "wrong-one" not in text
+
+
+def test_http_upstream_wrong_password_is_0x01(socksflow_server, target, tmp_path) -> None:
+    with tinyproxy(tmp_path, "bob", "pa55") as upstream:
+        server = socksflow_server(routed(f'  web: {{http: "http://bob:nope@{upstream.address}"}}', "web"))
+        assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x01
+
+
+def test_upstream_refusal_keeps_its_code(socksflow_server) -> None:
+    closed = free_port()
+    with microsocks() as upstream:
+        server = socksflow_server(routed(f"  up: {{socks5: {upstream.address}}}", "up"))
+        # microsocks answers a refused destination with its own 0x05
+        assert _connect_code(server, f"127.0.0.1:{closed}") == 0x05
+
+
+def test_upstream_down_is_refused_0x05(socksflow_server, target) -> None:
+    closed = free_port()
+    server = socksflow_server(routed(f"  up: {{socks5: 127.0.0.1:{closed}}}", "up"))
+    assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x05
+
+
+def test_reject_outbound_answers_its_code(socksflow_server, target) -> None:
+    server = socksflow_server(routed("  nope: {reject: host_unreachable}", "nope"))
+    assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x04
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def test_fallback_fails_over_when_the_first_member_is_killed(socksflow_server, target) -> None:
+    with microsocks(source=MICROSOCKS_SOURCE) as first, microsocks(source="127.0.0.5") as second:
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {second.address}}}\n"
+                "  pool: {fallback: [a, b], health: {interval: 1s, timeout: 1s}}",
+                "pool",
+            )
+        )
+        assert peer_through(server, target) == MICROSOCKS_SOURCE
+        first.kill()
+        # every session after the kill succeeds: the first failed dial marks 'a' down and
+        # the same session goes on to 'b'
+        for _ in range(5):
+            assert peer_through(server, target) == "127.0.0.5"
+
+
+def test_group_with_every_member_down_answers_0x04(socksflow_server, target, caplog) -> None:
+    server = socksflow_server(
+        routed(
+            f"  a: {{socks5: 127.0.0.1:{free_port()}}}\n  b: {{socks5: 127.0.0.1:{free_port()}}}\n"
+            "  pool: {fallback: [a, b]}",
+            "pool",
+        )
+    )
+    with caplog.at_level("WARNING"):
+        assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x04
+    assert "every member is down" in caplog.text
+
+
+def test_balance_round_robin_uses_every_member(socksflow_server, target) -> None:
+    with microsocks(source="127.0.0.6") as first, microsocks(source="127.0.0.7") as second:
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {second.address}}}\n  lb: {{balance: [a, b]}}",
+                "lb",
+            )
+        )
+        seen = {peer_through(server, target) for _ in range(4)}
+        assert seen == {"127.0.0.6", "127.0.0.7"}
+
+
+def test_balance_hashed_on_destination_sticks(socksflow_server, target) -> None:
+    with microsocks(source="127.0.0.6") as first, microsocks(source="127.0.0.7") as second:
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {second.address}}}\n"
+                "  lb: {balance: [a, b], hash: destination}",
+                "lb",
+            )
+        )
+        assert len({peer_through(server, target) for _ in range(4)}) == 1
+
+
+def test_health_check_brings_a_member_back(socksflow_server, target) -> None:
+    port = free_port()
+    with microsocks(source="127.0.0.5") as second:
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: 127.0.0.1:{port}}}\n  b: {{socks5: {second.address}}}\n"
+                "  pool: {fallback: [a, b], health: {interval: 0.2s, timeout: 1s}}",
+                "pool",
+            )
+        )
+        assert peer_through(server, target) == "127.0.0.5"  # 'a' is not there yet
+        # 'a' comes up on its port: the background check finds it within an interval or two
+        with microsocks(port=port):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and peer_through(server, target) != MICROSOCKS_SOURCE:
+                time.sleep(0.1)
+            assert peer_through(server, target) == MICROSOCKS_SOURCE
+
+
+def test_dormant_without_outbounds_section(socksflow_server, target) -> None:
+    server = socksflow_server("rules:\n  - allow: all\n")
+    assert peer_through(server, target) == "127.0.0.1"

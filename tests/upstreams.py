@@ -1,0 +1,252 @@
+"""Real upstream proxies for the routing tests: started on loopback, stopped by PID.
+
+Each upstream binds its outgoing side to its own 127.0.0.x where the program can, so a target
+that reports its peer's address proves which way a session went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dns_servers import stop
+from helpers import require_tool, wait_until
+
+MICROSOCKS_SOURCE = "127.0.0.2"
+TINYPROXY_SOURCE = "127.0.0.3"
+DANTED_SOURCE = "127.0.0.4"
+
+
+@dataclass
+class Upstream:
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def kill(self) -> None:
+        """Stop it now, by its PID (the failover tests kill a member mid-run)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def free_port() -> int:
+    """A port free now: for programs that cannot listen on port 0 and say which port they got."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextlib.contextmanager
+def _running(command: list[str], port: int, log: Path | None = None, **kwargs: object) -> Iterator[Upstream]:
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+    upstream = Upstream("127.0.0.1", port, process, log)
+    try:
+        if not wait_until(lambda: process.poll() is not None or _listening(port), 10):
+            raise RuntimeError(f"{command[0]} did not listen on {port}")
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited with {process.returncode}")
+        yield upstream
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def microsocks(
+    user: str | None = None, password: str | None = None, source: str = MICROSOCKS_SOURCE, port: int = 0
+) -> Iterator[Upstream]:
+    exe = require_tool("microsocks")
+    port = port or free_port()
+    command = [exe, "-i", "127.0.0.1", "-p", str(port), "-b", source]
+    if user is not None:
+        command += ["-u", user, "-P", password or ""]
+    with _running(command, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as upstream:
+        yield upstream
+
+
+@contextlib.contextmanager
+def tinyproxy(tmp: Path, user: str = "", password: str = "") -> Iterator[Upstream]:
+    exe = require_tool("tinyproxy")
+    port = free_port()
+    log = tmp / "tinyproxy.log"
+    log.touch()
+    log.chmod(0o666)
+    lines = [
+        f"Port {port}",
+        "Listen 127.0.0.1",
+        f"Bind {TINYPROXY_SOURCE}",
+        "Timeout 60",
+        "MaxClients 50",
+        "Allow 127.0.0.0/8",
+        f'LogFile "{log}"',
+        "LogLevel Connect",
+        "DisableViaHeader Yes",
+    ]
+    if os.geteuid() == 0:
+        lines += ["User nobody", "Group nogroup"]
+    if user:
+        lines.append(f"BasicAuth {user} {password}")
+    conf = tmp / "tinyproxy.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    with _running(
+        [exe, "-d", "-c", str(conf)], port, log, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as up:
+        yield up
+
+
+DANTED_CONF = """\
+logoutput: {log}
+internal: 127.0.0.1 port = {port}
+external: {source}
+clientmethod: none
+socksmethod: none
+{users}
+client pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: connect udpassociate bind bindreply
+    log: connect
+}}
+socks pass {{
+    from: 127.0.0.0/8 to: 127.0.0.0/8
+    command: udpreply
+    log: connect
+}}
+"""
+
+
+@contextlib.contextmanager
+def danted(tmp: Path, source: str = DANTED_SOURCE) -> Iterator[Upstream]:
+    exe = require_tool("danted") if not os.path.exists("/usr/sbin/danted") else "/usr/sbin/danted"
+    port = free_port()
+    log = tmp / "danted.log"
+    users = "user.privileged: root\nuser.unprivileged: nobody" if os.geteuid() == 0 else ""
+    conf = tmp / "danted.conf"
+    conf.write_text(DANTED_CONF.format(log=log, port=port, source=source, users=users))
+    command = [exe, "-f", str(conf), "-N", "1"]
+    with _running(command, port, log, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as upstream:
+        yield upstream
+
+
+SSHD_CONF = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {tmp}/sshd.pid
+AuthorizedKeysFile {tmp}/authorized_keys
+StrictModes no
+UsePAM no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+PermitRootLogin prohibit-password
+AllowTcpForwarding yes
+LogLevel DEBUG1
+"""
+
+
+@dataclass
+class SshServer:
+    upstream: Upstream
+    user: str
+    key: Path
+    known_hosts: Path
+
+
+@contextlib.contextmanager
+def sshd(tmp: Path) -> Iterator[SshServer]:
+    """OpenSSH's sshd on a loopback port with generated host and user keys (ed25519)."""
+    exe = "/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else require_tool("sshd")
+    keygen = require_tool("ssh-keygen")
+    port = free_port()
+    host_key, user_key = tmp / "host_key", tmp / "user_key"
+    for key in (host_key, user_key):
+        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (tmp / "authorized_keys").write_text(user_key.with_suffix(".pub").read_text())
+    host_public = host_key.with_suffix(".pub").read_text().split()
+    known_hosts = tmp / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_public[0]} {host_public[1]}\n")
+    conf = tmp / "sshd_config"
+    conf.write_text(SSHD_CONF.format(port=port, host_key=host_key, tmp=tmp))
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation needs it
+    log = tmp / "sshd.log"
+    user = os.environ.get("USER") or ("root" if os.geteuid() == 0 else os.getlogin())
+    with _running([exe, "-D", "-f", str(conf), "-E", str(log)], port, log) as upstream:
+        yield SshServer(upstream, user, user_key, known_hosts)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class _PeerHandler(http.server.BaseHTTPRequestHandler):
+    """``GET /peer`` answers the client's address; ``GET /blob`` the server's blob."""
+
+    blob = b""
+
+    def do_GET(self) -> None:
+        body = self.client_address[0].encode() if self.path == "/peer" else self.blob
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@dataclass
+class Target:
+    host: str
+    port: int
+    blob_sha256: str
+
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"http://{host or self.host}:{self.port}/{path}"
+
+
+@contextlib.contextmanager
+def http_target(blob_size: int = 0) -> Iterator[Target]:
+    """An HTTP server on 127.0.0.1 that tells each client its address, and serves a blob."""
+    blob = os.urandom(blob_size)
+    handler = type("Handler", (_PeerHandler,), {"blob": blob})
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Target("127.0.0.1", server.server_address[1], hashlib.sha256(blob).hexdigest())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def curl(proxy: str, url: str, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """``curl --socks5-hostname proxy url``; the body is stdout."""
+    exe = require_tool("curl")
+    command = [exe, "-sS", "--max-time", str(int(timeout)), "--socks5-hostname", proxy, *extra, url]
+    return subprocess.run(command, capture_output=True, timeout=timeout + 10)
