@@ -36,6 +36,7 @@ from socksflow.outbound import OUTBOUNDS
 from .explain import explain
 from .exposure import client_restriction
 from .lint import shadowed_rules
+from .routes import uncarried_commands
 from .rules import RuleReader, RuleSet
 from .ruletests import RuleTest, read_tests, run_tests
 from .sessions import decide_datagram, decide_request
@@ -59,6 +60,7 @@ def socksflow_configure(config: Config) -> bool | None:
             config.stash[TESTS] = read_tests(tests, ruleset, config)
     config.warnings.extend(reader.lints)
     config.warnings.extend(shadowed_rules(ruleset.rules))
+    config.warnings.extend(uncarried_commands(ruleset.rules, config.stash.get(OUTBOUNDS)))
 
 
 @hookimpl

@@ -40,10 +40,10 @@ async def explain(
     lines.append(f"verdict: {decision.outcome}{reason}")
     if decision.addresses is not None:
         lines.append(f"addresses used: {', '.join(map(str, decision.addresses))} (only these are dialled)")
-    if decision.allowed:
-        name = decision.verdict().outbound or "direct"
+    name = decision.verdict().outbound if decision.allowed else None
+    if decision.allowed and (outbounds is not None or name is not None):  # a configuration that routes
         outbound = (outbounds or Registry()).get(name)
-        lines.append(f"outbound: {name} ({outbound.describe()})")
+        lines.append(f"outbound: {outbound.name}" + (f" ({outbound.describe()})" if outbound.kind != "direct" else ""))
     if udp:
         fate = "it is relayed" if decision.allowed else "it is dropped"
         lines.append(f"reply: none, UDP has no per-datagram reply: {fate}")
