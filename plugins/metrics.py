@@ -18,6 +18,10 @@ Series (sessions are counted when they end):
 * ``socksflow_denials_total{plugin, stage}``: sessions refused, by the plugin that refused and
   the stage (``accept``, ``auth``, ``request``); limit rejections are ``plugin="limits"``.
 * ``socksflow_plugin_errors_total{plugin, hook}``: plugin faults.
+* ``socksflow_outbound_sessions_total{outbound, member, reply}``: sessions routed through an
+  outbound other than direct, by the group member used (``-`` for none) and the reply
+  (``0x00`` when the stream opened; a failure's code otherwise).
+* ``socksflow_outbound_bytes_total{outbound, direction}``: bytes those sessions relayed.
 
 With ``socksflow run --workers N`` every worker counts its own sessions and serves them on
 ``listen`` port + its number (9150, 9151, …): scrape each, or sum them in Prometheus.
@@ -38,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from socksflow import Address, Config, PluginError, StashKey, hookimpl
+from socksflow.outbound import ROUTE
 
 log = logging.getLogger("socksflow.metrics")
 
@@ -97,6 +102,10 @@ class Metrics:
         self.rule_hits = counter("rule_hits", "Decisions by the rule that made them", "rule", "verdict")
         self.denials = counter("denials", "Sessions refused, by plugin and stage", "plugin", "stage")
         self.plugin_errors = counter("plugin_errors", "Plugin faults, by plugin and hook", "plugin", "hook")
+        self.outbound_sessions = counter(
+            "outbound_sessions", "Sessions routed through an outbound, by member and reply", "outbound", "member", "reply"
+        )
+        self.outbound_bytes = counter("outbound_bytes", "Bytes relayed through an outbound", "outbound", "direction")
         self.listener: asyncio.Server | None = None
         self.address: Address | None = None
 
@@ -116,6 +125,18 @@ class Metrics:
         if denied:
             stage = "request" if request else "auth" if session.method is not None else "accept"
             self.denials.labels(session.decided_by or "-", stage).inc()
+        route = session.stash.get(ROUTE)
+        if route is not None:
+            self.observe_route(route, session)
+
+    def observe_route(self, route: str, session: Any) -> None:
+        """``pool,pool=b``: the outbound, then the member each group on the way picked."""
+        outbound, *choices = route.split(",")
+        member = ",".join(choice.partition("=")[2] for choice in choices) or "-"
+        reply = f"0x{session.reply:02x}" if session.reply is not None else "-"
+        self.outbound_sessions.labels(outbound, member, reply).inc()
+        self.outbound_bytes.labels(outbound, "up").inc(session.bytes_up)
+        self.outbound_bytes.labels(outbound, "down").inc(session.bytes_down)
 
     async def serve(self, listen: Address) -> None:
         self.listener = await asyncio.start_server(

@@ -302,3 +302,49 @@ def test_health_check_brings_a_member_back(socksflow_server, target) -> None:
 def test_dormant_without_outbounds_section(socksflow_server, target) -> None:
     server = socksflow_server("rules:\n  - allow: all\n")
     assert peer_through(server, target) == "127.0.0.1"
+
+
+# --------------------------------------------------------------------------- operators see the route
+
+
+def test_access_log_and_metrics_carry_the_outbound_and_member(socksflow_server, target, tmp_path) -> None:
+    import json
+
+    from test_log import lines
+    from test_metrics import scrape, value
+
+    with microsocks(source="127.0.0.5") as second:
+        server = socksflow_server(
+            "listen: [127.0.0.1:0]\nmetrics: {listen: 127.0.0.1:0}\n"
+            "log: {access: {format: json, file: access.log}}\n"
+            + routed(
+                f"  a: {{socks5: 127.0.0.1:{free_port()}}}\n  b: {{socks5: {second.address}}}\n"
+                "  pool: {fallback: [a, b]}",
+                "pool",
+            )
+        )
+        assert peer_through(server, target) == "127.0.0.5"
+        record = json.loads(lines(tmp_path / "access.log", 1)[0])
+        assert record["outbound"] == "pool,pool=b"
+        samples = scrape(server)
+        labels = {"outbound": "pool", "member": "b", "reply": "0x00"}
+        assert value(samples, "socksflow_outbound_sessions_total", **labels) == 1
+        assert value(samples, "socksflow_outbound_bytes_total", outbound="pool", direction="down") > 0
+
+
+def test_password_file_and_ssh_as_the_last_hop_of_a_chain(socksflow_server, target, tmp_path) -> None:
+    (tmp_path / "office.secret").write_text("s3cret\n")
+    with microsocks("alice", "s3cret") as first, sshd(tmp_path) as ssh:
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: {first.address}, username: alice, password_file: office.secret}}\n"
+                f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
+                f" known_hosts: {ssh.known_hosts}}}\n"
+                "  far: {chain: [a, home]}",
+                "far",
+            )
+        )
+        assert peer_through(server, target) == "127.0.0.1"
+        log = ssh.upstream.log.read_text()
+        assert f"Connection from {MICROSOCKS_SOURCE}" in log  # sshd was reached through microsocks
+        assert log.count("server_request_direct_tcpip") == 1
