@@ -7,9 +7,11 @@ answers the address it saw: the body proves which way the session went.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import time
 
 import pytest
+from helpers import require_tool, wait_until
 from upstreams import (
     DANTED_SOURCE,
     MICROSOCKS_SOURCE,
@@ -348,3 +350,60 @@ def test_password_file_and_ssh_as_the_last_hop_of_a_chain(socksflow_server, targ
         log = ssh.upstream.log.read_text()
         assert f"Connection from {MICROSOCKS_SOURCE}" in log  # sshd was reached through microsocks
         assert log.count("server_request_direct_tcpip") == 1
+
+
+def test_reload_changes_the_route_while_a_tunnel_runs(socksflow_server, tmp_path) -> None:
+    with (
+        http_target(16 * 1024 * 1024) as blob,
+        microsocks(source="127.0.0.6") as first,
+        microsocks(source="127.0.0.7") as second,
+    ):
+        outbounds = f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {second.address}}}"
+        server = socksflow_server(routed(outbounds, "a"))
+        download = subprocess.Popen(
+            [require_tool("curl"), "-sS", "--max-time", "60", "--limit-rate", "8M",
+             "--socks5-hostname", _text(server), blob.url("blob", "localhost")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert wait_until(lambda: len(server.server.sessions) == 1, 10), "the download did not start"
+            (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n" + routed(outbounds, "b"))
+            assert server.call(server.server.reload) is True
+            assert peer_through(server, blob) == "127.0.0.7"  # new sessions take the new route
+            assert download.poll() is None, "the download ended before the reload: make it slower"
+        finally:
+            out, err = download.communicate(timeout=60)
+        assert download.returncode == 0, err
+        assert hashlib.sha256(out).hexdigest() == blob.blob_sha256  # the running tunnel finished intact
+
+
+def test_reload_keeps_the_ssh_connection_until_its_tunnels_end(socksflow_server, tmp_path) -> None:
+    import gc
+
+    with http_target(8 * 1024 * 1024) as blob, sshd(tmp_path) as ssh, microsocks(source="127.0.0.6") as other:
+        outbounds = (
+            f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
+            f" known_hosts: {ssh.known_hosts}}}\n  other: {{socks5: {other.address}}}"
+        )
+        server = socksflow_server(routed(outbounds, "home"))
+        download = subprocess.Popen(
+            [require_tool("curl"), "-sS", "--max-time", "60", "--limit-rate", "4M",
+             "--socks5-hostname", _text(server), blob.url("blob", "localhost")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert wait_until(lambda: "server_request_direct_tcpip" in ssh.upstream.log.read_text(), 10)
+            (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n" + routed(outbounds, "other"))
+            assert server.call(server.server.reload) is True
+            assert peer_through(server, blob) == "127.0.0.6"
+            assert download.poll() is None, "the download ended before the reload: make it slower"
+            assert "Received disconnect" not in ssh.upstream.log.read_text()  # still carrying the tunnel
+        finally:
+            out, err = download.communicate(timeout=60)
+        assert download.returncode == 0, err
+        assert hashlib.sha256(out).hexdigest() == blob.blob_sha256
+        # the tunnel ended, its session let go of the old configuration: the retired connection closes
+        assert wait_until(lambda: not server.server.sessions, 10)
+        server.config = server.server.config  # the test harness held on to the first configuration
+        server.call(gc.collect)
+        assert wait_until(lambda: "Received disconnect" in ssh.upstream.log.read_text(), 10)

@@ -30,7 +30,7 @@ from socksflow import Address, Command, Config, hookimpl
 from socksflow.outbound import OUTBOUNDS, ROUTE, Outbound, Stream, direct_connect
 
 from .groups import ROUTE as CHOICES
-from .groups import Group
+from .groups import stop_checkers
 from .settings import read_outbounds, register_standard_kinds
 from .upstreams import SshUpstream
 
@@ -71,12 +71,9 @@ async def _open(session, name: str, outbound: Outbound, destination: Address) ->
 
 @hookimpl
 def socksflow_shutdown(server) -> None:
+    stop_checkers()
     registry = server.config.stash.get(OUTBOUNDS)
-    if registry is None:
-        return
-    for outbound_name in registry.names:
-        outbound = registry[outbound_name]
-        if isinstance(outbound, Group):
-            outbound.stop()
-        elif isinstance(outbound, SshUpstream):
+    for name in registry.names if registry is not None else ():
+        outbound = registry[name]
+        if isinstance(outbound, SshUpstream):
             outbound.close()

@@ -211,6 +211,7 @@ class Group:
             self._checker = asyncio.ensure_future(
                 _check_forever(weakref.ref(self), self._wake, self.health.interval)
             )
+            _CHECKERS.add(self._checker)
 
     def stop(self) -> None:
         if self._checker is not None:
@@ -228,6 +229,17 @@ class Group:
         )
         now = self.order(Address("example.invalid", 0), "")[0] if self.names else "-"
         return f"{self.kind} group of {', '.join(self.names)}; would use {now} now ({states})"
+
+
+_CHECKERS: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
+
+
+def stop_checkers() -> None:
+    """Stop the health checks running on this loop, those of replaced configurations included."""
+    loop = asyncio.get_running_loop()
+    for task in list(_CHECKERS):
+        if task.get_loop() is loop:
+            task.cancel()
 
 
 async def _check_forever(group_ref: weakref.ref[Group], wake: asyncio.Event, interval: float) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,34 @@ class HttpUpstream(_Single):
         return f"http{'s' if self.tls else ''} upstream {self.server}"
 
 
+class _SshLink:
+    """An SSH connection and the tunnels on it: once its outbound is retired (a reload replaced
+    the configuration), it closes when the last tunnel ends."""
+
+    def __init__(self) -> None:
+        self.connection: Any = None
+        self.tunnels = 0
+        self.retired = False
+
+    def opened(self) -> None:
+        self.tunnels += 1
+
+    def ended(self) -> None:
+        self.tunnels -= 1
+        if self.retired and self.tunnels == 0:
+            self.close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.tunnels == 0:
+            self.close()
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
 @dataclass
 class SshUpstream(_Single):
     """``ssh -D``'s role: direct-tcpip channels over one SSH connection, reconnected with back-off."""
@@ -156,10 +185,14 @@ class SshUpstream(_Single):
     kind: str = "ssh"
     backoff_min: float = 0.5
     backoff_max: float = 30.0
-    _connection: Any = field(default=None, repr=False)
+    _link: _SshLink = field(default_factory=_SshLink, repr=False)
     _lock: asyncio.Lock | None = field(default=None, repr=False)
     _retry_at: float = field(default=0.0, repr=False)
     _backoff: float = field(default=0.0, repr=False)
+
+    def __post_init__(self) -> None:
+        # Dropped with its configuration (a reload): the connection stays while tunnels use it.
+        weakref.finalize(self, self._link.retire)
 
     async def open_stream(
         self, destination: Address, connect: Connector = direct_connect, user: str = ""
@@ -174,13 +207,14 @@ class SshUpstream(_Single):
             reply = Reply.NOT_ALLOWED if prohibited else Reply.CONNECTION_REFUSED
             raise OutboundError(f"outbound {self.name!r}: upstream refused: {exc.reason}", reply) from None
         except (OSError, asyncssh.Error) as exc:
-            self._connection = None
+            self._link.connection = None
             raise OutboundError(
                 f"outbound {self.name!r}: SSH connection lost: {exc}",
                 Reply.GENERAL_FAILURE,
                 upstream_down=True,
             ) from exc
-        return await bridge(reader, writer), UNSPECIFIED
+        self._link.opened()
+        return await bridge(reader, writer, self._link.ended), UNSPECIFIED
 
     async def _connect(self, connect: Connector) -> Any:
         import asyncssh
@@ -188,7 +222,7 @@ class SshUpstream(_Single):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            connection = self._connection
+            connection = self._link.connection
             if connection is not None and not connection.is_closed():
                 return connection
             wait = self._retry_at - time.monotonic()
@@ -200,7 +234,7 @@ class SshUpstream(_Single):
                 )
             sock = await reach(self.name, self.server, connect)
             try:
-                self._connection = await asyncssh.connect(
+                connection = await asyncssh.connect(
                     str(self.server.host),
                     self.server.port,
                     sock=sock,
@@ -223,9 +257,8 @@ class SshUpstream(_Single):
                 )
                 raise _logged(error) from None
             self._backoff = 0.0
-            return self._connection
+            self._link.connection = connection
+            return connection
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._link.close()

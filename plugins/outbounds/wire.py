@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from socksflow.clients import Handshake, Receive, Send
@@ -127,14 +128,22 @@ async def run(handshake: Handshake, channel: Channel, name: str) -> Address:
 _pumps: set[asyncio.Task[None]] = set()
 
 
-async def bridge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> socket.socket:
-    """A socket whose peer end is pumped both ways to the stream, for the relay to take over."""
+async def bridge(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ended: Callable[[], None] | None = None
+) -> socket.socket:
+    """A socket whose peer end is pumped both ways to the stream, for the relay to take over;
+    ``ended`` is called once both directions are done."""
     ours, theirs = await _tcp_pair()
     pair_reader, pair_writer = await asyncio.open_connection(sock=ours)
-    for source, sink in ((reader, pair_writer), (pair_reader, writer)):
-        task = asyncio.ensure_future(_pump(source, sink))
+    pumps = [
+        asyncio.ensure_future(_pump(source, sink))
+        for source, sink in ((reader, pair_writer), (pair_reader, writer))
+    ]
+    for task in pumps:
         _pumps.add(task)
         task.add_done_callback(_pumps.discard)
+    done = asyncio.gather(*pumps)
+    done.add_done_callback(lambda _: (writer.close(), pair_writer.close(), ended and ended()))
     return theirs
 
 
