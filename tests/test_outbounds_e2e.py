@@ -352,6 +352,13 @@ def test_password_file_and_ssh_as_the_last_hop_of_a_chain(socksflow_server, targ
         assert log.count("server_request_direct_tcpip") == 1
 
 
+def slow_download(server, blob, rate: str) -> subprocess.Popen[bytes]:
+    """curl fetching the blob at ``rate`` bytes/s, so that a reload happens while it runs."""
+    command = [require_tool("curl"), "-sS", "--max-time", "60", "--limit-rate", rate,
+               "--socks5-hostname", _text(server), blob.url("blob", "localhost")]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def test_reload_changes_the_route_while_a_tunnel_runs(socksflow_server, tmp_path) -> None:
     with (
         http_target(16 * 1024 * 1024) as blob,
@@ -360,11 +367,7 @@ def test_reload_changes_the_route_while_a_tunnel_runs(socksflow_server, tmp_path
     ):
         outbounds = f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {second.address}}}"
         server = socksflow_server(routed(outbounds, "a"))
-        download = subprocess.Popen(
-            [require_tool("curl"), "-sS", "--max-time", "60", "--limit-rate", "8M",
-             "--socks5-hostname", _text(server), blob.url("blob", "localhost")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        download = slow_download(server, blob, "8M")
         try:
             assert wait_until(lambda: len(server.server.sessions) == 1, 10), "the download did not start"
             (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n" + routed(outbounds, "b"))
@@ -386,11 +389,7 @@ def test_reload_keeps_the_ssh_connection_until_its_tunnels_end(socksflow_server,
             f" known_hosts: {ssh.known_hosts}}}\n  other: {{socks5: {other.address}}}"
         )
         server = socksflow_server(routed(outbounds, "home"))
-        download = subprocess.Popen(
-            [require_tool("curl"), "-sS", "--max-time", "60", "--limit-rate", "4M",
-             "--socks5-hostname", _text(server), blob.url("blob", "localhost")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+        download = slow_download(server, blob, "4M")
         try:
             assert wait_until(lambda: "server_request_direct_tcpip" in ssh.upstream.log.read_text(), 10)
             (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n" + routed(outbounds, "other"))
