@@ -21,8 +21,10 @@ from upstreams import (
     free_port,
     http_target,
     microsocks,
+    slowed,
     sshd,
     tinyproxy,
+    tls_front,
 )
 
 from socksflow.testing import Socks5Client
@@ -30,6 +32,14 @@ from socksflow.testing import Socks5Client
 
 def routed(outbounds: str, via: str) -> str:
     return f"outbounds:\n{outbounds}\nrules:\n  - allow: all\n    via: {via}\n"
+
+
+def home(ssh) -> str:
+    """The outbound 'home': the test's sshd, with its user key and known_hosts."""
+    return (
+        f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
+        f" known_hosts: {ssh.known_hosts}}}"
+    )
 
 
 def peer_through(server, target, host: str = "localhost") -> str:
@@ -92,13 +102,7 @@ def test_http_connect_upstream_with_basic_auth(socksflow_server, target, tmp_pat
 
 def test_ssh_upstream_one_connection_for_many_tunnels(socksflow_server, target, tmp_path) -> None:
     with sshd(tmp_path) as ssh:
-        server = socksflow_server(
-            routed(
-                f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
-                f" known_hosts: {ssh.known_hosts}}}",
-                "home",
-            )
-        )
+        server = socksflow_server(routed(home(ssh), "home"))
         for _ in range(3):
             assert peer_through(server, target) == "127.0.0.1"
         log = ssh.upstream.log.read_text()
@@ -110,13 +114,7 @@ def test_ssh_upstream_with_an_unknown_host_key_is_refused(socksflow_server, targ
     with sshd(tmp_path) as ssh:
         ssh.known_hosts.write_text(f"[127.0.0.1]:{ssh.upstream.port} ssh-ed25519 "
                                    "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n")  # fmt: skip
-        server = socksflow_server(
-            routed(
-                f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
-                f" known_hosts: {ssh.known_hosts}}}",
-                "home",
-            )
-        )
+        server = socksflow_server(routed(home(ssh), "home"))
         assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x01
 
 
@@ -340,9 +338,8 @@ def test_password_file_and_ssh_as_the_last_hop_of_a_chain(socksflow_server, targ
         server = socksflow_server(
             routed(
                 f"  a: {{socks5: {first.address}, username: alice, password_file: office.secret}}\n"
-                f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
-                f" known_hosts: {ssh.known_hosts}}}\n"
-                "  far: {chain: [a, home]}",
+                + home(ssh)
+                + "\n  far: {chain: [a, home]}",
                 "far",
             )
         )
@@ -384,10 +381,7 @@ def test_reload_keeps_the_ssh_connection_until_its_tunnels_end(socksflow_server,
     import gc
 
     with http_target(8 * 1024 * 1024) as blob, sshd(tmp_path) as ssh, microsocks(source="127.0.0.6") as other:
-        outbounds = (
-            f"  home: {{ssh: {ssh.upstream.address}, user: {ssh.user}, key: {ssh.key},"
-            f" known_hosts: {ssh.known_hosts}}}\n  other: {{socks5: {other.address}}}"
-        )
+        outbounds = home(ssh) + f"\n  other: {{socks5: {other.address}}}"
         server = socksflow_server(routed(outbounds, "home"))
         download = slow_download(server, blob, "4M")
         try:
@@ -406,3 +400,49 @@ def test_reload_keeps_the_ssh_connection_until_its_tunnels_end(socksflow_server,
         server.config = server.server.config  # the test harness held on to the first configuration
         server.call(gc.collect)
         assert wait_until(lambda: "Received disconnect" in ssh.upstream.log.read_text(), 10)
+
+
+def test_https_proxy_upstream_checks_its_certificate(socksflow_server, target, tmp_path) -> None:
+    with tinyproxy(tmp_path, "bob", "pa55") as plain, tls_front(tmp_path, plain) as (proxy, ca):
+        server = socksflow_server(
+            routed(
+                f'  web: {{http: "https://bob:pa55@{proxy.address}", ca: {ca}, server_name: proxy.test}}',
+                "web",
+            )
+        )
+        assert peer_through(server, target) == TINYPROXY_SOURCE
+        untrusted = socksflow_server(routed(f'  web: {{http: "https://bob:pa55@{proxy.address}"}}', "web"))
+        assert _connect_code(untrusted, f"127.0.0.1:{target.port}") == 0x01  # not signed by a system CA
+
+
+def test_fastest_picks_the_member_with_the_lowest_latency(socksflow_server, target) -> None:
+    with (
+        microsocks(source="127.0.0.6") as first,
+        slowed(first, 0.3) as slow,
+        microsocks(source="127.0.0.7") as quick,
+    ):
+        server = socksflow_server(
+            routed(
+                f"  slow: {{socks5: {slow.address}}}\n  quick: {{socks5: {quick.address}}}\n"
+                f"  best: {{fastest: [slow, quick], health: {{interval: 0.2s, timeout: 2s,"
+                f" target: 127.0.0.1:{target.port}}}}}",
+                "best",
+            )
+        )
+        # the first session starts the checks; once they measured both, 'quick' is chosen
+        assert wait_until(lambda: peer_through(server, target) == "127.0.0.7", 10)
+        assert {peer_through(server, target) for _ in range(5)} == {"127.0.0.7"}
+
+
+def test_ssh_upstream_reconnects_after_sshd_restarts(socksflow_server, target, tmp_path) -> None:
+    with sshd(tmp_path) as ssh:
+        server = socksflow_server(routed(home(ssh), "home"))
+        assert peer_through(server, target) == "127.0.0.1"
+        ssh.upstream.kill()
+        port = ssh.upstream.port
+    assert _connect_code(server, f"127.0.0.1:{target.port}") in (0x01, 0x04, 0x05)  # down: no tunnel
+    (tmp_path / "sshd.log").unlink()
+    with sshd(tmp_path, port) as again:
+        # back-off: 0.5 s, doubling; the next dial after it reconnects
+        assert wait_until(lambda: curl(_text(server), target.url("peer")).stdout == b"127.0.0.1", 10)
+        assert again.upstream.log.read_text().count("Accepted publickey") == 1

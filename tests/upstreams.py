@@ -10,10 +10,11 @@ import contextlib
 import hashlib
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,25 @@ class Upstream:
         return f"{self.host}:{self.port}"
 
     def kill(self) -> None:
-        """Stop it now, by its PID (the failover tests kill a member mid-run)."""
+        """Stop it now, by its PID, with the children it forked per connection (sshd's)."""
+        children = _children(self.process.pid)
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 def free_port() -> int:
@@ -175,14 +191,16 @@ class SshServer:
 
 
 @contextlib.contextmanager
-def sshd(tmp: Path) -> Iterator[SshServer]:
-    """OpenSSH's sshd on a loopback port with generated host and user keys (ed25519)."""
+def sshd(tmp: Path, port: int = 0) -> Iterator[SshServer]:
+    """OpenSSH's sshd on a loopback port with generated host and user keys (ed25519); started
+    again in the same directory, it keeps its keys (a restart)."""
     exe = "/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else require_tool("sshd")
     keygen = require_tool("ssh-keygen")
-    port = free_port()
+    port = port or free_port()
     host_key, user_key = tmp / "host_key", tmp / "user_key"
     for key in (host_key, user_key):
-        subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        if not key.exists():
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     (tmp / "authorized_keys").write_text(user_key.with_suffix(".pub").read_text())
     host_public = host_key.with_suffix(".pub").read_text().split()
     known_hosts = tmp / "known_hosts"
@@ -250,3 +268,70 @@ def curl(proxy: str, url: str, *extra: str, timeout: float = 60) -> subprocess.C
     exe = require_tool("curl")
     command = [exe, "-sS", "--max-time", str(int(timeout)), "--socks5-hostname", proxy, *extra, url]
     return subprocess.run(command, capture_output=True, timeout=timeout + 10)
+
+
+@contextlib.contextmanager
+def forwarder(upstream: Upstream, prepare: Callable[[socket.socket], socket.socket]) -> Iterator[Upstream]:
+    """A TCP forwarder to ``upstream`` that passes each accepted socket through ``prepare`` first
+    (to wrap it in TLS, or to make the upstream slow)."""
+    import socketserver
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            try:
+                accepted = prepare(self.request)
+            except OSError:
+                return
+            with accepted, socket.create_connection((upstream.host, upstream.port)) as plain:
+                back = threading.Thread(target=pump, args=(plain, accepted), daemon=True)
+                back.start()
+                pump(accepted, plain)
+                back.join(30)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Upstream("127.0.0.1", server.server_address[1], upstream.process, upstream.log)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def tls_front(tmp: Path, upstream: Upstream) -> Iterator[tuple[Upstream, Path]]:
+    """A TLS terminator in front of ``upstream`` (an HTTPS proxy, made of tinyproxy): its address
+    and the CA that signed its certificate (for 127.0.0.1 and ``proxy.test``)."""
+    import ssl
+
+    from dns_servers import make_tls_certificate
+
+    ca, cert, key = make_tls_certificate(tmp, ["proxy.test"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with forwarder(upstream, lambda sock: context.wrap_socket(sock, server_side=True)) as front:
+        yield front, ca
+
+
+@contextlib.contextmanager
+def slowed(upstream: Upstream, delay: float) -> Iterator[Upstream]:
+    """``upstream`` behind a forwarder that waits ``delay`` seconds before passing a connection on."""
+    import time
+
+    def wait(sock: socket.socket) -> socket.socket:
+        time.sleep(delay)
+        return sock
+
+    with forwarder(upstream, wait) as slow:
+        yield slow
