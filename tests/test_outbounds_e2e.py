@@ -446,3 +446,44 @@ def test_ssh_upstream_reconnects_after_sshd_restarts(socksflow_server, target, t
         # back-off: 0.5 s, doubling; the next dial after it reconnects
         assert wait_until(lambda: curl(_text(server), target.url("peer")).stdout == b"127.0.0.1", 10)
         assert again.upstream.log.read_text().count("Accepted publickey") == 1
+
+
+# --------------------------------------------------------------------------- UDP through an upstream
+
+
+def test_udp_association_through_danted_answers_a_dns_query(tmp_path) -> None:
+    import asyncio
+
+    import dns.message
+    from dns_servers import Dnsmasq
+    from socksflow_plugins.outbounds.upstreams import Socks5Upstream
+
+    from socksflow import Address
+
+    resolver = Dnsmasq(tmp_path, ["upstream.test,192.0.2.44"])
+    try:
+        with danted(tmp_path) as upstream:
+            query = dns.message.make_query("upstream.test", "A")
+
+            async def ask() -> tuple[bytes, Address]:
+                answered = asyncio.get_running_loop().create_future()
+
+                def receive(data: bytes, source: Address) -> None:
+                    if not answered.done():
+                        answered.set_result((data, source))
+
+                outbound = Socks5Upstream("up", Address.parse(upstream.address))
+                association = await outbound.associate_udp(receive)
+                try:
+                    association.send(Address.parse(resolver.address), query.to_wire())
+                    return await asyncio.wait_for(answered, 5)
+                finally:
+                    association.close()
+
+            data, source = asyncio.run(ask())
+        answer = dns.message.from_wire(data)
+        assert answer.id == query.id and "192.0.2.44" in answer.to_text()
+        assert source == Address.parse(resolver.address)  # the upstream's header names the sender
+        assert f"query[A] upstream.test from {DANTED_SOURCE}" in resolver.log.read_text()
+    finally:
+        resolver.stop()

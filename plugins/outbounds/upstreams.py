@@ -7,6 +7,7 @@ import logging
 import ssl
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,14 @@ class Socks5Upstream(_Single):
     ) -> Stream:
         handshake = socks5(Command.CONNECT, destination, self.username, self.password)
         return await self.over_socket(handshake, connect)
+
+    async def associate_udp(
+        self, receiver: Callable[[bytes, Address], None], connect: Connector = direct_connect
+    ) -> Any:
+        """A UDP association through this upstream (see :mod:`.udp`; the engine does not use it yet)."""
+        from .udp import associate
+
+        return await associate(self.name, self.server, (self.username, self.password), receiver, connect)
 
 
 @dataclass

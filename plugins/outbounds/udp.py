@@ -1,0 +1,100 @@
+"""UDP through a SOCKS5 upstream: the client side of the upstream's own UDP association.
+
+The upstream answers UDP ASSOCIATE with the address of its relay (BND); every datagram goes
+there with a SOCKS UDP header naming its destination, and what comes back from the relay
+carries the header of the host that sent it.  The association lives as long as its control
+connection, which is held open here.
+
+Not wired into the engine yet: ``socksflow/udp.py`` sends each datagram itself, so rules that
+route UDP to an upstream are refused with 0x07 (plugins/acl/routes.py checks for ``open_udp``,
+which outbounds get once udp.py sends through :class:`UpstreamUdp`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+
+from socksflow.clients import socks5
+from socksflow.outbound import Connector, direct_connect
+from socksflow.protocol import Address, Command, ProtocolError, build_udp_header, parse_udp_header
+
+from .wire import SocketChannel, run
+
+log = logging.getLogger("socksflow.outbounds")
+
+Receiver = Callable[[bytes, Address], None]
+
+
+class UpstreamUdp(asyncio.DatagramProtocol):
+    """One UDP association through an upstream: :meth:`send` datagrams, ``receiver`` gets replies."""
+
+    def __init__(self, name: str, control: socket.socket, relay: Address, receiver: Receiver) -> None:
+        self.name = name
+        self.control = control
+        self.relay = relay
+        self.relay_sockaddr = (str(relay.host), relay.port)
+        self.receiver = receiver
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, destination: Address, payload: bytes) -> None:
+        """Send ``payload`` to ``destination`` through the upstream's relay."""
+        if self.transport is not None:
+            self.transport.sendto(build_udp_header(destination) + payload, self.relay_sockaddr)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
+        if (addr[0], addr[1]) != self.relay_sockaddr:
+            self.dropped += 1  # only the upstream's relay may answer on this socket
+            return
+        try:
+            header = parse_udp_header(data)
+        except ProtocolError:
+            self.dropped += 1
+            return
+        if header.frag:
+            self.dropped += 1
+            return
+        self.receiver(data[header.offset :], header.destination)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.control.close()
+
+
+async def associate(
+    name: str,
+    server: Address,
+    credentials: tuple[bytes | None, bytes | None],
+    receiver: Receiver,
+    connect: Connector = direct_connect,
+) -> UpstreamUdp:
+    """Open a UDP association on the SOCKS5 upstream ``server`` (reached through ``connect``)."""
+    from .upstreams import reach
+
+    control = await reach(name, server, connect)
+    try:
+        local = Address.from_sockaddr(control.getsockname())
+        handshake = socks5(Command.UDP_ASSOCIATE, Address(local.host, 0), *credentials)
+        bound = await run(handshake, SocketChannel(control), name)
+        relay = bound
+        if bound.is_domain or bound.host.is_unspecified:  # type: ignore[union-attr]
+            # "0.0.0.0": the relay listens where the control connection went (common practice)
+            relay = Address(ipaddress.ip_address(control.getpeername()[0]), bound.port)
+        family = socket.AF_INET6 if local.atyp.name == "IPV6" else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind((str(local.host), 0))  # the address the upstream saw on the control connection
+        association = UpstreamUdp(name, control, relay, receiver)
+        await asyncio.get_running_loop().create_datagram_endpoint(lambda: association, sock=sock)
+    except BaseException:
+        control.close()
+        raise
+    return association
