@@ -21,7 +21,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from socksflow.dial import dial, reply_for_error
 from socksflow.protocol import Address, Reply
@@ -164,6 +164,37 @@ ROUTE = StashKey[str]("outbounds.route")
 """What a session's dial went through (``session.stash``): ``corp``, or ``pool,pool=b`` for a group."""
 
 
+class UdpOutbound(Protocol):
+    """A UDP association through an outbound: what ``open_udp`` answers."""
+
+    def send(self, destination: Address, payload: bytes) -> None:
+        """Send one datagram to ``destination``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Receiver = Callable[[bytes, Address], None]
+"""Gets each datagram that came back through an outbound, with the address that sent it."""
+
+
+async def open_udp(session: Any, receiver: Receiver) -> UdpOutbound | None:
+    """The UDP association of ``session``'s route, or ``None`` when it goes direct.
+
+    Raises :class:`OutboundError` (0x07 when the outbound cannot carry UDP).
+    """
+    verdict = session.verdict
+    name = verdict.outbound if verdict is not None else None
+    registry = session.config.stash.get(OUTBOUNDS)
+    if name is None or name == "direct" or registry is None:
+        return None
+    outbound = registry.get(name)
+    opener = getattr(outbound, "open_udp", None)
+    if opener is None:
+        raise OutboundError(f"outbound {name!r} cannot carry UDP", Reply.COMMAND_NOT_SUPPORTED)
+    return await opener(receiver)
+
+
 class BuildContext(Protocol):
     """What a kind's factory gets besides its own node: other outbounds, by name, once built."""
 
@@ -193,10 +224,13 @@ __all__ = [
     "Direct",
     "Outbound",
     "OutboundError",
+    "Receiver",
     "Registry",
     "Reject",
     "Stream",
+    "UdpOutbound",
     "direct_connect",
     "kinds",
+    "open_udp",
     "register_kind",
 ]

@@ -250,7 +250,7 @@ def test_check_warns_about_commands_an_outbound_cannot_carry(tmp_path: Path) -> 
     result = check(tmp_path, text, "check", "rules.yaml")
     assert result.returncode == 0
     assert result.stderr == (
-        "warning: rules.yaml:7: rules[0].via: outbound 'corp' cannot carry bind, udp: those requests "
+        "warning: rules.yaml:7: rules[0].via: outbound 'corp' cannot carry bind: those requests "
         "get 0x07 (narrow the rule with command: connect)\n"
     )
 
@@ -267,7 +267,7 @@ def test_explain_prints_the_outbound_and_the_group_member(tmp_path: Path) -> Non
 
 def test_udp_and_bind_through_an_upstream_get_0x07(socksflow_server, caplog) -> None:
     server = socksflow_server(
-        "outbounds:\n  corp: {socks5: 127.0.0.1:9}\nrules:\n  - allow: all\n    via: corp\n"
+        "outbounds:\n  corp: {http: 127.0.0.1:9}\nrules:\n  - allow: all\n    via: corp\n"
     )
     with caplog.at_level("WARNING"):
         with Socks5Client(server.address) as client:

@@ -473,7 +473,7 @@ def test_udp_association_through_danted_answers_a_dns_query(tmp_path) -> None:
                         answered.set_result((data, source))
 
                 outbound = Socks5Upstream("up", Address.parse(upstream.address))
-                association = await outbound.associate_udp(receive)
+                association = await outbound.open_udp(receive)
                 try:
                     association.send(Address.parse(resolver.address), query.to_wire())
                     return await asyncio.wait_for(answered, 5)
@@ -485,5 +485,42 @@ def test_udp_association_through_danted_answers_a_dns_query(tmp_path) -> None:
         assert answer.id == query.id and "192.0.2.44" in answer.to_text()
         assert source == Address.parse(resolver.address)  # the upstream's header names the sender
         assert f"query[A] upstream.test from {DANTED_SOURCE}" in resolver.log.read_text()
+    finally:
+        resolver.stop()
+
+
+def test_udp_associate_routed_through_danted(socksflow_server, tmp_path) -> None:
+    import socket
+
+    import dns.message
+    from dns_servers import Dnsmasq
+
+    from socksflow import Address
+    from socksflow.protocol import build_udp_header, parse_udp_header
+
+    resolver = Dnsmasq(tmp_path, ["upstream.test,192.0.2.44"])
+    try:
+        with danted(tmp_path) as upstream:
+            server = socksflow_server(routed(f"  up: {{socks5: {upstream.address}}}", "up"))
+            with (
+                Socks5Client(server.address) as client,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            ):
+                client.greet()
+                udp.bind(("127.0.0.1", 0))
+                code, relay = client.udp_associate(f"127.0.0.1:{udp.getsockname()[1]}")
+                assert code == 0
+                query = dns.message.make_query("upstream.test", "A")
+                udp.settimeout(5)
+                udp.sendto(
+                    build_udp_header(Address.parse(resolver.address)) + query.to_wire(),
+                    (str(relay.host), relay.port),
+                )
+                data = udp.recv(65536)
+            header = parse_udp_header(data)
+            assert header.destination == Address.parse(resolver.address)
+            answer = dns.message.from_wire(data[header.offset :])
+            assert answer.id == query.id and "192.0.2.44" in answer.to_text()
+        assert f"query[A] upstream.test from {DANTED_SOURCE}" in resolver.log.read_text()  # through danted
     finally:
         resolver.stop()

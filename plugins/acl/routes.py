@@ -1,8 +1,8 @@
 """Rules that route (``via:``): an outbound that cannot carry the command refuses it with 0x07.
 
 BIND and UDP ASSOCIATE follow their rule's route; an outbound without ``open_bind`` /
-``open_udp`` (an HTTP CONNECT or SSH upstream, today every upstream) cannot carry them, and
-letting them go direct instead would bypass the route the operator chose.
+``open_udp`` cannot carry them (UDP: only a SOCKS5 upstream has ``open_udp``; BIND: none yet),
+and letting them go direct instead would bypass the route the operator chose.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ there with a SOCKS UDP header naming its destination, and what comes back from t
 carries the header of the host that sent it.  The association lives as long as its control
 connection, which is held open here.
 
-Not wired into the engine yet: ``socksflow/udp.py`` sends each datagram itself, so rules that
-route UDP to an upstream are refused with 0x07 (plugins/acl/routes.py checks for ``open_udp``,
-which outbounds get once udp.py sends through :class:`UpstreamUdp`).
+The engine (``socksflow/udp.py``) opens it through :func:`socksflow.outbound.open_udp` when the
+rule that allowed a UDP ASSOCIATE routes it here, and sends every datagram through it.
+Only a SOCKS5 upstream reached directly carries UDP; other kinds refuse with 0x07.
 """
 
 from __future__ import annotations

@@ -89,10 +89,10 @@ class Socks5Upstream(_Single):
         handshake = socks5(Command.CONNECT, destination, self.username, self.password)
         return await self.over_socket(handshake, connect)
 
-    async def associate_udp(
+    async def open_udp(
         self, receiver: Callable[[bytes, Address], None], connect: Connector = direct_connect
     ) -> Any:
-        """A UDP association through this upstream (see :mod:`.udp`; the engine does not use it yet)."""
+        """A UDP association through this upstream (see :mod:`.udp`): UDP ASSOCIATE follows the route."""
         from .udp import associate
 
         return await associate(self.name, self.server, (self.username, self.password), receiver, connect)
