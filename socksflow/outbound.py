@@ -183,16 +183,39 @@ async def open_udp(session: Any, receiver: Receiver) -> UdpOutbound | None:
 
     Raises :class:`OutboundError` (0x07 when the outbound cannot carry UDP).
     """
+    opener = _opener(session, "open_udp", "UDP")
+    return None if opener is None else await opener(receiver)
+
+
+class BindOutbound(Protocol):
+    """A BIND through an outbound: what ``open_bind`` answers."""
+
+    bound: Address  # where the peer is to connect: the first reply's address
+
+    async def peer(self) -> tuple[socket.socket, Address]:
+        """Wait for the second reply: the connected socket and the peer's address."""
+        ...
+
+    def close(self) -> None: ...
+
+
+async def open_bind(session: Any) -> BindOutbound | None:
+    """The BIND of ``session``'s route, or ``None`` when it goes direct (as :func:`open_udp`)."""
+    opener = _opener(session, "open_bind", "BIND")
+    return None if opener is None else await opener(session.destination)
+
+
+def _opener(session: Any, method: str, command: str) -> Callable[..., Awaitable[Any]] | None:
+    """The route's ``method``; ``None`` when the session goes direct; 0x07 when it has none."""
     verdict = session.verdict
     name = verdict.outbound if verdict is not None else None
     registry = session.config.stash.get(OUTBOUNDS)
     if name is None or name == "direct" or registry is None:
         return None
-    outbound = registry.get(name)
-    opener = getattr(outbound, "open_udp", None)
+    opener = getattr(registry.get(name), method, None)
     if opener is None:
-        raise OutboundError(f"outbound {name!r} cannot carry UDP", Reply.COMMAND_NOT_SUPPORTED)
-    return await opener(receiver)
+        raise OutboundError(f"outbound {name!r} cannot carry {command}", Reply.COMMAND_NOT_SUPPORTED)
+    return opener
 
 
 class BuildContext(Protocol):
@@ -220,6 +243,7 @@ def kinds() -> dict[str, KindFactory]:
 __all__ = [
     "OUTBOUNDS",
     "ROUTE",
+    "BindOutbound",
     "Connector",
     "Direct",
     "Outbound",
@@ -231,6 +255,7 @@ __all__ = [
     "UdpOutbound",
     "direct_connect",
     "kinds",
+    "open_bind",
     "open_udp",
     "register_kind",
 ]

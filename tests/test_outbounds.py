@@ -246,11 +246,11 @@ def test_rule_tests_check_the_route(tmp_path: Path) -> None:
 def test_check_warns_about_commands_an_outbound_cannot_carry(tmp_path: Path) -> None:
     text = ROUTES.replace(
         '  - allow: {to: ["*.corp.example"], command: connect}', '  - allow: {to: ["*.corp.example"]}'
-    )
+    ).replace("corp: {socks5: 127.0.0.1:1081}", "corp: {http: 127.0.0.1:1081}")
     result = check(tmp_path, text, "check", "rules.yaml")
     assert result.returncode == 0
     assert result.stderr == (
-        "warning: rules.yaml:7: rules[0].via: outbound 'corp' cannot carry bind: those requests "
+        "warning: rules.yaml:7: rules[0].via: outbound 'corp' cannot carry bind, udp: those requests "
         "get 0x07 (narrow the rule with command: connect)\n"
     )
 

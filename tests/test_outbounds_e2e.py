@@ -27,6 +27,7 @@ from upstreams import (
     tls_front,
 )
 
+from socksflow import Address
 from socksflow.testing import Socks5Client
 
 
@@ -524,3 +525,23 @@ def test_udp_associate_routed_through_danted(socksflow_server, tmp_path) -> None
         assert f"query[A] upstream.test from {DANTED_SOURCE}" in resolver.log.read_text()  # through danted
     finally:
         resolver.stop()
+
+
+def test_bind_routed_through_danted(socksflow_server, tmp_path) -> None:
+    import socket
+
+    with danted(tmp_path) as upstream:
+        server = socksflow_server(routed(f"  up: {{socks5: {upstream.address}}}", "up"))
+        with Socks5Client(server.address) as client:
+            client.greet()
+            code, bound = client.bind("127.0.0.1:0")
+            assert code == 0
+            assert str(bound.host) == DANTED_SOURCE  # danted listens for the peer, not socksflow
+            with socket.create_connection((str(bound.host), bound.port), timeout=5) as peer:
+                code, peer_address = client.second_reply()
+                assert code == 0 and peer_address == Address.from_sockaddr(peer.getsockname())
+                peer.sendall(b"from the peer")
+                assert client.recv_exactly(13) == b"from the peer"
+                client.sock.sendall(b"to the peer")
+                peer.settimeout(5)
+                assert peer.recv(64) == b"to the peer"

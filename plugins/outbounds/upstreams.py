@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 import weakref
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from socksflow.clients import Handshake, http_connect, socks4, socks5
+from socksflow.clients import Handshake, http_connect, socks4, socks5, socks5_reply
 from socksflow.dial import reply_for_error
 from socksflow.outbound import UNSPECIFIED, Connector, OutboundError, Stream, direct_connect
 from socksflow.protocol import Address, Command, Reply
@@ -75,6 +76,23 @@ class _Single:
 
 
 @dataclass
+class UpstreamBind:
+    """A BIND on an upstream: ``bound`` is where the peer connects; :meth:`peer` waits for it."""
+
+    name: str
+    sock: socket.socket
+    bound: Address
+
+    async def peer(self) -> tuple[socket.socket, Address]:
+        """The upstream's second reply: the socket, now relaying to the peer, and the peer's address."""
+        address = await run(socks5_reply(), SocketChannel(self.sock), self.name)
+        return self.sock, address
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
 class Socks5Upstream(_Single):
     name: str
     server: Address
@@ -88,6 +106,14 @@ class Socks5Upstream(_Single):
     ) -> Stream:
         handshake = socks5(Command.CONNECT, destination, self.username, self.password)
         return await self.over_socket(handshake, connect)
+
+    async def open_bind(self, destination: Address, connect: Connector = direct_connect) -> UpstreamBind:
+        """BIND on this upstream: ``destination`` is the expected peer (see :class:`UpstreamBind`)."""
+        handshake = socks5(Command.BIND, destination, self.username, self.password)
+        sock, bound = await self.over_socket(handshake, connect)
+        if not bound.is_domain and bound.host.is_unspecified:  # type: ignore[union-attr]
+            bound = Address(self.server.host, bound.port)  # "anywhere": where we reached the upstream
+        return UpstreamBind(self.name, sock, bound)
 
     async def open_udp(
         self, receiver: Callable[[bytes, Address], None], connect: Connector = direct_connect
