@@ -591,7 +591,11 @@ class Session:
         return self.addresses
 
     async def _connect(self) -> None:
-        ips = await self.addresses_to_use()
+        verdict = self.verdict
+        if verdict is not None and verdict.outbound not in (None, "direct") and self.addresses is None:
+            ips: tuple[IPAddress, ...] = ()  # routed, and no rule needed the addresses: the upstream resolves
+        else:
+            ips = await self.addresses_to_use()
         targets = tuple(Address(ip, self.destination.port) for ip in ips)
         timeout = self.config.timeouts.connect
         began = time.monotonic()

@@ -27,7 +27,7 @@ from upstreams import (
     tls_front,
 )
 
-from socksflow import Address
+from socksflow import Address, hookimpl
 from socksflow.testing import Socks5Client
 
 
@@ -119,17 +119,21 @@ def test_ssh_upstream_with_an_unknown_host_key_is_refused(socksflow_server, targ
         assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x01
 
 
+class Recorder:
+    """A plugin for an upstream socksflow: every destination it was asked for."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl
+    def socksflow_request(self, request) -> None:
+        self.seen.append(str(request.destination))
+
+
 def test_second_socksflow_as_upstream(socksflow_server, target) -> None:
-    seen = []
-
-    class Recorder:
-        from socksflow import hookimpl
-
-        @hookimpl
-        def socksflow_request(self, session, request):
-            seen.append(str(request.destination))
-
-    upstream = socksflow_server("rules:\n  - allow: all\n", [Recorder()])
+    recorder = Recorder()
+    seen = recorder.seen
+    upstream = socksflow_server("rules:\n  - allow: all\n", [recorder])
     server = socksflow_server(routed(f"  next: {{socks5: {_text(upstream)}}}", "next"))
     assert peer_through(server, target) == "127.0.0.1"
     assert seen == [f"localhost:{target.port}"]  # the name went to the upstream (remote DNS)
@@ -545,3 +549,29 @@ def test_bind_routed_through_danted(socksflow_server, tmp_path) -> None:
                 client.sock.sendall(b"to the peer")
                 peer.settimeout(5)
                 assert peer.recv(64) == b"to the peer"
+
+
+def test_a_name_only_the_upstream_knows(socksflow_server, target) -> None:
+    from socksflow.testing import StaticResolver
+
+    here, there = StaticResolver({}), StaticResolver({"far.test": ["127.0.0.1"]})
+    upstream = socksflow_server("rules:\n  - allow: all\n", [there])
+    server = socksflow_server(routed(f"  next: {{socks5: {_text(upstream)}}}", "next"), [here])
+    assert peer_through(server, target, "far.test") == "127.0.0.1"
+    assert (here.lookups, there.lookups) == ([], ["far.test"])  # resolved at the far end only
+
+
+def test_a_name_the_rules_resolved_goes_up_as_the_checked_address(socksflow_server, target) -> None:
+    from socksflow.testing import StaticResolver
+
+    recorder = Recorder()
+    seen = recorder.seen
+    here = StaticResolver({"both.test": ["192.0.2.1", "127.0.0.1"]})
+    upstream = socksflow_server("rules:\n  - allow: all\n", [recorder])
+    rules = (
+        f"outbounds:\n  next: {{socks5: {_text(upstream)}}}\n"
+        "rules:\n  - deny: {to: [192.0.2.0/24]}\n  - allow: all\n    via: next\n"
+    )
+    server = socksflow_server(rules, [here])
+    assert peer_through(server, target, "both.test") == "127.0.0.1"
+    assert seen == [f"127.0.0.1:{target.port}"]  # not the name: the upstream could pick 192.0.2.1

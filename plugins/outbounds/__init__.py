@@ -17,8 +17,9 @@ rules:
   - allow: all                                          # no via: direct
 ```
 
-Names go to the upstream (remote DNS) unless the outbound says ``dns: local``; then the
-addresses the rules checked are sent.  Groups check their members' health in the background
+Names go to the upstream (remote DNS) unless the outbound says ``dns: local``, or a rule had to
+resolve the name to decide: then the first address the rules admitted is sent, so the upstream
+cannot connect anywhere the rules did not check.  Groups check their members' health in the background
 (a TCP connect to the first hop, or a request through the member to ``health.target``) and a
 failed live dial marks a member down at once.  Without an ``outbounds:`` section this plugin
 is dormant and every session goes direct.
@@ -53,13 +54,16 @@ def socksflow_open_connection(session, addresses: tuple[Address, ...]):
     if name is None or name == "direct" or session.request.command != Command.CONNECT:
         return None  # the core dials: going direct costs nothing here
     outbound = session.config.stash[OUTBOUNDS][name]
+    return _open(session, name, outbound, addresses)
+
+
+async def _open(session, name: str, outbound: Outbound, addresses: tuple[Address, ...]) -> Stream:
     destination = session.destination
-    if destination.is_domain and not getattr(outbound, "remote_dns", True) and addresses:
-        destination = addresses[0]  # dns: local: send what the rules checked
-    return _open(session, name, outbound, destination)
-
-
-async def _open(session, name: str, outbound: Outbound, destination: Address) -> Stream:
+    if destination.is_domain and addresses:
+        destination = addresses[0]  # rules checked the name's addresses: the upstream must not pick others
+    elif destination.is_domain and not getattr(outbound, "remote_dns", True):
+        ips = await session.addresses_to_use()  # dns: local (the core leaves resolving to routed sessions)
+        destination = Address(ips[0], destination.port)
     choices: list[str] = []
     token = CHOICES.set(choices)
     try:
