@@ -22,6 +22,9 @@ Series (sessions are counted when they end):
   outbound other than direct, by the group member used (``-`` for none) and the reply
   (``0x00`` when the stream opened; a failure's code otherwise).
 * ``socksflow_outbound_bytes_total{outbound, direction}``: bytes those sessions relayed.
+* ``socksflow_outbound_member_up{outbound, member}`` (1 or 0) and
+  ``socksflow_outbound_member_latency_seconds{outbound, member}``: the health of each group's
+  members, read at scrape time.
 
 With ``socksflow run --workers N`` every worker counts its own sessions and serves them on
 ``listen`` port + its number (9150, 9151, …): scrape each, or sum them in Prometheus.
@@ -35,14 +38,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from socksflow import Address, Config, PluginError, StashKey, hookimpl
-from socksflow.outbound import ROUTE
+from socksflow.outbound import OUTBOUNDS, ROUTE
 
 log = logging.getLogger("socksflow.metrics")
 
@@ -78,6 +83,29 @@ def socksflow_configure(config: Config) -> bool | None:
 # ---------------------------------------------------------------------------- the series
 
 
+class _GroupHealth:
+    """Member health of the groups of the configuration in force, collected when scraped."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["outbound", "member"]
+        up = GaugeMetricFamily("socksflow_outbound_member_up", "Group members up (1) or down (0)", labels=labels)
+        latency = GaugeMetricFamily(
+            "socksflow_outbound_member_latency_seconds", "Latency of a member's last passing check", labels=labels
+        )
+        registry = self.server.config.stash.get(OUTBOUNDS)
+        for name in registry.names if registry is not None else ():
+            health = getattr(registry[name], "member_health", None)
+            for member, (is_up, seconds) in (health() if health is not None else {}).items():
+                up.add_metric([name, member], 1.0 if is_up else 0.0)
+                if seconds is not None:
+                    latency.add_metric([name, member], seconds)
+        yield up
+        yield latency
+
+
 class Metrics:
     """One server's registry and series."""
 
@@ -106,6 +134,7 @@ class Metrics:
             "outbound_sessions", "Sessions routed through an outbound, by member and reply", "outbound", "member", "reply"
         )
         self.outbound_bytes = counter("outbound_bytes", "Bytes relayed through an outbound", "outbound", "direction")
+        registry.register(_GroupHealth(server))
         self.listener: asyncio.Server | None = None
         self.address: Address | None = None
 

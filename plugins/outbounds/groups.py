@@ -221,6 +221,10 @@ class Group:
     def hops(self) -> tuple[str, ...]:
         return self.names
 
+    def member_health(self) -> dict[str, tuple[bool, float | None]]:
+        """Each member: up, and the latency of its last passing check (seconds)."""
+        return {name: (state.up, state.latency) for name, state in self.states.items()}
+
     def describe(self) -> str:
         states = ", ".join(
             f"{name} {'up' if s.up else 'down'}"
