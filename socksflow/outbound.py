@@ -205,6 +205,13 @@ async def open_bind(session: Any) -> BindOutbound | None:
     return None if opener is None else await opener(session.destination)
 
 
+def carries(outbound: object, method: str) -> bool:
+    """Whether ``outbound`` has ``method`` (``open_udp``, ``open_bind``) that works: an outbound
+    made of others (a chain) answers through its own ``carries``."""
+    answer = getattr(outbound, "carries", None)
+    return answer(method) if answer is not None else hasattr(outbound, method)
+
+
 def _opener(session: Any, method: str, command: str) -> Callable[..., Awaitable[Any]] | None:
     """The route's ``method``; ``None`` when the session goes direct; 0x07 when it has none."""
     verdict = session.verdict
@@ -212,8 +219,9 @@ def _opener(session: Any, method: str, command: str) -> Callable[..., Awaitable[
     registry = session.config.stash.get(OUTBOUNDS)
     if name is None or name == "direct" or registry is None:
         return None
-    opener = getattr(registry.get(name), method, None)
-    if opener is None:
+    outbound = registry.get(name)
+    opener = getattr(outbound, method, None)
+    if opener is None or not carries(outbound, method):
         raise OutboundError(f"outbound {name!r} cannot carry {command}", Reply.COMMAND_NOT_SUPPORTED)
     return opener
 
@@ -253,6 +261,7 @@ __all__ = [
     "Reject",
     "Stream",
     "UdpOutbound",
+    "carries",
     "direct_connect",
     "kinds",
     "open_bind",

@@ -279,3 +279,17 @@ def test_udp_and_bind_through_an_upstream_get_0x07(socksflow_server, caplog) -> 
     assert "outbound 'corp' cannot carry udp (rule " in caplog.text  # naming the rule: rules.yaml:5
     assert "outbound 'corp' cannot carry bind (rule " in caplog.text
     assert caplog.text.count("rules.yaml:5): refused with 0x07") == 2
+
+
+def test_a_chain_carries_udp_only_when_every_hop_does(tmp_path: Path) -> None:
+    text = (
+        "outbounds:\n  a: {socks5: 127.0.0.1:1081}\n  b: {socks5: 127.0.0.1:1082}\n  w: {http: 127.0.0.1:1083}\n"
+        "  ab: {chain: [a, b]}\n  aw: {chain: [a, w]}\n"
+        "rules:\n  - allow: {user: x, command: udp}\n    via: ab\n  - allow: {command: udp}\n    via: aw\n"
+    )
+    result = check(tmp_path, text, "check", "rules.yaml")
+    assert result.returncode == 0
+    assert result.stderr == (
+        "warning: rules.yaml:10: rules[1].via: outbound 'aw' cannot carry udp: those requests get 0x07"
+        " (narrow the rule with command: connect)\n"
+    )

@@ -494,38 +494,42 @@ def test_udp_association_through_danted_answers_a_dns_query(tmp_path) -> None:
         resolver.stop()
 
 
-def test_udp_associate_routed_through_danted(socksflow_server, tmp_path) -> None:
+def ask_over_udp(server, resolver, name: str) -> str:
+    """A DNS query for ``name`` through socksflow's UDP ASSOCIATE; the answer's text.
+
+    The reply's header must name the resolver, and the answer must be the query's.
+    """
     import socket
 
     import dns.message
-    from dns_servers import Dnsmasq
 
-    from socksflow import Address
     from socksflow.protocol import build_udp_header, parse_udp_header
+
+    target = Address.parse(resolver.address)
+    query = dns.message.make_query(name, "A")
+    with Socks5Client(server.address) as client, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        client.greet()
+        udp.bind(("127.0.0.1", 0))
+        code, relay = client.udp_associate(f"127.0.0.1:{udp.getsockname()[1]}")
+        assert code == 0
+        udp.settimeout(5)
+        udp.sendto(build_udp_header(target) + query.to_wire(), (str(relay.host), relay.port))
+        data = udp.recv(65536)
+    header = parse_udp_header(data)
+    assert header.destination == target
+    answer = dns.message.from_wire(data[header.offset :])
+    assert answer.id == query.id
+    return answer.to_text()
+
+
+def test_udp_associate_routed_through_danted(socksflow_server, tmp_path) -> None:
+    from dns_servers import Dnsmasq
 
     resolver = Dnsmasq(tmp_path, ["upstream.test,192.0.2.44"])
     try:
         with danted(tmp_path) as upstream:
             server = socksflow_server(routed(f"  up: {{socks5: {upstream.address}}}", "up"))
-            with (
-                Socks5Client(server.address) as client,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
-            ):
-                client.greet()
-                udp.bind(("127.0.0.1", 0))
-                code, relay = client.udp_associate(f"127.0.0.1:{udp.getsockname()[1]}")
-                assert code == 0
-                query = dns.message.make_query("upstream.test", "A")
-                udp.settimeout(5)
-                udp.sendto(
-                    build_udp_header(Address.parse(resolver.address)) + query.to_wire(),
-                    (str(relay.host), relay.port),
-                )
-                data = udp.recv(65536)
-            header = parse_udp_header(data)
-            assert header.destination == Address.parse(resolver.address)
-            answer = dns.message.from_wire(data[header.offset :])
-            assert answer.id == query.id and "192.0.2.44" in answer.to_text()
+            assert "192.0.2.44" in ask_over_udp(server, resolver, "upstream.test")
         assert f"query[A] upstream.test from {DANTED_SOURCE}" in resolver.log.read_text()  # through danted
     finally:
         resolver.stop()
@@ -575,3 +579,23 @@ def test_a_name_the_rules_resolved_goes_up_as_the_checked_address(socksflow_serv
     server = socksflow_server(rules, [here])
     assert peer_through(server, target, "both.test") == "127.0.0.1"
     assert seen == [f"127.0.0.1:{target.port}"]  # not the name: the upstream could pick 192.0.2.1
+
+
+def test_udp_associate_through_a_chain_of_two_danted(socksflow_server, tmp_path) -> None:
+    from dns_servers import Dnsmasq
+
+    resolver = Dnsmasq(tmp_path, ["chain.test,192.0.2.45"])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        with danted(tmp_path / "a", source="127.0.0.8") as first, danted(tmp_path / "b") as last:
+            outbounds = (
+                f"  a: {{socks5: {first.address}}}\n  b: {{socks5: {last.address}}}\n  ab: {{chain: [a, b]}}"
+            )
+            server = socksflow_server(routed(outbounds, "ab"))
+            assert "192.0.2.45" in ask_over_udp(server, resolver, "chain.test")
+            first_log = (tmp_path / "a" / "danted.log").read_text()
+        assert f"query[A] chain.test from {DANTED_SOURCE}" in resolver.log.read_text()  # the last hop sent it
+        assert "udp" in first_log.lower() and "127.0.0.8" in first_log  # the first hop carried it
+    finally:
+        resolver.stop()

@@ -72,16 +72,30 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _started(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether ``process`` listens on ``port`` within 10 s (False: it exited, or never listened)."""
+    return wait_until(lambda: process.poll() is not None or _listening(port), 10) and process.poll() is None
+
+
+ATTEMPTS = 3  # another test may take the free port between our probe and the program's bind
+
+
 @contextlib.contextmanager
-def _running(command: list[str], port: int, log: Path | None = None, **kwargs: object) -> Iterator[Upstream]:
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
-    upstream = Upstream("127.0.0.1", port, process, log)
+def _running(
+    build: Callable[[int], list[str]], port: int = 0, log: Path | None = None, **kwargs: object
+) -> Iterator[Upstream]:
+    """Run ``build(port)`` until it listens on ``port`` (a free one, tried again if taken meanwhile)."""
+    for attempt in range(1 if port else ATTEMPTS):
+        chosen = port or free_port()
+        command = build(chosen)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+        if _started(process, chosen):
+            break
+        stop(process)
+        if port or attempt == ATTEMPTS - 1:
+            raise RuntimeError(f"{command[0]} did not listen on {chosen} (exit status {process.returncode})")
     try:
-        if not wait_until(lambda: process.poll() is not None or _listening(port), 10):
-            raise RuntimeError(f"{command[0]} did not listen on {port}")
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {process.returncode}")
-        yield upstream
+        yield Upstream("127.0.0.1", chosen, process, log)
     finally:
         stop(process)
 
@@ -91,23 +105,22 @@ def microsocks(
     user: str | None = None, password: str | None = None, source: str = MICROSOCKS_SOURCE, port: int = 0
 ) -> Iterator[Upstream]:
     exe = require_tool("microsocks")
-    port = port or free_port()
-    command = [exe, "-i", "127.0.0.1", "-p", str(port), "-b", source]
-    if user is not None:
-        command += ["-u", user, "-P", password or ""]
-    with _running(command, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as upstream:
+    login = ["-u", user, "-P", password or ""] if user is not None else []
+
+    def build(port: int) -> list[str]:
+        return [exe, "-i", "127.0.0.1", "-p", str(port), "-b", source, *login]
+
+    with _running(build, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as upstream:
         yield upstream
 
 
 @contextlib.contextmanager
 def tinyproxy(tmp: Path, user: str = "", password: str = "") -> Iterator[Upstream]:
     exe = require_tool("tinyproxy")
-    port = free_port()
     log = tmp / "tinyproxy.log"
     log.touch()
     log.chmod(0o666)
     lines = [
-        f"Port {port}",
         "Listen 127.0.0.1",
         f"Bind {TINYPROXY_SOURCE}",
         "Timeout 60",
@@ -122,10 +135,12 @@ def tinyproxy(tmp: Path, user: str = "", password: str = "") -> Iterator[Upstrea
     if user:
         lines.append(f"BasicAuth {user} {password}")
     conf = tmp / "tinyproxy.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    with _running(
-        [exe, "-d", "-c", str(conf)], port, log, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    ) as up:
+
+    def build(port: int) -> list[str]:
+        conf.write_text("\n".join([f"Port {port}", *lines]) + "\n")
+        return [exe, "-d", "-c", str(conf)]
+
+    with _running(build, 0, log, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as up:
         yield up
 
 
@@ -155,13 +170,15 @@ socks pass {{
 @contextlib.contextmanager
 def danted(tmp: Path, source: str = DANTED_SOURCE) -> Iterator[Upstream]:
     exe = require_tool("danted") if not os.path.exists("/usr/sbin/danted") else "/usr/sbin/danted"
-    port = free_port()
     log = tmp / "danted.log"
     users = "user.privileged: root\nuser.unprivileged: nobody" if os.geteuid() == 0 else ""
     conf = tmp / "danted.conf"
-    conf.write_text(DANTED_CONF.format(log=log, port=port, source=source, users=users))
-    command = [exe, "-f", str(conf), "-N", "1"]
-    with _running(command, port, log, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as upstream:
+
+    def build(port: int) -> list[str]:
+        conf.write_text(DANTED_CONF.format(log=log, port=port, source=source, users=users))
+        return [exe, "-f", str(conf), "-N", "1"]
+
+    with _running(build, 0, log, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as upstream:
         yield upstream
 
 
@@ -196,7 +213,6 @@ def sshd(tmp: Path, port: int = 0) -> Iterator[SshServer]:
     again in the same directory, it keeps its keys (a restart)."""
     exe = "/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else require_tool("sshd")
     keygen = require_tool("ssh-keygen")
-    port = port or free_port()
     host_key, user_key = tmp / "host_key", tmp / "user_key"
     for key in (host_key, user_key):
         if not key.exists():
@@ -204,14 +220,18 @@ def sshd(tmp: Path, port: int = 0) -> Iterator[SshServer]:
     (tmp / "authorized_keys").write_text(user_key.with_suffix(".pub").read_text())
     host_public = host_key.with_suffix(".pub").read_text().split()
     known_hosts = tmp / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_public[0]} {host_public[1]}\n")
     conf = tmp / "sshd_config"
-    conf.write_text(SSHD_CONF.format(port=port, host_key=host_key, tmp=tmp))
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation needs it
     log = tmp / "sshd.log"
     user = os.environ.get("USER") or ("root" if os.geteuid() == 0 else os.getlogin())
-    with _running([exe, "-D", "-f", str(conf), "-E", str(log)], port, log) as upstream:
+
+    def build(port: int) -> list[str]:
+        known_hosts.write_text(f"[127.0.0.1]:{port} {host_public[0]} {host_public[1]}\n")
+        conf.write_text(SSHD_CONF.format(port=port, host_key=host_key, tmp=tmp))
+        return [exe, "-D", "-f", str(conf), "-E", str(log)]
+
+    with _running(build, port, log) as upstream:
         yield SshServer(upstream, user, user_key, known_hosts)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from socksflow import Command, ConfigError, Reply, Verdict
-from socksflow.outbound import Registry
+from socksflow.outbound import Registry, carries
 
 from .rules import COMMAND_NAMES, Rule
 
@@ -24,7 +24,7 @@ def carried(verdict: Verdict, command: Command, registry: Registry | None) -> Ve
     name = verdict.outbound
     if not verdict.allowed or name in (None, "direct") or command not in CAPABILITY or registry is None:
         return verdict
-    if hasattr(registry.get(name), CAPABILITY[command]):
+    if carries(registry.get(name), CAPABILITY[command]):
         return verdict
     reason = f"outbound {name!r} cannot carry {COMMAND_NAMES[command]} (rule {verdict.rule})"
     log.warning("%s: refused with 0x07", reason)
@@ -42,7 +42,7 @@ def uncarried_commands(rules: tuple[Rule, ...], registry: Registry | None) -> li
         missing = [
             COMMAND_NAMES[c]
             for c in sorted(commands)
-            if c in CAPABILITY and not hasattr(outbound, CAPABILITY[c])
+            if c in CAPABILITY and not carries(outbound, CAPABILITY[c])
         ]
         if missing:
             warnings.append(ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import itertools
 import logging
@@ -11,8 +12,9 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from socksflow.outbound import Connector, Outbound, OutboundError, Stream, direct_connect
+from socksflow.outbound import Connector, Outbound, OutboundError, Receiver, Stream, carries, direct_connect
 from socksflow.protocol import Address, Reply
 
 log = logging.getLogger("socksflow.outbounds")
@@ -33,6 +35,18 @@ def probe_of(outbound: Outbound, lookup: Lookup) -> Address | None:
     return probe() if probe is not None else None
 
 
+def _through(hops: list[Outbound], index: int, connect: Connector, user: str) -> Connector:
+    """How to reach an address through ``hops[: index + 1]`` (``connect`` itself when index < 0)."""
+    if index < 0:
+        return connect
+
+    async def hop(address: Address) -> Any:
+        sock, _ = await hops[index].open_stream(address, _through(hops, index - 1, connect, user), user)
+        return sock
+
+    return hop
+
+
 @dataclass
 class Chain:
     """``chain: [a, b, c]``: client → socksflow → a → b → c → destination; BND from ``c``."""
@@ -46,18 +60,31 @@ class Chain:
         self, destination: Address, connect: Connector = direct_connect, user: str = ""
     ) -> Stream:
         hops = [self.lookup(name) for name in self.names]
+        return await hops[-1].open_stream(destination, _through(hops, len(hops) - 2, connect, user), user)
 
-        def through(index: int) -> Connector:
-            if index < 0:
-                return connect
+    async def open_udp(
+        self, receiver: Receiver, connect: Connector = direct_connect, carrier: Any = None
+    ) -> Any:
+        """UDP through every hop: each hop's association is carried by the previous hop's."""
+        hops = [self.lookup(name) for name in self.names]
+        if not self.carries("open_udp"):
+            raise OutboundError(
+                f"outbound {self.name!r}: not every hop can carry UDP", Reply.COMMAND_NOT_SUPPORTED
+            )
 
-            async def hop(address: Address) -> object:
-                sock, _ = await hops[index].open_stream(address, through(index - 1), user)
-                return sock
+        async def at(index: int, receive: Receiver) -> Any:
+            hop: Any = hops[index]
+            if index == 0:
+                return await hop.open_udp(receive, connect, carrier)
+            return await hop.open_udp(
+                receive, _through(hops, index - 1, connect, ""), functools.partial(at, index - 1)
+            )
 
-            return hop  # type: ignore[return-value]
+        return await at(len(hops) - 1, receiver)
 
-        return await hops[-1].open_stream(destination, through(len(hops) - 2), user)
+    def carries(self, method: str) -> bool:
+        """Whether every hop has ``method`` (``open_udp``); a chain has no ``open_bind``."""
+        return hasattr(self, method) and all(carries(self.lookup(name), method) for name in self.names)
 
     def hops(self) -> tuple[str, ...]:
         return self.names

@@ -116,12 +116,17 @@ class Socks5Upstream(_Single):
         return UpstreamBind(self.name, sock, bound)
 
     async def open_udp(
-        self, receiver: Callable[[bytes, Address], None], connect: Connector = direct_connect
+        self,
+        receiver: Callable[[bytes, Address], None],
+        connect: Connector = direct_connect,
+        carrier: Callable[..., Any] | None = None,
     ) -> Any:
         """A UDP association through this upstream (see :mod:`.udp`): UDP ASSOCIATE follows the route."""
         from .udp import associate
 
-        return await associate(self.name, self.server, (self.username, self.password), receiver, connect)
+        return await associate(
+            self.name, self.server, (self.username, self.password), receiver, connect, carrier
+        )
 
 
 @dataclass
