@@ -293,3 +293,71 @@ def test_a_chain_carries_udp_only_when_every_hop_does(tmp_path: Path) -> None:
         "warning: rules.yaml:10: rules[1].via: outbound 'aw' cannot carry udp: those requests get 0x07"
         " (narrow the rule with command: connect)\n"
     )
+
+
+# --------------------------------------------------------------------------- groups, without I/O
+
+
+def group(kind: str, **kwargs: object):
+    from socksflow_plugins.outbounds.groups import Group
+
+    return Group("g", kind, ("a", "b", "c"), lambda name: None, **kwargs)  # type: ignore[arg-type]
+
+
+def test_fallback_order_puts_down_members_last() -> None:
+    pool = group("fallback")
+    destination = Address.parse("192.0.2.1:443")
+    assert pool.order(destination, "") == ["a", "b", "c"]
+    pool.mark_down("a", "refused")
+    assert pool.order(destination, "") == ["b", "c", "a"]  # still tried once when all else fails
+    pool.record("a", 0.01)
+    assert pool.order(destination, "") == ["a", "b", "c"]
+
+
+def test_failures_before_down() -> None:
+    from socksflow_plugins.outbounds.groups import Health
+
+    pool = group("fallback", health=Health(failures=2))
+    pool.record("a", None, "timed out")
+    assert pool.states["a"].up
+    pool.record("a", None, "timed out")
+    assert not pool.states["a"].up
+
+
+def test_balance_round_robin_and_hashes() -> None:
+    destination = Address.parse("192.0.2.1:443")
+    turns = group("balance")
+    assert [turns.order(destination, "")[0] for _ in range(4)] == ["a", "b", "c", "a"]
+    by_user = group("balance", hash_on="user")
+    firsts = {user: by_user.order(destination, user)[0] for user in ("alice", "bob", "carol", "dave", "erin")}
+    assert all(by_user.order(destination, user)[0] == first for user, first in firsts.items())  # sticky
+    assert len(set(firsts.values())) > 1  # and spread
+    chosen = firsts["alice"]
+    by_user.mark_down(chosen, "gone")
+    others = {user: by_user.order(destination, user)[0] for user in firsts}
+    assert others["alice"] != chosen
+    assert all(others[user] == first for user, first in firsts.items() if first != chosen)  # only alice moved
+
+
+def test_fastest_switches_only_beyond_the_tolerance() -> None:
+    destination = Address.parse("192.0.2.1:443")
+    quick = group("fastest", tolerance=0.05)
+    for name, latency in (("a", 0.30), ("b", 0.10), ("c", 0.20)):
+        quick.record(name, latency)
+    assert quick.order(destination, "")[0] == "b"
+    quick.record("a", 0.08)  # faster than b, but by less than the tolerance: stay
+    assert quick.order(destination, "")[0] == "b"
+    quick.record("c", 0.01)
+    assert quick.order(destination, "")[0] == "c"
+
+
+def test_a_plugin_registers_a_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from socksflow import outbound
+    from socksflow.outbound import Reject
+
+    def fixed(name, node, fields, context):
+        return Reject(name, Reply(node.as_int(minimum=1, maximum=8)))
+
+    monkeypatch.setitem(outbound._KINDS, "fixed", fixed)
+    config, _ = load(tmp_path, "outbounds:\n  mine: {fixed: 5}\nrules:\n  - allow: all\n    via: mine\n")
+    assert config.stash[OUTBOUNDS]["mine"] == Reject("mine", Reply.CONNECTION_REFUSED)
