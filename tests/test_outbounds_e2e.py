@@ -599,3 +599,12 @@ def test_udp_associate_through_a_chain_of_two_danted(socksflow_server, tmp_path)
         assert "udp" in first_log.lower() and "127.0.0.8" in first_log  # the first hop carried it
     finally:
         resolver.stop()
+
+
+def test_http_and_ssh_upstreams_refusing_the_destination_answer_0x05(socksflow_server, tmp_path) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    with tinyproxy(tmp_path) as web, sshd(tmp_path) as ssh:
+        via_ssh = socksflow_server(routed(home(ssh), "home"))
+        assert _connect_code(via_ssh, closed) == 0x05  # sshd: "Connection refused" opening the channel
+        via_http = socksflow_server(routed(f"  web: {{http: {web.address}}}", "web"))
+        assert _connect_code(via_http, closed) == 0x05  # tinyproxy: HTTP 500 "Unable to connect"
