@@ -608,3 +608,22 @@ def test_http_and_ssh_upstreams_refusing_the_destination_answer_0x05(socksflow_s
         assert _connect_code(via_ssh, closed) == 0x05  # sshd: "Connection refused" opening the channel
         via_http = socksflow_server(routed(f"  web: {{http: {web.address}}}", "web"))
         assert _connect_code(via_http, closed) == 0x05  # tinyproxy: HTTP 500 "Unable to connect"
+
+
+def test_fallback_skips_a_member_that_accepts_but_never_answers(socksflow_server, target) -> None:
+    import socket
+
+    with socket.socket() as hung, microsocks(source="127.0.0.5") as second:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes the handshakes; nobody ever reads the greeting
+        server = socksflow_server(
+            routed(
+                f"  a: {{socks5: 127.0.0.1:{hung.getsockname()[1]}}}\n  b: {{socks5: {second.address}}}\n"
+                "  pool: {fallback: [a, b], health: {interval: 60s, timeout: 0.5s}}",
+                "pool",
+            )
+        )
+        began = time.monotonic()
+        assert peer_through(server, target) == "127.0.0.5"  # the same session went on to b
+        assert time.monotonic() - began < 5  # well within the 10 s connect timeout
+        assert peer_through(server, target) == "127.0.0.5"

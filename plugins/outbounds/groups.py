@@ -168,7 +168,7 @@ class Group:
         errors = []
         for name in self.order(destination, user):
             try:
-                stream = await self.lookup(name).open_stream(destination, connect, user)
+                stream = await self._attempt(name, destination, connect, user)
             except OutboundError as exc:
                 if not exc.upstream_down:
                     raise  # the destination's answer through a working member: not the member's fault
@@ -182,6 +182,16 @@ class Group:
         message = f"outbound {self.name!r}: every member is down ({'; '.join(errors)})"
         log.warning("%s", message)
         raise OutboundError(message, Reply.HOST_UNREACHABLE, upstream_down=True)
+
+    async def _attempt(self, name: str, destination: Address, connect: Connector, user: str) -> Stream:
+        """One member's try, cut at ``health.timeout``: a hung member must not eat the whole
+        connect timeout, or the group would never get to the next one."""
+        try:
+            async with asyncio.timeout(self.health.timeout):
+                return await self.lookup(name).open_stream(destination, connect, user)
+        except TimeoutError:
+            message = f"outbound {name!r}: no answer within {self.health.timeout:g}s"
+            raise OutboundError(message, Reply.TTL_EXPIRED, upstream_down=True) from None
 
     # ------------------------------------------------------------------ health
 
