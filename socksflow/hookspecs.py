@@ -279,7 +279,9 @@ def socksflow_open_connection(
     When: the request was allowed and resolved.
 
     :param session: the session (``session.destination`` is the possibly rewritten target).
-    :param addresses: the checked addresses to connect to, in order.
+    :param addresses: the checked addresses to connect to, in order; empty when the verdict
+        routes the session to an outbound (``Verdict.outbound``) and no rule needed the name
+        resolved: the upstream resolves it.
 
     Returns a connected non-blocking :class:`socket.socket`, which the relay takes over, or
     ``(socket, bound)`` where ``bound`` is the address the client's reply carries (an
