@@ -627,3 +627,12 @@ def test_fallback_skips_a_member_that_accepts_but_never_answers(socksflow_server
         assert peer_through(server, target) == "127.0.0.5"  # the same session went on to b
         assert time.monotonic() - began < 5  # well within the 10 s connect timeout
         assert peer_through(server, target) == "127.0.0.5"
+
+
+def test_chain_with_ssh_in_the_middle(socksflow_server, target, tmp_path) -> None:
+    with sshd(tmp_path) as ssh, microsocks() as last:
+        server = socksflow_server(
+            routed(home(ssh) + f"\n  up: {{socks5: {last.address}}}\n  far: {{chain: [home, up]}}", "far")
+        )
+        assert peer_through(server, target) == MICROSOCKS_SOURCE  # microsocks dialled the target
+        assert f"target 127.0.0.1 port {last.port}" in ssh.upstream.log.read_text()  # sshd carried the hop
