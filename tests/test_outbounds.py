@@ -361,3 +361,19 @@ def test_a_plugin_registers_a_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(outbound._KINDS, "fixed", fixed)
     config, _ = load(tmp_path, "outbounds:\n  mine: {fixed: 5}\nrules:\n  - allow: all\n    via: mine\n")
     assert config.stash[OUTBOUNDS]["mine"] == Reject("mine", Reply.CONNECTION_REFUSED)
+
+
+def test_ssh_and_secret_files_are_checked_when_loading(tmp_path: Path) -> None:
+    text = (
+        "outbounds:\n"
+        "  s: {ssh: 127.0.0.1:22, user: me, key: missing.key, known_hosts: none}\n"
+        "  t: {ssh: 127.0.0.1:22, user: me, key: missing.key}\n"
+        "  p: {socks5: 127.0.0.1:1080, username: u, password_file: nowhere.secret}\n"
+        "  q: {socks5: 127.0.0.1:1080, username: u}\n"
+    )
+    assert errors_of(tmp_path, text) == [
+        "rules.yaml:2: outbounds.s.key: cannot read missing.key: No such file or directory",
+        "rules.yaml:3: outbounds.t.ssh: an ssh outbound needs 'known_hosts:' (known_hosts: none turns host checks off)",
+        "rules.yaml:4: outbounds.p.password_file: cannot read nowhere.secret: No such file or directory",
+        "rules.yaml:5: outbounds.q.socks5: give both 'username' and a password, or neither",
+    ]
