@@ -111,7 +111,7 @@ def _secret(fields: dict[str, Node], key: str) -> str | None:
         node = fields[f"{key}_file"]
         path = node.as_path()
         try:
-            return path.read_text().splitlines()[0] if path.read_text() else ""
+            return next(iter(path.read_text().splitlines()), "")
         except OSError as exc:
             raise node.error(f"cannot read {path}: {exc.strerror}") from None
     return None
