@@ -636,3 +636,20 @@ def test_chain_with_ssh_in_the_middle(socksflow_server, target, tmp_path) -> Non
         )
         assert peer_through(server, target) == MICROSOCKS_SOURCE  # microsocks dialled the target
         assert f"target 127.0.0.1 port {last.port}" in ssh.upstream.log.read_text()  # sshd carried the hop
+
+
+def test_udp_associate_fails_over_in_a_group(socksflow_server, tmp_path) -> None:
+    from dns_servers import Dnsmasq
+
+    resolver = Dnsmasq(tmp_path, ["group.test,192.0.2.46"])
+    try:
+        with danted(tmp_path) as upstream:
+            outbounds = (
+                f"  dead: {{socks5: 127.0.0.1:{free_port()}}}\n  up: {{socks5: {upstream.address}}}\n"
+                "  pool: {fallback: [dead, up]}"
+            )
+            server = socksflow_server(routed(outbounds, "pool"))
+            assert "192.0.2.46" in ask_over_udp(server, resolver, "group.test")
+        assert f"query[A] group.test from {DANTED_SOURCE}" in resolver.log.read_text()
+    finally:
+        resolver.stop()

@@ -1,7 +1,8 @@
 """Rules that route (``via:``): an outbound that cannot carry the command refuses it with 0x07.
 
 BIND and UDP ASSOCIATE follow their rule's route; an outbound without ``open_bind`` /
-``open_udp`` cannot carry them (UDP: only a SOCKS5 upstream has ``open_udp``; BIND: none yet),
+``open_udp`` cannot carry them (UDP: SOCKS5 upstreams, and chains and groups of them; BIND:
+SOCKS5 upstreams),
 and letting them go direct instead would bypass the route the operator chose.
 """
 

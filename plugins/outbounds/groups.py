@@ -10,16 +10,26 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from socksflow.outbound import Connector, Outbound, OutboundError, Receiver, Stream, carries, direct_connect
+from socksflow.outbound import (
+    UNSPECIFIED,
+    Connector,
+    Outbound,
+    OutboundError,
+    Receiver,
+    Stream,
+    carries,
+    direct_connect,
+)
 from socksflow.protocol import Address, Reply
 
 log = logging.getLogger("socksflow.outbounds")
 
 Lookup = Callable[[str], Outbound]
+T = TypeVar("T")
 
 ROUTE: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "socksflow_outbound_route", default=None
@@ -164,34 +174,58 @@ class Group:
     async def open_stream(
         self, destination: Address, connect: Connector = direct_connect, user: str = ""
     ) -> Stream:
+        return await self._first_working(
+            destination, user, lambda member: member.open_stream(destination, connect, user)
+        )
+
+    async def open_udp(
+        self, receiver: Receiver, connect: Connector = direct_connect, carrier: Any = None
+    ) -> Any:
+        """A UDP association through the member the group picks (failing over as for streams)."""
+        if not self.carries("open_udp"):
+            raise OutboundError(
+                f"outbound {self.name!r}: not every member can carry UDP", Reply.COMMAND_NOT_SUPPORTED
+            )
+        return await self._first_working(
+            UNSPECIFIED, "", lambda member: member.open_udp(receiver, connect, carrier)
+        )
+
+    def carries(self, method: str) -> bool:
+        """Whether every member has ``method`` (``open_udp``); a group has no ``open_bind``."""
+        return hasattr(self, method) and all(carries(self.lookup(name), method) for name in self.names)
+
+    async def _first_working(
+        self, destination: Address, user: str, attempt: Callable[[Any], Awaitable[T]]
+    ) -> T:
+        """``attempt`` on each member in the group's order until one works; members that fail
+        (or give no answer within ``health.timeout``: a hung member must not eat the whole
+        connect timeout) are marked down."""
         self.start()
         errors = []
         for name in self.order(destination, user):
             try:
-                stream = await self._attempt(name, destination, connect, user)
+                async with asyncio.timeout(self.health.timeout):
+                    result = await attempt(self.lookup(name))
+            except TimeoutError:
+                error = OutboundError(
+                    f"outbound {name!r}: no answer within {self.health.timeout:g}s",
+                    Reply.TTL_EXPIRED,
+                    upstream_down=True,
+                )
             except OutboundError as exc:
                 if not exc.upstream_down:
                     raise  # the destination's answer through a working member: not the member's fault
-                self.mark_down(name, str(exc))
-                errors.append(f"{name}: {exc}")
-                continue
-            route = ROUTE.get()
-            if route is not None:
-                route.append(f"{self.name}={name}")
-            return stream
+                error = exc
+            else:
+                route = ROUTE.get()
+                if route is not None:
+                    route.append(f"{self.name}={name}")
+                return result
+            self.mark_down(name, str(error))
+            errors.append(f"{name}: {error}")
         message = f"outbound {self.name!r}: every member is down ({'; '.join(errors)})"
         log.warning("%s", message)
         raise OutboundError(message, Reply.HOST_UNREACHABLE, upstream_down=True)
-
-    async def _attempt(self, name: str, destination: Address, connect: Connector, user: str) -> Stream:
-        """One member's try, cut at ``health.timeout``: a hung member must not eat the whole
-        connect timeout, or the group would never get to the next one."""
-        try:
-            async with asyncio.timeout(self.health.timeout):
-                return await self.lookup(name).open_stream(destination, connect, user)
-        except TimeoutError:
-            message = f"outbound {name!r}: no answer within {self.health.timeout:g}s"
-            raise OutboundError(message, Reply.TTL_EXPIRED, upstream_down=True) from None
 
     # ------------------------------------------------------------------ health
 
