@@ -432,7 +432,8 @@ def start_server(name: str, tmp: Path, args) -> Server | None:
         s = Server(name, udp=False, port=port, logfile=errlog)
         with open(errlog, "wb") as f:
             s.proc = spawn(
-                [sys.executable, "-c", PPROXY_SHIM, "-l", f"socks5://127.0.0.1:{port}"],
+                [sys.executable, "-c", PPROXY_SHIM, "-l", f"socks5://127.0.0.1:{port}"]
+                + (["-r", f"socks5://{args.pproxy_upstream}"] if args.pproxy_upstream else []),
                 stdin=subprocess.DEVNULL,
                 stdout=f,
                 stderr=subprocess.STDOUT,
@@ -798,6 +799,10 @@ def main() -> int:
         "--socksflow-args", default="", help="extra args for `socksflow run`, e.g. '--workers 2'"
     )
     ap.add_argument("--socksflow-config", default=str(HERE / "socksflow-bench.yaml"))
+    ap.add_argument(
+        "--pproxy-upstream",
+        help="HOST:PORT of a SOCKS5 upstream pproxy chains to (-r); bench/upstream.py sets it",
+    )
     ap.add_argument(
         "--inflight", type=int, default=100, help="sessions kept in flight (default 100)"
     )

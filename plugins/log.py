@@ -12,7 +12,9 @@ Each line: ``time`` (when the session was accepted, ISO 8601 UTC), ``session``, 
 ``destination`` (as requested), ``remote`` (the address actually connected to), ``verdict``
 (allow / deny / - when the session ended before a request), ``rule`` and ``plugin`` (what
 decided), ``reply`` (the SOCKS reply code), ``bytes_up``, ``bytes_down``, ``duration`` (seconds),
-``authenticated`` and ``reason`` (why the session closed).
+``authenticated`` and ``reason`` (why the session closed), and ``outbound`` for a session
+routed through an outbound other than direct (``corp``; for a group, with the member it used:
+``pool,pool=b``).
 
 Non-ASCII and control characters in JSON (and in quoted text values) are escaped, so a user
 name cannot forge or split lines.  Files are opened for appending.  Lines are written in
@@ -36,6 +38,7 @@ from typing import Any, TextIO
 
 from socksflow import Config, StashKey, hookimpl
 from socksflow.logs import timestamp
+from socksflow.outbound import ROUTE
 
 log = logging.getLogger("socksflow.log")
 
@@ -208,7 +211,7 @@ def record(session: Any) -> dict[str, Any]:
     request = session.request
     verdict = session.verdict
     denied = verdict is not None and not verdict.allowed
-    return {
+    fields = {
         "time": timestamp(session.started),
         "session": session.id,
         "client": str(session.client),
@@ -226,6 +229,10 @@ def record(session: Any) -> dict[str, Any]:
         "authenticated": session.authenticated,
         "reason": session.close_reason or None,
     }
+    route = session.stash.get(ROUTE)
+    if route is not None:
+        fields["outbound"] = route
+    return fields
 
 
 _JSON = json.JSONEncoder(check_circular=False)  # a record holds no containers: nothing to check

@@ -20,10 +20,18 @@ Series (sessions are counted when they end):
 * ``socksflow_plugin_errors_total{plugin, hook}``: plugin faults.
 * ``socksflow_descriptor_exhaustion_total``: times the process ran out of file descriptors
   (each logged once); ``socksflow_descriptor_refused_total``: clients closed unserved meanwhile.
+* ``socksflow_outbound_sessions_total{outbound, member, reply}``: sessions routed through an
+  outbound other than direct, by the group member used (``-`` for none) and the reply
+  (``0x00`` when the stream opened; a failure's code otherwise).
+* ``socksflow_outbound_bytes_total{outbound, direction}``: bytes those sessions relayed.
+* ``socksflow_outbound_member_up{outbound, member}`` (1 or 0) and
+  ``socksflow_outbound_member_latency_seconds{outbound, member}``: the health of each group's
+  members, read at scrape time.
 
 With ``socksflow run --workers N`` one scrape shows the whole server: worker 0 serves
 ``listen``, asks the other workers for their series over their private sockets, and answers
-with the sums (``_created`` series: the earliest).  A worker that does not answer in time
+with the sums (``_created`` series: the earliest; gauges other than the open sessions, such as
+a member's health, the highest).  A worker that does not answer in time
 (restarting) is left out of that scrape and logged.
 
 Each server has its own registry (never prometheus-client's global one), served by an
@@ -40,12 +48,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from socksflow import Address, Config, PluginError, StashKey, hookimpl
+from socksflow.outbound import OUTBOUNDS, ROUTE
 
 log = logging.getLogger("socksflow.metrics")
 
@@ -82,6 +91,29 @@ def socksflow_configure(config: Config) -> bool | None:
 # ---------------------------------------------------------------------------- the series
 
 
+class _GroupHealth:
+    """Member health of the groups of the configuration in force, collected when scraped."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["outbound", "member"]
+        up = GaugeMetricFamily("socksflow_outbound_member_up", "Group members up (1) or down (0)", labels=labels)
+        latency = GaugeMetricFamily(
+            "socksflow_outbound_member_latency_seconds", "Latency of a member's last passing check", labels=labels
+        )
+        registry = self.server.config.stash.get(OUTBOUNDS)
+        for name in registry.names if registry is not None else ():
+            health = getattr(registry[name], "member_health", None)
+            for member, (is_up, seconds) in (health() if health is not None else {}).items():
+                up.add_metric([name, member], 1.0 if is_up else 0.0)
+                if seconds is not None:
+                    latency.add_metric([name, member], seconds)
+        yield up
+        yield latency
+
+
 class Metrics:
     """One server's registry and series."""
 
@@ -108,6 +140,11 @@ class Metrics:
         self.denials = counter("denials", "Sessions refused, by plugin and stage", "plugin", "stage")
         self.plugin_errors = counter("plugin_errors", "Plugin faults, by plugin and hook", "plugin", "hook")
         registry.register(_DescriptorCollector(server))
+        self.outbound_sessions = counter(
+            "outbound_sessions", "Sessions routed through an outbound, by member and reply", "outbound", "member", "reply"
+        )
+        self.outbound_bytes = counter("outbound_bytes", "Bytes relayed through an outbound", "outbound", "direction")
+        registry.register(_GroupHealth(server))
         self.listener: asyncio.Server | None = None
         self.address: Address | None = None
 
@@ -127,6 +164,18 @@ class Metrics:
         if denied:
             stage = "request" if request else "auth" if session.method is not None else "accept"
             self.denials.labels(session.decided_by or "-", stage).inc()
+        route = session.stash.get(ROUTE)
+        if route is not None:
+            self.observe_route(route, session)
+
+    def observe_route(self, route: str, session: Any) -> None:
+        """``pool,pool=b``: the outbound, then the member each group on the way picked."""
+        outbound, *choices = route.split(",")
+        member = ",".join(choice.partition("=")[2] for choice in choices) or "-"
+        reply = f"0x{session.reply:02x}" if session.reply is not None else "-"
+        self.outbound_sessions.labels(outbound, member, reply).inc()
+        self.outbound_bytes.labels(outbound, "up").inc(session.bytes_up)
+        self.outbound_bytes.labels(outbound, "down").inc(session.bytes_down)
 
     async def serve(self, listen: Address) -> None:
         self.listener = await asyncio.start_server(
@@ -201,6 +250,9 @@ class _DescriptorCollector:
         )  # fmt: skip
 
 
+SUMMED_GAUGES = frozenset({"socksflow_sessions_active"})  # the other gauges are states (member up, latency)
+
+
 class Sum:
     """A collector of the series of several expositions added up, sample by sample."""
 
@@ -222,6 +274,8 @@ class Sum:
                         samples[key] = sample.value
                     elif sample.name.endswith("_created"):  # when the series started: the first worker's
                         samples[key] = min(samples[key], sample.value)
+                    elif family.type == "gauge" and family.name not in SUMMED_GAUGES:
+                        samples[key] = max(samples[key], sample.value)  # a state each worker sees alike
                     else:
                         samples[key] += sample.value
         for name, metric in families.items():

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError
+from socksflow.outbound import BindOutbound, OutboundError, open_bind
 from socksflow.protocol import Address, IPAddress, Reply
 
 if TYPE_CHECKING:
@@ -33,6 +35,16 @@ log = logging.getLogger("socksflow.bind")
 async def handle(session: Session) -> None:
     """Serve a BIND request: listen, first reply, accept the expected peer, second reply, relay."""
     settings = session.config.bind
+    try:
+        async with asyncio.timeout(session.config.timeouts.connect):
+            upstream = await open_bind(session)
+    except OutboundError as exc:
+        await session.fail(exc.reply, f"BIND through the outbound failed: {exc}")
+    except (OSError, TimeoutError) as exc:
+        await session.fail(reply_for_error(exc), f"BIND through the outbound failed: {exc}")
+    if upstream is not None:
+        await _through_upstream(session, upstream, settings)
+        return
     listen = await _listen_address(session)
     expected = await _expected_peer(session, settings)
     try:
@@ -44,12 +56,32 @@ async def handle(session: Session) -> None:
         host = session.local.host if listen.host.is_unspecified else listen.host  # type: ignore[union-attr]
         session.bound = Address(settings.advertise or host, port)
         session.send_reply(Reply.SUCCEEDED, session.bound)
-        peer = await _wait_for_peer(session, listener, expected, settings.timeout)
+        peer = await _wait_for_peer(session, _accept_peer(session, listener, expected), settings.timeout)
     finally:
         listener.close()
     if peer is not None:
         sock, address = peer
         await session.start_relay(sock, bound=address)
+
+
+async def _through_upstream(session: Session, upstream: BindOutbound, settings: BindSettings) -> None:
+    """BIND on the route's upstream: its first reply's address, its second reply's peer."""
+    try:
+        session.bound = upstream.bound
+        session.send_reply(Reply.SUCCEEDED, upstream.bound)
+        peer = await _wait_for_peer(session, upstream.peer(), settings.timeout)
+    except BaseException:
+        upstream.close()
+        raise
+    if peer is None:
+        upstream.close()
+        return
+    sock, address = peer
+    refusal = _check_peer(address, await _expected_peer(session, settings))
+    if refusal is not None:  # the upstream accepted it already: no waiting for another
+        sock.close()
+        await session.fail(Reply.NOT_ALLOWED, f"BIND peer {address} refused ({refusal})")
+    await session.start_relay(sock, bound=address)
 
 
 async def _listen_address(session: Session) -> Address:
@@ -98,13 +130,10 @@ def _listening_socket(address: Address) -> socket.socket:
 
 
 async def _wait_for_peer(
-    session: Session,
-    listener: socket.socket,
-    expected: tuple[frozenset[IPAddress], int] | None,
-    timeout: float,
+    session: Session, accept: Awaitable[tuple[socket.socket, Address]], timeout: float
 ) -> tuple[socket.socket, Address] | None:
     """The accepted peer; ``None`` if the client went away.  Fails the session on timeout."""
-    accepting = asyncio.ensure_future(_accept_peer(session, listener, expected))
+    accepting = asyncio.ensure_future(accept)
     closed = asyncio.ensure_future(session.wait_client_closed())
     try:
         await asyncio.wait((accepting, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -122,7 +151,8 @@ async def _wait_for_peer(
     if isinstance(error, PluginError):
         await session.fail(Reply.GENERAL_FAILURE, "BIND peer check failed: plugin error", error)
     if error is not None:
-        await session.fail(reply_for_error(error), f"accepting the BIND peer failed: {error}")
+        reply = error.reply if isinstance(error, OutboundError) else reply_for_error(error)
+        await session.fail(reply, f"accepting the BIND peer failed: {error}")
     peer = accepting.result()
     if closed.done() and not closed.cancelled():  # both at once: nobody is left to relay to
         peer[0].close()

@@ -13,6 +13,8 @@ class Verdict:
 
     Build with :meth:`allow`, :meth:`deny` or :meth:`rewrite`.  ``rule`` names what decided
     (``rules.yaml:12``) for logs and ``socksflow explain``; ``reason`` is free text for logs.
+    ``outbound`` names the way out of an allowed session (``None``: direct); the plugin that
+    owns outbounds dials it.
     """
 
     allowed: bool
@@ -21,13 +23,20 @@ class Verdict:
     rule: str = ""
     destination: Address | None = None
     addresses: tuple[IPAddress, ...] | None = None
+    outbound: str | None = None
 
     @classmethod
     def allow(
-        cls, reason: str = "", *, rule: str = "", addresses: tuple[IPAddress, ...] | None = None
+        cls,
+        reason: str = "",
+        *,
+        rule: str = "",
+        addresses: tuple[IPAddress, ...] | None = None,
+        outbound: str | None = None,
     ) -> Verdict:
-        """Allow; ``addresses`` restricts the connection to these resolved addresses."""
-        return cls(True, Reply.SUCCEEDED, reason, rule, None, addresses)
+        """Allow; ``addresses`` restricts the connection to these resolved addresses, ``outbound``
+        names the way out (``None``: direct)."""
+        return cls(True, Reply.SUCCEEDED, reason, rule, None, addresses, outbound)
 
     @classmethod
     def deny(cls, reason: str = "", *, reply: Reply = Reply.NOT_ALLOWED, rule: str = "") -> Verdict:

@@ -302,17 +302,23 @@ def socksflow_resolve(
 
 
 @hookspec(firstresult=True)
-def socksflow_open_connection(session: Session, addresses: tuple[Address, ...]) -> socket.socket | None:
+def socksflow_open_connection(
+    session: Session, addresses: tuple[Address, ...]
+) -> socket.socket | tuple[socket.socket, Address] | None:
     """Dial the destination, or an upstream proxy that leads to it.
 
     When: the request was allowed and resolved.
 
     :param session: the session (``session.destination`` is the possibly rewritten target).
-    :param addresses: the checked addresses to connect to, in order.
+    :param addresses: the checked addresses to connect to, in order; empty when the verdict
+        routes the session to an outbound (``Verdict.outbound``) and no rule needed the name
+        resolved: the upstream resolves it.
 
-    Returns a connected non-blocking :class:`socket.socket`, which the relay takes over;
-    ``None`` lets the core dial (every address in turn, Happy Eyeballs).  Raise
-    :class:`OSError` to report a failure with its errno mapped to a reply code.
+    Returns a connected non-blocking :class:`socket.socket`, which the relay takes over, or
+    ``(socket, bound)`` where ``bound`` is the address the client's reply carries (an
+    upstream's BND); ``None`` lets the core dial (every address in turn, Happy Eyeballs).
+    Raise :class:`OSError` to report a failure with its errno mapped to a reply code, or
+    :class:`~socksflow.outbound.OutboundError` to send its ``reply`` (an upstream's own code).
     *First result*, may be async (the connect timeout applies).  Other exceptions send
     REP 0x01.  Called once per CONNECT session.
     """

@@ -22,6 +22,7 @@ from socksflow import protocol
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
+from socksflow.outbound import OutboundError
 from socksflow.protection import Protected, protect
 from socksflow.protocol import (
     NEED_DATA,
@@ -663,15 +664,21 @@ class Session:
         return self.addresses
 
     async def _connect(self) -> None:
-        ips = await self.addresses_to_use()
+        verdict = self.verdict
+        if verdict is not None and verdict.outbound not in (None, "direct") and self.addresses is None:
+            ips: tuple[IPAddress, ...] = ()  # routed, and no rule needed the addresses: the upstream resolves
+        else:
+            ips = await self.addresses_to_use()
         targets = tuple(Address(ip, self.destination.port) for ip in ips)
         timeout = self.config.timeouts.connect
         began = time.monotonic()
-        upstream = None
+        upstream = bound = None
         try:
             sock, _ = await self.pm.call_first(
                 "socksflow_open_connection", timeout, session=self, addresses=targets
             )
+            if isinstance(sock, tuple):  # an upstream's stream: BND is what its last hop reported
+                sock, bound = sock
             if sock is None:
                 if len(targets) == 1:  # the common case: the loop dials in one step
                     upstream = await self._within(timeout, _open(self.server.loop, targets[0]))
@@ -679,13 +686,15 @@ class Session:
                     sock = await self._within(timeout, dial(targets))
         except PluginError as exc:
             cause = exc.__cause__
+            if isinstance(cause, OutboundError):  # an upstream's own code, or why it was unreachable: no fault
+                await self.fail(cause.reply, f"connect failed: {cause}")
             reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
             await self.fail(reply, f"connect failed: {exc}", exc)
         except (OSError, TimeoutError) as exc:
             await self.fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
         self.timings["connect"] = time.monotonic() - began
         if upstream is None:
-            await self.start_relay(sock)
+            await self.start_relay(sock, bound)
         else:
             await self._relay(upstream)
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError, ResolveError
+from socksflow.outbound import OutboundError, UdpOutbound, open_udp
 from socksflow.protocol import (
     Address,
     IPAddress,
@@ -91,7 +92,11 @@ async def handle(session: Session) -> None:
     try:
         try:
             await association.open()
-        except OSError as exc:
+            async with asyncio.timeout(session.config.timeouts.connect):
+                association.upstream = await open_udp(session, association.from_upstream)
+        except OutboundError as exc:
+            await session.fail(exc.reply, f"UDP through the outbound failed: {exc}")
+        except (OSError, TimeoutError) as exc:
             await session.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
         try:
             association.limiters = tuple(session.pm.call_all_sync("socksflow_relay_start", session=session))
@@ -132,6 +137,7 @@ class Association(asyncio.DatagramProtocol):
         self.relay: asyncio.DatagramTransport | None = None
         self.relay_paused = False
         self.outbound: dict[tuple[int, bool], _Outbound] = {}
+        self.upstream: UdpOutbound | None = None  # the route's association, when it is not direct
         self.routes: dict[bytes, _Route] = {}  # header bytes → where its datagrams go (fast path)
         self.reply_headers: dict[tuple[str, int], bytes] = {}  # remote → header for its replies
         self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
@@ -181,6 +187,8 @@ class Association(asyncio.DatagramProtocol):
         for outbound in self.outbound.values():
             outbound.transport.close()
         self.outbound.clear()
+        if self.upstream is not None:
+            self.upstream.close()
         self.routes.clear()
 
     def _poll_idle(self) -> None:
@@ -413,6 +421,8 @@ class Association(asyncio.DatagramProtocol):
         sockaddr = (socket.inet_ntop(family, ip.packed), port)
         if sockaddr not in self.reply_headers:
             self._remember(sockaddr, ip)
+        if self.upstream is not None:
+            return _Route(header, _ViaUpstream(self.upstream), sockaddr)  # type: ignore[arg-type]
         key = (ip.version, ip.is_loopback)
         outbound = self.outbound.get(key)
         if outbound is None:
@@ -481,6 +491,10 @@ class Association(asyncio.DatagramProtocol):
         self.active = True
 
     # ------------------------------------------------------------------ remote → client
+
+    def from_upstream(self, data: bytes, source: Address) -> None:
+        """A datagram that came back through the route's upstream, from ``source``."""
+        self.reply(data, (str(source.host), source.port))
 
     def reply(self, data: bytes, addr: tuple) -> None:
         """A datagram from a remote host: wrap it with the host's address and pass it to the client."""
@@ -582,6 +596,23 @@ class _Outbound(asyncio.DatagramProtocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+
+
+class _ViaUpstream:
+    """Looks like an :class:`_Outbound` to the send path; sends through an upstream's association."""
+
+    __slots__ = ("paused", "transport", "upstream")
+
+    def __init__(self, upstream: UdpOutbound) -> None:
+        self.upstream = upstream
+        self.paused = False
+        self.transport = self
+
+    def sendto(self, payload: bytes | memoryview, sockaddr: tuple[str, int]) -> None:
+        self.upstream.send(Address(ipaddress.ip_address(sockaddr[0]), sockaddr[1]), bytes(payload))
+
+    def send_empty(self, sockaddr: tuple[str, int]) -> None:
+        self.sendto(b"", sockaddr)
 
 
 def _discard(answer: Answer) -> None:

@@ -105,7 +105,7 @@ def test_every_example_is_run_by_a_test():
         "static_hosts.py", "static_hosts.yaml",
         "byte_meter.py",
         "redirect.py", "redirect.yaml",
-        "upstream.py", "upstream.yaml",
+        "front.yaml",
         "kerberos.yaml", "socks_gssapi_check.py",
         "broken.yaml",
         "test_async_example.py", "test_udp_example.py", "test_bind_example.py",
@@ -270,7 +270,7 @@ def test_rewrite_how_to_errors_are_as_documented(socksflow_server, tmp_path):
     assert f"`rules.yaml:3: {message}`" in " ".join((DOCS / "howto/rewrite.md").read_text().split())
 
 
-def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target, refusing_port):
+def test_local_front_of_a_tunnel(socksflow_server, tmp_path, echo_target, refusing_port):
     seen = []
 
     class Upstream:
@@ -284,9 +284,9 @@ def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target,
             return None
 
     upstream = socksflow_server(plugins=[Upstream()], autoload=False)
-    write(tmp_path, "upstream.py")
-    assert "127.0.0.1:1081" in EXAMPLES["upstream.yaml"]
-    front = socksflow_server(with_plugin("upstream").replace("127.0.0.1:1081", str(upstream.address)))
+    assert "127.0.0.1:1081" in EXAMPLES["front.yaml"]
+    text = EXAMPLES["front.yaml"].replace("127.0.0.1:1081", str(upstream.address))
+    front = socksflow_server(text.replace("listen: [127.0.0.1:1080]", "listen: [127.0.0.1:0]"))
     code, client = socks5_handshake(front.address, f"127.0.0.1:{echo_target[1]}")
     assert code == 0x00 and echo_roundtrip(client) == b"ping"
     client.close()
@@ -295,6 +295,18 @@ def test_dial_through_an_upstream_proxy(socksflow_server, tmp_path, echo_target,
         code, client = socks5_handshake(front.address, destination)
         client.close()
         assert code == expected, destination  # the upstream's answer, passed on
+    code, client = socks5_handshake(front.address, "ads.doubleclick.net:443")
+    client.close()
+    assert code == 0x02 and len(seen) == 3  # refused here: it never reached the upstream
+
+
+def test_local_front_rule_tests_pass(tmp_path):
+    write(tmp_path, "front.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "socksflow", "check", "front.yaml"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "front.yaml: OK\n", "")
 
 
 def test_kerberos_logins(socksflow_server, tmp_path, kdc, http_target):

@@ -31,10 +31,12 @@ from collections.abc import Awaitable
 
 from socksflow import Address, Config, ConfigError, Request, StashKey, Verdict, hookimpl
 from socksflow.explain import ExplainQuery, Resolver
+from socksflow.outbound import OUTBOUNDS
 
 from .explain import explain
 from .exposure import client_restriction
 from .lint import shadowed_rules
+from .routes import uncarried_commands
 from .rules import RuleReader, RuleSet
 from .ruletests import RuleTest, read_tests, run_tests
 from .sessions import decide_datagram, decide_request
@@ -58,6 +60,7 @@ def socksflow_configure(config: Config) -> bool | None:
             config.stash[TESTS] = read_tests(tests, ruleset, config)
     config.warnings.extend(reader.lints)
     config.warnings.extend(shadowed_rules(ruleset.rules))
+    config.warnings.extend(uncarried_commands(ruleset.rules, config.stash.get(OUTBOUNDS)))
 
 
 @hookimpl
@@ -99,4 +102,4 @@ async def socksflow_explain(config: Config, query: ExplainQuery, resolve: Resolv
     ruleset = config.stash.get(RULES)
     if ruleset is None:
         return None
-    return await explain(ruleset, query, resolve)
+    return await explain(ruleset, query, resolve, config.stash.get(OUTBOUNDS))

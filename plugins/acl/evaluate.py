@@ -62,12 +62,16 @@ class Decision:
     def outcome(self) -> str:
         """``allow by rules.yaml:14``, or ``deny: <why no rule decided>``."""
         action = "allow" if self.allowed else "deny"
-        return f"{action} by {self.rule.location}" if self.rule is not None else f"{action}: {self.reason}"
+        if self.rule is None:
+            return f"{action}: {self.reason}"
+        via = f" via {self.rule.via}" if self.allowed and self.rule.via else ""
+        return f"{action} by {self.rule.location}{via}"
 
     def verdict(self) -> Verdict:
         rule = self.rule.location if self.rule is not None else ""
         if self.allowed:
-            return Verdict.allow(self.reason, rule=rule, addresses=self.addresses)
+            via = self.rule.via if self.rule is not None else None
+            return Verdict.allow(self.reason, rule=rule, addresses=self.addresses, outbound=via)
         return Verdict.deny(self.reason, reply=self.reply, rule=rule)
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from socksflow import Command, Reply
 from socksflow.explain import ExplainQuery, Resolver
+from socksflow.outbound import Registry
 from socksflow.protocol import IPAddress
 
 from .evaluate import Query, decide
 from .rules import COMMAND_NAMES, RuleSet
 
 
-async def explain(ruleset: RuleSet, request: ExplainQuery, resolve: Resolver) -> list[str]:
-    """Lines explaining how ``request`` is decided (each rule tried, DNS, verdict, reply code)."""
+async def explain(
+    ruleset: RuleSet, request: ExplainQuery, resolve: Resolver, outbounds: Registry | None = None
+) -> list[str]:
+    """Lines explaining how ``request`` is decided (each rule tried, DNS, verdict, outbound, reply code)."""
     user = request.user or ""
     query = Query(
         request.client.host,  # type: ignore[arg-type]
@@ -37,6 +40,10 @@ async def explain(ruleset: RuleSet, request: ExplainQuery, resolve: Resolver) ->
     lines.append(f"verdict: {decision.outcome}{reason}")
     if decision.addresses is not None:
         lines.append(f"addresses used: {', '.join(map(str, decision.addresses))} (only these are dialled)")
+    name = decision.verdict().outbound if decision.allowed else None
+    if decision.allowed and (outbounds is not None or name is not None):  # a configuration that routes
+        outbound = (outbounds or Registry()).get(name)
+        lines.append(f"outbound: {outbound.name}" + (f" ({outbound.describe()})" if outbound.kind != "direct" else ""))
     if udp:
         fate = "it is relayed" if decision.allowed else "it is dropped"
         lines.append(f"reply: none, UDP has no per-datagram reply: {fate}")

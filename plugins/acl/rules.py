@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from socksflow import Command, Config, ConfigError, Node, Reply
+from socksflow.outbound import OUTBOUNDS
 from socksflow.protocol import IPAddress
 
 from .lists import (
@@ -42,6 +43,7 @@ ACTIONS = ("allow", "deny")
 
 MAX_LIST_LINTS = 10  # lint lines shown per list file
 
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """One ``- allow: {...}`` or ``- deny: {...}`` item; a field left out (``None``) matches anything."""
@@ -58,6 +60,7 @@ class Rule:
     commands: frozenset[Command] | None = None
     destinations: Destination | None = None
     ports: PortSet | None = None
+    via: str | None = None  # the outbound an allowed session goes through (None: direct)
 
     @property
     def action(self) -> str:
@@ -117,7 +120,7 @@ class RuleReader:
 
     def read_rule(self, index: int, node: Node) -> Rule | None:
         """The rule, or None when a field had errors (reported in ``config.errors``)."""
-        items = node.as_map({*ACTIONS, "reply", "reason"})
+        items = node.as_map({*ACTIONS, "reply", "reason", "via"})
         actions = [name for name in ACTIONS if name in items]
         if len(actions) != 1:
             raise node.error("a rule needs exactly one of 'allow:' or 'deny:'")
@@ -133,6 +136,9 @@ class RuleReader:
                 if action == "allow":
                     raise items["reply"].error("only a denial has a reply code")
                 rule["reply"] = parse_reply(items["reply"])
+        with errors.capture():
+            if "via" in items:
+                rule["via"] = self.read_via(items["via"], action)
         match = items[action]
         if match.value == "all":
             return Rule(**rule)  # type: ignore[arg-type]
@@ -159,6 +165,16 @@ class RuleReader:
         if len(errors.errors) > count:
             return None
         return Rule(**rule)  # type: ignore[arg-type]
+
+    def read_via(self, node: Node, action: str) -> str:
+        if action != "allow":
+            raise node.error("only an allow rule has an outbound")
+        name = node.as_str()
+        registry = self.config.stash.get(OUTBOUNDS)
+        known = registry.names if registry is not None else ("direct",)
+        if name not in known:
+            raise node.error(f"no outbound named {name!r} (defined: {', '.join(known)})")
+        return name
 
     def read_group_field(self, node: Node) -> frozenset[str]:
         groups = frozenset(g.as_str() for g in node.as_list())

@@ -5,7 +5,10 @@ tests:
   - {from: 127.0.0.1, to: "localhost:80", expect: deny}
   - {from: 127.0.0.1, user: alice, command: udp, to: "192.0.2.7:53", expect: allow}
   - {to: "example.com:443", answers: [93.184.215.14], expect: allow}   # no DNS needed
+  - {to: "intranet.corp.example:443", answers: [10.1.2.3], expect: allow, via: corp}
 ```
+
+``via`` checks the outbound an allowed request goes through (``direct`` when its rule names none).
 
 ``from`` defaults to 127.0.0.1 and ``command`` to connect (``udp`` tests a datagram to
 ``to``).  ``answers`` gives the addresses a name resolves to, so a test needs no DNS;
@@ -34,6 +37,7 @@ class RuleTest:
     node: Node
     query: Query
     expect_allow: bool
+    via: str | None  # the outbound expected (None: not checked)
     answers: tuple[IPAddress, ...] | None
 
 
@@ -47,7 +51,7 @@ def read_tests(node: Node, ruleset: RuleSet, config: Config) -> tuple[RuleTest, 
 
 
 def read_test(node: Node, ruleset: RuleSet) -> RuleTest:
-    items = node.as_map({"from", "user", "command", "to", "expect", "answers"})
+    items = node.as_map({"from", "user", "command", "to", "expect", "via", "answers"})
     for required in ("to", "expect"):
         if required not in items:
             raise node.error(f"a test needs '{required}:'")
@@ -60,7 +64,11 @@ def read_test(node: Node, ruleset: RuleSet) -> RuleTest:
     if "answers" in items:
         answers = tuple(answer.convert(_ip) for answer in items["answers"].as_list())
     query = Query(client, items["to"].as_address(), command, user, ruleset.groups_of(user), ruleset.local)
-    return RuleTest(node, query, items["expect"].as_choice(EXPECTATIONS) == "allow", answers)
+    expect_allow = items["expect"].as_choice(EXPECTATIONS) == "allow"
+    via = items["via"].as_str() if "via" in items else None
+    if via is not None and not expect_allow:
+        raise items["via"].error("only an allowed request has an outbound")
+    return RuleTest(node, query, expect_allow, via, answers)
 
 
 async def run_tests(ruleset: RuleSet, tests: tuple[RuleTest, ...], resolve: Resolver) -> list[ConfigError]:
@@ -78,6 +86,11 @@ async def run_tests(ruleset: RuleSet, tests: tuple[RuleTest, ...], resolve: Reso
         if decision.allowed != test.expect_allow:
             expected = EXPECTATIONS[0] if test.expect_allow else EXPECTATIONS[1]
             failures.append(test.node.error(f"expected {expected}, got {decision.outcome}"))
+        elif test.via is not None and (decision.verdict().outbound or "direct") != test.via:
+            got = decision.verdict().outbound or "direct"
+            failures.append(
+                test.node.error(f"expected allow via {test.via}, got {decision.outcome} (via {got})")
+            )
     return failures
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 from socksflow import Address, Command, StashKey, Verdict
+from socksflow.outbound import OUTBOUNDS, Registry
 
 from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
+from .routes import carried
 from .rules import RuleSet
 
 DATAGRAM_VERDICTS = StashKey[dict[Address, Verdict]]("acl.datagram_verdicts")
@@ -37,9 +39,14 @@ def decide_request(ruleset: RuleSet, session, request) -> Verdict | Awaitable[Ve
     association = request.command == Command.UDP_ASSOCIATE
     query = session_query(ruleset, session, request.destination, request.command, association)
     result = evaluate(ruleset, query)
+    outbounds = session.config.stash.get(OUTBOUNDS)
     if isinstance(result, Decision):
-        return result.verdict()
-    return _resolve_and_decide(ruleset, query, session.resolve, None)
+        return carried(result.verdict(), request.command, outbounds)
+    return _routed(_resolve_and_decide(ruleset, query, session.resolve, None), request.command, outbounds)
+
+
+async def _routed(verdict: Awaitable[Verdict], command: Command, outbounds: Registry | None) -> Verdict:
+    return carried(await verdict, command, outbounds)
 
 
 def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict | Awaitable[Verdict]:
