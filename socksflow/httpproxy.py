@@ -19,8 +19,8 @@ from typing import Final
 
 import h11
 
+from socksflow.onerequest import OneRequestConnection
 from socksflow.protocol import (
-    NEED_DATA,
     Address,
     Command,
     InvalidAddress,
@@ -28,8 +28,6 @@ from socksflow.protocol import (
     ProtocolError,
     Reply,
     Request,
-    ServerConnection,
-    _NeedData,
     parse_host,
 )
 
@@ -197,7 +195,28 @@ def request_from_event(event: h11.Request) -> ProxyRequest:
     )
 
 
-class HttpProxyConnection:
+def parse_head(data: bytearray) -> tuple[ProxyRequest, int] | None:
+    """The request once its head (request line and headers) is complete, and the bytes it took."""
+    start = 0
+    while data[start : start + 2] == b"\r\n" or data[start : start + 1] == b"\n":
+        start += 2 if data[start] == 0x0D else 1  # RFC 9112 §2.2: skip empty lines first
+    end = _HEAD_END.search(data, start, start + MAX_HEAD + 4)
+    if end is None:
+        if len(data) - start > MAX_HEAD:
+            raise HttpError(f"request head longer than {MAX_HEAD} bytes", 431)
+        return None
+    parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD + 4)
+    parser.receive_data(bytes(data[start : end.end()]))
+    try:
+        event = parser.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise HttpError(str(exc), 400) from None
+    if not isinstance(event, h11.Request):
+        raise HttpError("incomplete request head")
+    return request_from_event(event), end.end()
+
+
+class HttpProxyConnection(OneRequestConnection):
     """The server side of one HTTP proxy request, up to the hand-over to the relay.
 
     :meth:`next_event` gives the :class:`ProxyRequest` once its head has arrived.  After a
@@ -206,55 +225,19 @@ class HttpProxyConnection:
     the body bytes already received.
     """
 
-    __slots__ = ("_buffer", "phase", "proxy_request", "reason_header", "via")
+    __slots__ = ("proxy_request", "reason_header", "via")
 
     def __init__(self, reason_header: str = REASON_HEADER, via: str = "1.1 socksflow") -> None:
-        self._buffer = bytearray()
-        self.phase = Phase.REQUEST
+        super().__init__()
         self.proxy_request: ProxyRequest | None = None
         self.reason_header = reason_header
         self.via = via
 
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def next_event(self) -> ProxyRequest | _NeedData:
-        """The request once its head is complete, or NEED_DATA; raises :class:`HttpError`."""
-        if self.phase is not Phase.REQUEST:
-            return NEED_DATA
-        try:
-            event = self._parse()
-        except ProtocolError:
-            self.phase = Phase.CLOSED
-            raise
-        if event is not NEED_DATA:
-            self.phase = Phase.REPLY
-        return event
-
-    def _parse(self) -> ProxyRequest | _NeedData:
-        start = 0
-        while self._buffer[start : start + 2] == b"\r\n" or self._buffer[start : start + 1] == b"\n":
-            start += 2 if self._buffer[start] == 0x0D else 1  # RFC 9112 §2.2: skip empty lines first
-        end = _HEAD_END.search(self._buffer, start, start + MAX_HEAD + 4)
-        if end is None:
-            if len(self._buffer) - start > MAX_HEAD:
-                raise HttpError(f"request head longer than {MAX_HEAD} bytes", 431)
-            return NEED_DATA
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD + 4)
-        parser.receive_data(bytes(self._buffer[start : end.end()]))
-        try:
-            event = parser.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise HttpError(str(exc), 400) from None
-        if not isinstance(event, h11.Request):
-            raise HttpError("incomplete request head")
-        del self._buffer[: end.end()]
-        self.proxy_request = request_from_event(event)
-        return self.proxy_request
+    def _parse(self, data: bytearray) -> tuple[ProxyRequest, int] | None:
+        parsed = parse_head(data)
+        if parsed is not None:
+            self.proxy_request = parsed[0]
+        return parsed
 
     def send_reply(self, reply: Reply | int, bound: Address | None = None, reason: str = "") -> bytes:
         """Answer the request: success opens the tunnel (or the forwarding), anything else closes.
@@ -280,9 +263,6 @@ class HttpProxyConnection:
         return build_response(
             407, (("Proxy-Authenticate", f'Basic realm="{REALM}"'),), "socksflow: login needed\n"
         )
-
-    trailing_data = ServerConnection.trailing_data
-    _expect = ServerConnection._expect
 
 
 def _header_text(text: str) -> str:

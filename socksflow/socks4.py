@@ -19,8 +19,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from socksflow.onerequest import OneRequestConnection
 from socksflow.protocol import (
-    NEED_DATA,
     Address,
     Command,
     InvalidAddress,
@@ -28,8 +28,6 @@ from socksflow.protocol import (
     ProtocolError,
     Reply,
     Request,
-    ServerConnection,
-    _NeedData,
     parse_host,
 )
 
@@ -149,43 +147,15 @@ def parse_request(data: bytes | bytearray) -> tuple[Socks4Request, int] | None:
     return Socks4Request(Command(data[1]), Address(host, port), userid, socks4a), end
 
 
-class Socks4Connection:
-    """The server side of a SOCKS4/4a exchange: one request, one reply (two for BIND).
+class Socks4Connection(OneRequestConnection):
+    """The server side of a SOCKS4/4a exchange: one request, one reply (two for BIND)."""
 
-    Phases follow :class:`~socksflow.protocol.Phase`: REQUEST, then REPLY once the request is
-    taken, then DONE after a granted reply (the stream belongs to the relay) or CLOSED.
-    """
-
-    __slots__ = ("_buffer", "phase")
+    __slots__ = ()
 
     method = None  # no authentication method: SOCKS4 has none
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.phase = Phase.REQUEST
-
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
-
-    def next_event(self) -> Socks4Request | _NeedData:
-        """The request, or NEED_DATA.  Raises :class:`Socks4Error` (phase becomes CLOSED)."""
-        if self.phase is not Phase.REQUEST:
-            return NEED_DATA
-        try:
-            parsed = parse_request(self._buffer)
-        except ProtocolError:
-            self.phase = Phase.CLOSED
-            raise
-        if parsed is None:
-            return NEED_DATA
-        event, consumed = parsed
-        del self._buffer[:consumed]
-        self.phase = Phase.REPLY
-        return event
+    def _parse(self, data: bytearray) -> tuple[Socks4Request, int] | None:
+        return parse_request(data)
 
     def send_reply(self, reply: Reply | int, bound: Address = _NO_ADDRESS) -> bytes:
         """Answer the request; anything but success is 0x5B and closes."""
@@ -201,7 +171,3 @@ class Socks4Connection:
         if code != Socks4Reply.GRANTED:
             self.phase = Phase.CLOSED
         return build_reply(code, bound)
-
-    # The same buffer and phase as SOCKS5's connection: the same hand-over to the relay.
-    trailing_data = ServerConnection.trailing_data
-    _expect = ServerConnection._expect
