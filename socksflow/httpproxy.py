@@ -86,11 +86,6 @@ class HttpError(ProtocolError):
         self.response = build_response(status, body=f"socksflow: {message}\n")
 
 
-def not_a_socks_port_response() -> bytes:
-    """What an HTTP client gets from a listener that speaks only SOCKS (as Tor answers)."""
-    return build_response(400, body="socksflow: this is a SOCKS proxy port, not an HTTP proxy.\n")
-
-
 def parse_authority(text: str, default_port: int | None = None) -> Address:
     """``host:port`` or ``[v6]:port`` (the port optional when ``default_port`` is given)."""
     if text.startswith("["):

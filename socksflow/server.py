@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -56,13 +57,14 @@ class Server:
         if isinstance(loop, asyncio.SelectorEventLoop):  # its own accept loop spins out of descriptors
             self._spare = SpareDescriptor()
         try:
-            for address in self.config.listen:
+            for index, address in enumerate(self.config.listen):
                 sock = listening_socket(address, reuse_port=self.worker is not None)
+                factory = functools.partial(ClientProtocol, self, self.config.protocols_at(index))
                 listener: Acceptor | asyncio.Server
                 if self._spare is not None:
-                    listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
+                    listener = Acceptor(sock, factory, self._spare)
                 else:
-                    listener = await loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=BACKLOG)
+                    listener = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
                 self._listeners.append(listener)
                 self.addresses.append(Address.from_sockaddr(sock.getsockname()))
         except OSError as exc:
@@ -115,7 +117,7 @@ class Server:
         except ConfigErrors as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             return False
-        if config.listen != self.config.listen:
+        if (config.listen, config.listen_protocols) != (self.config.listen, self.config.listen_protocols):
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         self.config = config
         log.info("configuration reloaded from %s", config.file)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from socksflow import protocol
+from socksflow import detect, doors, protocol
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -62,10 +62,15 @@ class SessionDenied(Exception):
 class ClientProtocol(asyncio.Protocol):
     """The client's connection during the handshake."""
 
-    __slots__ = ("_linger", "_loop", "_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
+    __slots__ = (
+        "_linger", "_loop", "_paused", "_waiter", "closed", "conn", "door", "eof", "protocols", "server",
+        "session", "transport",
+    )  # fmt: skip
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY) -> None:
         self.server = server
+        self.protocols = protocols  # the listener's front doors (socksflow.doors)
+        self.door = ""  # the protocol the client speaks, known from its first byte
         self._loop = server.loop  # asyncio.get_running_loop() costs a getpid(2) each time
         self.conn = protocol.ServerConnection()
         self.eof = False
@@ -86,6 +91,8 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
             return  # the session is over: discard
+        if not self.door:
+            doors.open_door(self, data[0])
         self.conn.receive_data(data)
         if self.conn.buffered > MAX_HANDSHAKE_BUFFER and not self._paused:
             self._paused = True
@@ -216,6 +223,7 @@ class Session:
         "local",
         "method",
         "pm",
+        "protocol",
         "remote",
         "reply",
         "request",
@@ -238,6 +246,7 @@ class Session:
         self.local = Address.from_sockaddr(transport.get_extra_info("sockname"))
         self.stash = Stash()
         self.method: int | None = None
+        self.protocol = ""  # the front door: "socks5", "socks4" or "http" (from the first byte)
         self.identity: Identity = ANONYMOUS
         self.request: Request | None = None
         self.destination: Address | None = None
@@ -444,7 +453,9 @@ class Session:
         """Greeting, method and its sub-negotiation; the request that follows."""
         client = self._client
         greeting = await client.next_event()
-        assert isinstance(greeting, protocol.Greeting)
+        door_request = None
+        if not isinstance(greeting, protocol.Greeting):  # a one-request front door (socksflow.doors)
+            door_request, greeting = greeting, doors.greeting_for(greeting)
         try:
             method = await self._decide("socksflow_select_method", session=self, offered=greeting.methods)
             if method is None:
@@ -458,11 +469,16 @@ class Session:
         if method == Method.NO_ACCEPTABLE:
             raise SessionDenied(self._set_reason(f"no acceptable method among {list(greeting.methods)}"))
         if method == Method.USERPASS:
-            credentials = await client.next_event()
+            if door_request is None:
+                credentials = await client.next_event()
+            else:
+                credentials = doors.credentials_for(door_request)
             assert isinstance(credentials, protocol.UserPassAuth)
             await self._authenticate(credentials)
         elif method != Method.NO_AUTH:
             await self._subnegotiate(method)
+        if door_request is not None:
+            return doors.request_for(self, door_request)
         return await client.next_event()  # type: ignore[return-value]
 
     def _set_reason(self, reason: str) -> str:

@@ -14,7 +14,6 @@ from socksflow.httpproxy import (
     HttpProxyConnection,
     ProxyRequest,
     basic_credentials,
-    not_a_socks_port_response,
     parse_authority,
 )
 from socksflow.protocol import NEED_DATA, Address, Command, Phase, ProtocolError, Reply, Request
@@ -149,7 +148,6 @@ def test_login_refusal_and_other_answers() -> None:
     response = conn.refuse_login()
     assert response.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
     assert b'Proxy-Authenticate: Basic realm="socksflow"\r\n' in response
-    assert not_a_socks_port_response().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert basic_credentials(b"Bearer xyz") is None
     token = base64.b64encode(b"alice:p:w").decode()
     assert basic_credentials(f"basic {token}".encode()) == (b"alice", b"p:w")
