@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from socksflow import app, bind, udp
+from socksflow import app, bind, tor, udp
 from socksflow.accept import BACKLOG, Acceptor, SpareDescriptor, listening_socket
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
@@ -48,6 +48,8 @@ class Server:
         self._commands: dict[Command, CommandHandler] = {}
         self.register_command(Command.BIND, bind.handle)
         self.register_command(Command.UDP_ASSOCIATE, udp.handle)
+        for command in tor.COMMANDS:
+            self.register_command(command, tor.handle)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -17,7 +17,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from socksflow import detect, doors, protocol
+from socksflow import detect, doors, protocol, tor
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -529,6 +529,8 @@ class Session:
         self.authenticated = True
 
     async def _dispatch(self, request: Request) -> None:
+        if request.command in tor.COMMANDS and not self.config.doors.tor_resolve:  # before any plugin sees it
+            await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is off (doors: tor_resolve)")
         try:
             verdict = await self._decide("socksflow_request", session=self, request=request)
             while verdict is not None and verdict.allowed and verdict.destination is not None:

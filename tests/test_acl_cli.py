@@ -94,7 +94,7 @@ def test_check_reports_every_error_located(workdir):
         "rules.yaml:2: rules[0].deny.to[0]: '10.0.0.0/33' is not a network",
         "rules.yaml:3: rules[1].allow.port: '1024-99999': "
         "a range goes from a lower to a higher port, 0 to 65535",
-        "rules.yaml:4: rules[2].allow.command: 'udp_associate' is not one of: connect, bind, udp",
+        "rules.yaml:4: rules[2].allow.command: 'udp_associate' is not one of: connect, bind, udp, resolve, resolve_ptr",
         "rules.yaml:5: rules[3].allow.to: cannot read list file 'missing.txt': No such file or directory",
         "rules.yaml:7: rules[4].reply: 'nope' is not a reply code (expected 1-8 or one of: general_failure, "
         "not_allowed, network_unreachable, host_unreachable, connection_refused, ttl_expired, "

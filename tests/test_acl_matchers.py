@@ -361,7 +361,7 @@ def test_an_empty_list_file_matches_nothing(tmp_path):
          "2: rules[0].allow.port: '2000-1000': a range goes from a lower to a higher port, 0 to 65535"),
         ("- allow: {port: http}", "2: rules[0].allow.port: 'http' is not a port or a range like 1024-65535"),
         ("- allow: {command: associate}",
-         "2: rules[0].allow.command: 'associate' is not one of: connect, bind, udp"),
+         "2: rules[0].allow.command: 'associate' is not one of: connect, bind, udp, resolve, resolve_ptr"),
         ("- allow: {user: no}",
          "2: rules[0].allow.user: 'no' is read as a boolean by YAML 1.1; write true/false, or quote it"),
         ("- allow: {users: alice}",
@@ -396,7 +396,7 @@ def test_every_bad_rule_is_reported_and_groups_and_tests_are_claimed():
     assert [str(e) for e in config.errors.errors] == [
         "rules.yaml:3: rules[0].deny.to: '10.0.0.0/33' is not a network",
         "rules.yaml:4: rules[1].allow.port: 'x' is not a port or a range like 1024-65535",
-        "rules.yaml:4: rules[1].allow.command: 'y' is not one of: connect, bind, udp",
+        "rules.yaml:4: rules[1].allow.command: 'y' is not one of: connect, bind, udp, resolve, resolve_ptr",
     ]
 
 

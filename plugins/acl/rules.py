@@ -34,7 +34,13 @@ from .matchers import (
 )
 from .special import SELF, SPECIAL_NAMES, special_networks
 
-COMMANDS = {"connect": Command.CONNECT, "bind": Command.BIND, "udp": Command.UDP_ASSOCIATE}
+COMMANDS = {
+    "connect": Command.CONNECT,
+    "bind": Command.BIND,
+    "udp": Command.UDP_ASSOCIATE,
+    "resolve": Command.RESOLVE,  # Tor's RESOLVE: the proxy looks the name up for the client
+    "resolve_ptr": Command.RESOLVE_PTR,
+}
 COMMAND_NAMES = {command: name for name, command in COMMANDS.items()}
 FIELDS = ("from", "user", "group", "command", "to", "port")
 ACTIONS = ("allow", "deny")
