@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import socksflow
-from socksflow import app, exposure
+from socksflow import app, detect, exposure
 from socksflow.errors import ConfigErrors
 from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.plugins import PluginLoadError
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--user", help="authenticated user name")
     explain.add_argument(
         "--command", default="connect", choices=[c.name.lower() for c in Command], help="SOCKS command"
+    )
+    explain.add_argument(
+        "--protocol", default="socks5", choices=detect.PROTOCOLS, help="the front door the client uses"
     )
     explain.set_defaults(handler=_explain)
 
@@ -247,7 +250,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise SystemExit(f"socksflow: --from: {exc}") from None
     if client.is_domain:
         raise SystemExit("socksflow: --from takes an IP address")
-    query = ExplainQuery(client, args.destination, Command[args.command.upper()], args.user)
+    query = ExplainQuery(client, args.destination, Command[args.command.upper()], args.user, args.protocol)
     lines = explain(config, pm, query)
     for line in lines:
         print(line)

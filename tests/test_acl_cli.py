@@ -198,3 +198,25 @@ def test_the_plugin_is_an_entry_point(workdir):
     result = socksflow(workdir, "plugins", "--json", autoload=True)
     assert result.returncode == 0, result.stderr
     assert '"name": "acl"' in result.stdout and '"socksflow_udp_datagram"' in result.stdout
+
+
+def test_explain_and_tests_with_a_protocol(workdir):
+    first = "  - deny: {protocol: [http, socks4], port: 22}\n    reason: no SSH over the legacy doors\n"
+    rules = (workdir / "rules.yaml").read_text().replace("rules:\n", "rules:\n" + first, 1)
+    rules += '  - {from: 192.0.2.1, user: alice, protocol: http, to: "192.0.2.80:22", expect: deny}\n'
+    (workdir / "rules.yaml").write_text(rules)
+    result = socksflow(workdir, "check", "rules.yaml")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK\n", "")
+    args = ("explain", "-c", "rules.yaml", "--from", "192.0.2.1", "--user", "alice", "192.0.2.80:22")
+    lines = socksflow(workdir, *args, "--protocol", "http").stdout.splitlines()
+    assert lines[0] == "rules.yaml: connect 192.0.2.80:22 from 192.0.2.1 (user alice) over http"
+    assert lines[-2:] == ["verdict: deny by rules.yaml:5 (no SSH over the legacy doors)", "reply: HTTP 403"]
+    lines = socksflow(workdir, *args, "--protocol", "socks4").stdout.splitlines()
+    assert lines[-1] == "reply: 0x5b REJECTED"
+    lines = socksflow(workdir, *args).stdout.splitlines()
+    assert "protocol socks5 is not [http, socks4]" in lines[1]
+    assert lines[-1] == "reply: 0x00 SUCCEEDED once the connection is made"
+    rules += '  - {protocol: socks4, to: "192.0.2.80:22", expect: allow}\n'
+    (workdir / "rules.yaml").write_text(rules)
+    result = socksflow(workdir, "check", "rules.yaml")
+    assert result.returncode == 1 and "expected allow, got deny" in result.stderr

@@ -365,12 +365,12 @@ def test_an_empty_list_file_matches_nothing(tmp_path):
         ("- allow: {user: no}",
          "2: rules[0].allow.user: 'no' is read as a boolean by YAML 1.1; write true/false, or quote it"),
         ("- allow: {users: alice}",
-         "2: rules[0].allow.users: unknown key (expected one of: command, from, group, port, to, user)"),
+         "2: rules[0].allow.users: unknown key (expected one of: command, from, group, port, protocol, to, user)"),
         ("- allow: {to: []}",
          "2: rules[0].allow.to: an empty list matches nothing: remove the field or the rule"),
         ("- allow: {}", "2: rules[0].allow: no match fields: write 'allow: all' to match everything"),
         ("- allow: everything",
-         "2: rules[0].allow: expected 'all' or a mapping of from, user, group, command, to, port"),
+         "2: rules[0].allow: expected 'all' or a mapping of from, user, group, command, protocol, to, port"),
         ("- {allow: all, deny: all}", "2: rules[0]: a rule needs exactly one of 'allow:' or 'deny:'"),
         ("- allow: all\n  reply: 3", "3: rules[0].reply: only a denial has a reply code"),
         ("- deny: all\n  reply: 0", "3: rules[0].reply: 0 is not a failure reply code (1-8)"),
@@ -627,6 +627,7 @@ class FakeSession:
         self.local = Address.parse("127.0.0.1:1080")
         self.identity = Identity(user)
         self.destination: Address | None = None
+        self.protocol = "socks5"
         self.dns = dns
 
     async def resolve(self, host=None, port=None):

@@ -166,3 +166,13 @@ def test_a_listener_refuses_the_protocols_it_does_not_serve(socksflow_server):
     with socket.create_connection((server.host, server.port)) as raw:
         raw.sendall(b"\x05\x01\x00")
         assert recv_all(raw) == b"\x05\xff"
+
+
+def test_rules_can_tell_the_doors_apart(socksflow_server, http_target):
+    rules = "rules:\n  - deny: {protocol: socks4}\n  - allow: all\n"
+    server = socksflow_server(MIXED + rules)
+    url = http_target.url("/")
+    assert curl(*proxy_options("socks4", server), url).returncode == 97
+    for door in ("socks5", "http", "http-connect"):
+        result = curl(*proxy_options(door, server), url)
+        assert (result.returncode, result.stdout) == (0, b"hello from the target\n"), door

@@ -7,8 +7,8 @@ tests:
   - {to: "example.com:443", answers: [93.184.215.14], expect: allow}   # no DNS needed
 ```
 
-``from`` defaults to 127.0.0.1 and ``command`` to connect (``udp`` tests a datagram to
-``to``).  ``answers`` gives the addresses a name resolves to, so a test needs no DNS;
+``from`` defaults to 127.0.0.1, ``protocol`` (the front door) to socks5 and ``command`` to
+connect (``udp`` tests a datagram to ``to``).  ``answers`` gives the addresses a name resolves to, so a test needs no DNS;
 without it, names resolve through the ``socksflow_resolve`` hook as in a live session.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from socksflow import Address, Command, Config, ConfigError, Node
+from socksflow import Address, Command, Config, ConfigError, Node, detect
 from socksflow.explain import Resolver
 from socksflow.protocol import IPAddress, parse_host
 
@@ -47,7 +47,7 @@ def read_tests(node: Node, ruleset: RuleSet, config: Config) -> tuple[RuleTest, 
 
 
 def read_test(node: Node, ruleset: RuleSet) -> RuleTest:
-    items = node.as_map({"from", "user", "command", "to", "expect", "answers"})
+    items = node.as_map({"from", "user", "command", "protocol", "to", "expect", "answers"})
     for required in ("to", "expect"):
         if required not in items:
             raise node.error(f"a test needs '{required}:'")
@@ -59,7 +59,9 @@ def read_test(node: Node, ruleset: RuleSet) -> RuleTest:
     answers = None
     if "answers" in items:
         answers = tuple(answer.convert(_ip) for answer in items["answers"].as_list())
-    query = Query(client, items["to"].as_address(), command, user, ruleset.groups_of(user), ruleset.local)
+    protocol = items["protocol"].as_choice(detect.PROTOCOLS) if "protocol" in items else detect.SOCKS5
+    destination = items["to"].as_address()
+    query = Query(client, destination, command, user, ruleset.groups_of(user), ruleset.local, False, protocol)
     return RuleTest(node, query, items["expect"].as_choice(EXPECTATIONS) == "allow", answers)
 
 
