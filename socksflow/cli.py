@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", action="append", metavar="HOST:PORT", type=_address,
         help="listen here instead of the config's addresses (repeatable; port 0 picks one)",
     )  # fmt: skip
+    run.add_argument(
+        "--protocols", type=_protocols, default=detect.SOCKS5_ONLY, metavar="LIST",
+        help="the front doors of the --listen addresses: socks5,socks4,http or mixed (default socks5)",
+    )  # fmt: skip
     run.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="event loop")
     run.add_argument(
         "--allow-open-proxy", action="store_true",
@@ -108,6 +112,13 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _protocols(text: str) -> frozenset[str]:
+    try:
+        return detect.parse_protocols("mixed" if text == "mixed" else text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -122,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     config, pm = app.prepare(args.config, args.disable_plugin)
     if args.listen:
         config.listen = tuple(args.listen)
+        config.listen_protocols = (args.protocols,) * len(args.listen)
     for info in pm.plugin_info():
         log.info("plugin %s %s from %s", info.name, info.version, info.source)
     if not _exposure_allowed(exposure.assess(config, pm, args.allow_open_proxy)):
