@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -226,3 +227,76 @@ def _no_proxy_variables(monkeypatch) -> None:
     for name in list(os.environ):
         if "proxy" in name.lower():
             monkeypatch.delenv(name)
+
+
+# ---------------------------------------------------------------------------- torsocks
+
+TORSOCKS_DRIVER = r'''
+"""Inside a fresh network namespace: a target on a non-loopback address, socksflow, torsocks curl."""
+import http.server, json, subprocess, sys, threading
+from pathlib import Path
+
+here = Path(sys.argv[1])
+# A non-loopback address of this namespace's own (on lo: the namespace has no other device).
+for command in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "192.0.2.10/32", "dev", "lo"]):
+    subprocess.run(command, check=True)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        body = b"hello from the namespace\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+web = http.server.ThreadingHTTPServer(("192.0.2.10", 0), Handler)
+threading.Thread(target=web.serve_forever, daemon=True).start()
+proxy = subprocess.Popen([sys.executable, "-m", "socksflow", "run", "-c", str(here / "rules.yaml")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here)
+try:
+    port = proxy.stdout.readline().strip().rpartition(":")[2]
+    (here / "torsocks.conf").write_text(f"TorAddress 127.0.0.1\nTorPort {port}\n")
+    curl = subprocess.run(["torsocks", "curl", "--silent", "--show-error", "--max-time", "10",
+                           f"http://target.test:{web.server_address[1]}/"],
+                          env={"PATH": "/usr/bin:/bin", "TORSOCKS_CONF_FILE": str(here / "torsocks.conf")},
+                          capture_output=True, text=True, timeout=30)
+finally:
+    proxy.terminate()
+    _, errors = proxy.communicate(timeout=20)
+    web.shutdown()
+print(json.dumps({"stdout": curl.stdout, "stderr": curl.stderr, "rc": curl.returncode, "port": web.server_address[1],
+                  "proxy": errors[-2000:]}))
+'''
+
+
+def test_torsocks_resolves_names_with_tor_resolve(tmp_path):
+    """torsocks sends every name look-up as Tor's RESOLVE and refuses loopback destinations, so the
+    target lives on a non-loopback address in a network namespace the test creates."""
+    require_tool("torsocks")
+    require_tool("ip")
+    unshare = require_tool("unshare")
+    if subprocess.run([unshare, "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace here (unshare -n needs CAP_SYS_ADMIN)")
+    (tmp_path / "driver.py").write_text(TORSOCKS_DRIVER)
+    (tmp_path / "rules.yaml").write_text(
+        "listen: [127.0.0.1:0]\n"
+        "doors: {tor_resolve: true}\n"
+        "dns: {servers: ['127.0.0.1:9'], hosts: {target.test: 192.0.2.10}}\n"
+        "log: {access: {format: json, file: access.log}}\n"
+        "rules:\n  - allow: {command: resolve, to: target.test}\n  - allow: {to: 192.0.2.10}\n"
+    )
+    done = subprocess.run(
+        [unshare, "-n", sys.executable, str(tmp_path / "driver.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=90, env=clean_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (result["rc"], result["stdout"]) == (0, "hello from the namespace\n"), result
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    seen = [(line["protocol"], line["command"], line["destination"], line["verdict"]) for line in lines]
+    assert seen == [
+        ("socks5", "resolve", "target.test:42", "allow"),  # torsocks sends port 42 with its look-ups
+        ("socks5", "connect", f"192.0.2.10:{result['port']}", "allow"),
+    ], seen
