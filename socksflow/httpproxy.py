@@ -47,7 +47,7 @@ _STATUS_FOR_REPLY: Final = {
     Reply.COMMAND_NOT_SUPPORTED: 400,
     Reply.ADDRESS_TYPE_NOT_SUPPORTED: 400,
 }
-_REASONS: Final = {
+REASONS: Final = {
     200: "Connection established",
     400: "Bad Request",
     403: "Forbidden",
@@ -66,7 +66,7 @@ def status_for(reply: Reply | int) -> int:
 def build_response(status: int, headers: tuple[tuple[str, str], ...] = (), body: str = "") -> bytes:
     """A complete HTTP/1.1 response of the proxy's own; the connection closes after it."""
     payload = body.encode("utf-8")
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}"]
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, '')}"]
     lines += [f"{name}: {value}" for name, value in headers]
     if status != 200:
         lines += [
@@ -140,26 +140,28 @@ class ProxyRequest:
         The destination is asked to close after its answer: the relay after the head is raw
         bytes, so a second request on this connection must not reach it unjudged.
         """
-        named = {name.strip().lower() for value in self._values(b"connection") for name in value.split(b",")}
-        lines = [self.method + b" " + self.path + b" HTTP/1.1"]
-        host = _host_header(self.destination)
-        lines.append(b"Host: " + host)
-        for name, value in self.headers:
-            if name in HOP_BY_HOP or name in named or name == b"host":
-                continue
-            if name == b"via":
-                via = value.decode("latin-1") + ", " + via
-                continue
-            lines.append(name + b": " + value)
-        lines.append(b"Via: " + via.encode("latin-1"))
+        lines = [self.method + b" " + self.path + b" HTTP/1.1", b"Host: " + host_header(self.destination)]
+        others = [(name, value) for name, value in self.headers if name != b"host"]
+        lines += [name + b": " + value for name, value in forward_headers(others, via)]
         lines.append(b"Connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    def _values(self, name: bytes) -> list[bytes]:
-        return [v for n, v in self.headers if n == name]
+
+def forward_headers(headers: list[tuple[bytes, bytes]], via: str) -> list[tuple[bytes, bytes]]:
+    """``headers`` without hop-by-hop ones (RFC 9110 §7.6.1) and with ``via`` added to ``Via``."""
+    named = {n.strip().lower() for name, value in headers if name == b"connection" for n in value.split(b",")}
+    kept, vias = [], []
+    for name, value in headers:
+        if name == b"via":
+            vias.append(value)
+        elif name not in HOP_BY_HOP and name not in named:
+            kept.append((name, value))
+    kept.append((b"via", b", ".join([*vias, via.encode("latin-1")])))
+    return kept
 
 
-def _host_header(destination: Address) -> bytes:
+def host_header(destination: Address) -> bytes:
+    """The ``Host`` value for ``destination`` (the port left out when it is 80)."""
     text = str(destination)
     if destination.port == 80:
         text = text.rpartition(":")[0]
@@ -250,7 +252,7 @@ class HttpProxyConnection(OneRequestConnection):
         self.phase = Phase.CLOSED
         status = status_for(reply)
         headers = ((self.reason_header, _header_text(reason)),) if reason and self.reason_header else ()
-        return build_response(status, headers, f"socksflow: {_REASONS[status].lower()}\n")
+        return build_response(status, headers, f"socksflow: {REASONS[status].lower()}\n")
 
     def refuse_login(self) -> bytes:
         """407: the proxy needs (other) credentials."""

@@ -76,7 +76,7 @@ def test_absolute_form_is_forwarded_in_origin_form() -> None:
     conn.receive_data(b"lo")
     assert conn.trailing_data == (
         b"POST /a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\ncontent-length: 5\r\naccept: */*\r\n"
-        b"Via: 1.0 other, 1.1 socksflow\r\nConnection: close\r\n\r\nhello"
+        b"via: 1.0 other, 1.1 socksflow\r\nConnection: close\r\n\r\nhello"
     )
 
 
