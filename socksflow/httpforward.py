@@ -148,11 +148,7 @@ class Forwarder:
         client = self._client
         if client.our_state is h11.DONE and client.their_state is h11.DONE:
             client.start_next_cycle()
-        try:
-            event = client.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._state = self._FINISHED
-            raise HttpError(str(exc), exc.error_status_hint) from None
+        event = self._client_event()
         if event is h11.NEED_DATA:
             return NEED_DATA
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -178,11 +174,7 @@ class Forwarder:
         client = self._client
         if client.their_state is not h11.SEND_BODY:
             return self._finish_if_done()
-        try:
-            event = client.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._state = self._FINISHED
-            raise HttpError(str(exc), exc.error_status_hint) from None
+        event = self._client_event()
         if event is h11.NEED_DATA:
             return None
         if isinstance(event, h11.ConnectionClosed):
@@ -192,6 +184,13 @@ class Forwarder:
             return self._from_client()
         data = self._upstream.send(event)
         return ToUpstream(data) if data else self._from_client()
+
+    def _client_event(self) -> object:
+        try:
+            return self._client.next_event()
+        except h11.RemoteProtocolError as exc:
+            self._state = self._FINISHED
+            raise HttpError(str(exc), exc.error_status_hint) from None
 
     def _from_upstream(self) -> ToClient | None:
         upstream = self._upstream
