@@ -176,3 +176,54 @@ def test_rules_can_tell_the_doors_apart(socksflow_server, http_target):
     for door in ("socks5", "http", "http-connect"):
         result = curl(*proxy_options(door, server), url)
         assert (result.returncode, result.stdout) == (0, b"hello from the target\n"), door
+
+
+def test_failed_http_logins_count_towards_the_auth_failures_throttle(socksflow_server, http_target, tmp_path):
+    users = write_htpasswd(tmp_path / "users", {"alice": "alice-secret"})
+    server = socksflow_server(
+        MIXED + f"auth: {{methods: [userpass], users: {users}}}\n"
+        "limits:\n  - {match: {from: 127.0.0.1}, auth_failures: {max: 2, within: 1m, block: 1m}}\n"
+    )
+    url = http_target.url("/")
+    for _ in range(2):
+        wrong = curl(
+            "-w",
+            STATUS,
+            "-o",
+            "/dev/null",
+            "--proxy-user",
+            "alice:wrong",
+            *proxy_options("http", server),
+            url,
+        )
+        assert wrong.stdout.split()[0] == b"407"
+    blocked = curl("-w", STATUS, "--proxy-user", "alice:alice-secret", *proxy_options("http", server), url)
+    assert blocked.returncode != 0 and b"hello" not in blocked.stdout  # blocked, right password or not
+
+
+def test_socks4_bind_two_replies_then_relay(socksflow_server):
+    server = socksflow_server(MIXED)
+    with socket.create_connection((server.host, server.port), timeout=10) as client:
+        client.sendall(
+            b"\x04\x02\x00\x00" + bytes((127, 0, 0, 1)) + b"\0"
+        )  # BIND, the peer will be 127.0.0.1
+        first = recv_exactly(client, 8)
+        assert first[:2] == b"\x00\x5a"
+        bound = ("127.0.0.1", int.from_bytes(first[2:4], "big"))
+        with socket.create_connection(bound, timeout=10) as peer:
+            second = recv_exactly(client, 8)
+            assert second[:2] == b"\x00\x5a" and second[4:] == bytes((127, 0, 0, 1))
+            assert int.from_bytes(second[2:4], "big") == peer.getsockname()[1]
+            peer.sendall(b"from the peer")
+            assert recv_exactly(client, 13) == b"from the peer"
+            client.sendall(b"to the peer")
+            assert recv_exactly(peer, 11) == b"to the peer"
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
