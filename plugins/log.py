@@ -8,7 +8,8 @@ log:
 ```
 
 Each line: ``time`` (when the session was accepted, ISO 8601 UTC), ``session``, ``client``,
-``protocol`` (the front door: socks5, socks4 or http; none when the client sent nothing),
+``protocol`` (the front door: socks5, socks4 or http; unknown for bytes of no protocol; none
+when the client sent nothing),
 ``user`` (the user name given, also when the login failed; never a password), ``command``,
 ``destination`` (as requested), ``remote`` (the address actually connected to), ``verdict``
 (allow / deny / - when the session ended before a request), ``rule`` and ``plugin`` (what

@@ -10,8 +10,8 @@ Series (sessions are counted when they end):
 
 * ``socksflow_sessions_total{command, verdict, protocol}``: command
   ``connect|bind|udp_associate|resolve|resolve_ptr|none`` (none: ended before a request),
-  verdict ``allow|deny|none``, protocol (the front door) ``socks5|socks4|http|none`` (none: the
-  client sent nothing).
+  verdict ``allow|deny|none``, protocol (the front door) ``socks5|socks4|http|unknown|none``
+  (unknown: bytes of no protocol; none: the client sent nothing).
 * ``socksflow_sessions_active``: open sessions now.
 * ``socksflow_relayed_bytes_total{direction}``: ``up`` (client to destination) and ``down``.
 * ``socksflow_handshake_seconds``, ``socksflow_connect_seconds``, ``socksflow_dns_seconds``:

@@ -20,7 +20,7 @@ MIXED: Final = frozenset(PROTOCOLS)
 SOCKS5_ONLY: Final = frozenset({SOCKS5})
 
 
-GARBAGE: Final = ""  # no protocol: closed without an answer
+GARBAGE: Final = "unknown"  # no protocol: closed without an answer
 
 
 def protocol_of(first_byte: int) -> str:

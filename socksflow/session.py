@@ -189,7 +189,7 @@ class Session:
     """One client connection, from accept to close, as plugins see it.
 
     Stable attributes: ``id``, ``client``, ``local``, ``config``, ``stash``, ``protocol`` (the
-    front door: ``"socks5"``, ``"socks4"`` or ``"http"``; ``""`` before the first byte), ``method``,
+    front door: ``"socks5"``, ``"socks4"``, ``"http"``, ``"unknown"``; ``""`` before the first byte), ``method``,
     ``identity``, ``request``, ``destination`` (after rewrites), ``addresses`` (what the
     destination resolved to), ``remote`` (the address actually connected to), ``bound``,
     ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down`` (payload bytes, TCP

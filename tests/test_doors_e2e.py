@@ -7,6 +7,7 @@ rules, login and the access log apply to every door as they do to SOCKS5.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import subprocess
 
@@ -227,3 +228,17 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
         assert chunk, f"closed after {data!r}"
         data += chunk
     return data
+
+
+def test_the_access_log_names_each_door(socksflow_server, tmp_path, echo_target):
+    server = socksflow_server(MIXED + "log: {access: {format: json, file: access.log}}\n")
+    port = echo_target[1].to_bytes(2, "big")
+    for first_bytes in (b"\x04\x01" + port + bytes((127, 0, 0, 1)) + b"\0", b"\x07garbage", b"\x05\x01\x00"):
+        with socket.create_connection((server.host, server.port)) as raw:
+            raw.sendall(first_bytes)
+            raw.recv(10)
+    with socket.create_connection((server.host, server.port)):
+        pass  # nothing sent
+    server.stop()
+    lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+    assert sorted(line["protocol"] or "-" for line in lines) == ["-", "socks4", "socks5", "unknown"]
