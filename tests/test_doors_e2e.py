@@ -242,3 +242,11 @@ def test_the_access_log_names_each_door(socksflow_server, tmp_path, echo_target)
     server.stop()
     lines = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
     assert sorted(line["protocol"] or "-" for line in lines) == ["-", "socks4", "socks5", "unknown"]
+
+
+def test_an_ipv6_mixed_listener(socksflow_server, http_target_v6):
+    server = socksflow_server("listen: [{address: '[::1]:0', protocols: mixed}]\n")
+    proxy = f"[::1]:{server.port}"
+    for door in (["-x", f"http://{proxy}"], ["-p", "-x", f"http://{proxy}"], ["--socks5", proxy]):
+        result = curl(*door, http_target_v6.url("/"))
+        assert (result.returncode, result.stdout) == (0, b"hello from the target\n"), (door, result.stderr)
