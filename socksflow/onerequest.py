@@ -49,4 +49,3 @@ class OneRequestConnection:
     # The same buffer and phase as SOCKS5's connection: the same hand-over to the relay.
     trailing_data = ServerConnection.trailing_data
     _expect = ServerConnection._expect
-
