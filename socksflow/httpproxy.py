@@ -32,6 +32,7 @@ from socksflow.protocol import (
 )
 
 MAX_HEAD: Final = 16 * 1024  # request line and headers; h11's own default limit
+MAX_BLANK_LINES: Final = 4  # before the request line; more is not an HTTP client
 REASON_HEADER: Final = "X-Socksflow-Reason"
 REALM: Final = "socksflow"
 # RFC 9110 §7.6.1: meant for one connection only, never forwarded.  Content-Length and
@@ -192,12 +193,17 @@ def request_from_event(event: h11.Request) -> ProxyRequest:
     )
 
 
-def parse_head(data: bytearray) -> tuple[ProxyRequest, int] | None:
-    """The request once its head (request line and headers) is complete, and the bytes it took."""
+def parse_head(data: bytearray, scanned: int = 0) -> tuple[ProxyRequest, int] | None:
+    """The request once its head (request line and headers) is complete, and the bytes it took.
+
+    ``scanned``: how many bytes of ``data`` an earlier call saw without finding the head's end,
+    so a head that arrives a byte at a time costs linear time, not quadratic.
+    """
     start = 0
-    while data[start : start + 2] == b"\r\n" or data[start : start + 1] == b"\n":
-        start += 2 if data[start] == 0x0D else 1  # RFC 9112 §2.2: skip empty lines first
-    end = _HEAD_END.search(data, start, start + MAX_HEAD + 4)
+    for _ in range(MAX_BLANK_LINES):  # RFC 9112 §2.2: skip empty lines first (a few, not forever)
+        if data[start : start + 2] == b"\r\n" or data[start : start + 1] == b"\n":
+            start += 2 if data[start] == 0x0D else 1
+    end = _HEAD_END.search(data, max(start, scanned - 3), start + MAX_HEAD + 4)
     if end is None:
         if len(data) - start > MAX_HEAD:
             raise HttpError(f"request head longer than {MAX_HEAD} bytes", 431)
@@ -222,17 +228,20 @@ class HttpProxyConnection(OneRequestConnection):
     the body bytes already received.
     """
 
-    __slots__ = ("proxy_request", "reason_header", "via")
+    __slots__ = ("_scanned", "proxy_request", "reason_header", "via")
 
     def __init__(self, reason_header: str = REASON_HEADER, via: str = "1.1 socksflow") -> None:
         super().__init__()
+        self._scanned = 0
         self.proxy_request: ProxyRequest | None = None
         self.reason_header = reason_header
         self.via = via
 
     def _parse(self, data: bytearray) -> tuple[ProxyRequest, int] | None:
-        parsed = parse_head(data)
-        if parsed is not None:
+        parsed = parse_head(data, self._scanned)
+        if parsed is None:
+            self._scanned = len(data)
+        else:
             self.proxy_request = parsed[0]
         return parsed
 
