@@ -137,6 +137,7 @@ static void set_linger0(int fd)
 /* ------------------------------------------------------------------ */
 static struct sockaddr_in g_proxy, g_target;
 static int g_noproxy;
+static int g_http;              /* speak HTTP CONNECT to the proxy instead of SOCKS5 */
 static int g_n = 100;            /* sessions: in flight */
 static double g_dur = 5.0;       /* seconds */
 static int g_threads = 1;
@@ -171,10 +172,32 @@ static int socks_reply_len(const uint8_t *h)
     }
 }
 
+/* "CONNECT a.b.c.d:port HTTP/1.1" with its Host header; returns the length. */
+static int build_http_connect(char *b, size_t size, const struct sockaddr_in *dst)
+{
+    char ip[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &dst->sin_addr, ip, sizeof ip);
+    unsigned port = ntohs(dst->sin_port);
+    return snprintf(b, size, "CONNECT %s:%u HTTP/1.1\r\nHost: %s:%u\r\n\r\n", ip, port, ip, port);
+}
+
+/* An HTTP response head ending in a blank line, status 200: 1; incomplete: 0; else -1. */
+static int http_reply_done(const uint8_t *in, int len)
+{
+    if (len < 12)
+        return 0;
+    if (memcmp(in, "HTTP/1.", 7) != 0 || memcmp(in + 9, "200", 3) != 0)
+        return -1;
+    for (int i = 3; i < len; i++)
+        if (in[i - 3] == '\r' && in[i - 2] == '\n' && in[i - 1] == '\r' && in[i] == '\n')
+            return i + 1 == len ? 1 : -1; /* nothing may follow before we send */
+    return len >= 299 ? -1 : 0;
+}
+
 /* ------------------------------------------------------------------ */
 /* Non-blocking client connection state machine                        */
 /* ------------------------------------------------------------------ */
-enum { C_FREE, C_CONNECTING, C_GREET, C_REPLY, C_DATA, C_EOFWAIT, C_IDLE };
+enum { C_FREE, C_CONNECTING, C_GREET, C_HTTP, C_REPLY, C_DATA, C_EOFWAIT, C_IDLE };
 enum { HS_WAIT = 0, HS_DONE = 1, HS_ERR = -1 };
 
 struct cconn {
@@ -183,7 +206,7 @@ struct cconn {
     uint64_t t0;
     uint8_t in[300];
     int inlen;
-    uint8_t out[64];
+    uint8_t out[128];
     int outlen, outoff;
     uint64_t got, want, start;
     int err_stage; /* for diagnostics */
@@ -285,6 +308,13 @@ static int handshake(struct cconn *c, uint32_t ev)
             }
             if (g_noproxy)
                 return HS_DONE;
+            if (g_http) {
+                char req[128];
+                queue_out(c, req, build_http_connect(req, sizeof req, &g_target));
+                c->inlen = 0;
+                c->state = C_HTTP;
+                break;
+            }
             static const uint8_t greet[3] = {5, 1, 0};
             queue_out(c, greet, 3);
             c->inlen = 0;
@@ -307,6 +337,28 @@ static int handshake(struct cconn *c, uint32_t ev)
             c->inlen = 0;
             c->state = C_REPLY;
             break;
+        case C_HTTP:
+            if ((r = flush_out(c)) <= 0)
+                return r < 0 ? (c->err_stage = 3, HS_ERR) : HS_WAIT;
+            for (;;) {
+                ssize_t n = recv(c->fd, c->in + c->inlen, sizeof c->in - 1 - (size_t)c->inlen, 0);
+                if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+                    c->err_stage = 3;
+                    return HS_ERR;
+                }
+                if (n < 0)
+                    return HS_WAIT;
+                c->inlen += (int)n;
+                r = http_reply_done(c->in, c->inlen);
+                if (r < 0) {
+                    c->err_stage = 3;
+                    return HS_ERR;
+                }
+                if (r > 0)
+                    break;
+            }
+            c->inlen = 0;
+            return HS_DONE;
         case C_REPLY: {
             if ((r = flush_out(c)) <= 0)
                 return r < 0 ? (c->err_stage = 3, HS_ERR) : HS_WAIT;
@@ -813,6 +865,27 @@ static int socks_blocking(uint8_t cmd, const struct sockaddr_in *dst, struct soc
     if (g_noproxy)
         return fd;
     uint8_t b[300];
+    if (g_http) {
+        char req[128];
+        int len = build_http_connect(req, sizeof req, dst), got = 0, r = 0;
+        if (write_full(fd, req, (size_t)len) < 0)
+            r = -1;
+        while (r == 0 && got < (int)sizeof b - 1) {
+            if (read_full(fd, b + got, 1) < 0) {
+                r = -1;
+                break;
+            }
+            r = http_reply_done(b, ++got);
+        }
+        if (r <= 0) {
+            fprintf(stderr, "loadgen: HTTP CONNECT refused or failed\n");
+            close(fd);
+            return -1;
+        }
+        if (bnd)
+            memset(bnd, 0, sizeof *bnd);
+        return fd;
+    }
     if (write_full(fd, "\x05\x01\x00", 3) < 0 || read_full(fd, b, 2) < 0 || b[0] != 5 || b[1] != 0) {
         fprintf(stderr, "loadgen: SOCKS greeting failed\n");
         close(fd);
@@ -1273,6 +1346,7 @@ static void usage(void)
     fprintf(stderr,
             "usage: loadgen target [-t THREADS] [-d MAX_LIFETIME_SECS]\n"
             "       loadgen sessions -p PROXY|none -T HOST:PORT [-n INFLIGHT] [-d SECS] [-t THREADS] [--rst]\n"
+            "       (sessions, bulk, idle, rr: --http speaks HTTP CONNECT to the proxy instead of SOCKS5)\n"
             "       loadgen bulk     -p PROXY|none -T HOST:PORT [-S STREAMS] [-B TOTAL_BYTES] [-d MAX_SECS] [-t THREADS]\n"
             "       loadgen idle     -p PROXY|none -T HOST:PORT [-k TUNNELS] [-c CONCURRENCY] [--hold MAX_SECS]\n"
             "       loadgen rr       -p PROXY|none -T HOST:PORT [-d SECS] [-N ROUNDS] [--spin]\n"
@@ -1297,6 +1371,7 @@ int main(int argc, char **argv)
         {"concurrency", required_argument, 0, 'c'}, {"hold", required_argument, 0, 'H'},
         {"rounds", required_argument, 0, 'N'}, {"window", required_argument, 0, 'w'},
         {"size", required_argument, 0, 's'},   {"spin", no_argument, 0, 'P'},
+        {"http", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *proxy = NULL, *target = NULL;
     int o, dur_set = 0;
@@ -1319,6 +1394,7 @@ int main(int argc, char **argv)
         case 'w': g_window = atoi(optarg); break;
         case 's': g_size = atoi(optarg); break;
         case 'P': g_spin = 1; break;
+        case 'h': g_http = 1; break;
         default: usage();
         }
     }

@@ -278,18 +278,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DOOR = "socks5"  # the protocol the load generator speaks to the proxies: socks5 or http (--door)
+
+
 def probe(port: int, timeout: float = 1.0) -> bool:
-    """Readiness: TCP connect + SOCKS5 greeting (05 01 00) -> 05 00."""
+    """Readiness: TCP connect + SOCKS5 greeting (05 01 00) -> 05 00 (--door http: the connect only,
+    as HTTP proxies differ in how they answer a request to nowhere)."""
+    hello, expect = b"\x05\x01\x00", b"\x05\x00"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"\x05\x01\x00")
+            if DOOR == "http":
+                return True
+            s.sendall(hello)
             buf = b""
-            while len(buf) < 2:
-                chunk = s.recv(2 - len(buf))
+            while len(buf) < len(expect):
+                chunk = s.recv(len(expect) - len(buf))
                 if not chunk:
                     return False
                 buf += chunk
-            return buf == b"\x05\x00"
+            return buf == expect
     except OSError:
         return False
 
@@ -302,7 +309,7 @@ def wait_ready(p: subprocess.Popen | None, port: int, timeout: float) -> str | N
         if probe(port):
             return None
         time.sleep(0.05)
-    return f"no SOCKS5 answer on 127.0.0.1:{port} within {timeout:.0f}s"
+    return f"no {DOOR} answer on 127.0.0.1:{port} within {timeout:.0f}s"
 
 
 def parse_result(out: str, tag: str) -> dict | None:
@@ -432,7 +439,7 @@ def start_server(name: str, tmp: Path, args) -> Server | None:
         s = Server(name, udp=False, port=port, logfile=errlog)
         with open(errlog, "wb") as f:
             s.proc = spawn(
-                [sys.executable, "-c", PPROXY_SHIM, "-l", f"socks5://127.0.0.1:{port}"]
+                [sys.executable, "-c", PPROXY_SHIM, "-l", f"{DOOR}://127.0.0.1:{port}"]
                 + (["-r", f"socks5://{args.pproxy_upstream}"] if args.pproxy_upstream else []),
                 stdin=subprocess.DEVNULL,
                 stdout=f,
@@ -459,6 +466,8 @@ def start_socksflow(tmp: Path, args) -> Server | None:
         base = [shutil.which("socksflow")]
     else:
         return None
+    if DOOR == "http" and "--protocols" not in extra:
+        extra = [*extra, "--protocols", "mixed"]  # the HTTP door beside SOCKS5, as users run it
     cmd = [*base, "run", "--listen", "127.0.0.1:0", "-c", str(cfg), *extra]
     errlog = tmp / "socksflow.log"
     env = dict(os.environ)
@@ -522,6 +531,8 @@ class Runner:
 
     def lg(self, scenario: str, proxy: str, target: str, extra: list[str], timeout: float) -> dict:
         cmd = [str(LOADGEN), scenario, "-p", proxy, "-T", f"127.0.0.1:{self.t[target]}", *extra]
+        if DOOR == "http":
+            cmd.append("--http")
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -793,6 +804,11 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: a few seconds per server")
     ap.add_argument(
+        "--door", choices=["socks5", "http"], default="socks5",
+        help="what the load generator speaks: SOCKS5, or HTTP CONNECT (socksflow --protocols mixed, "
+        "pproxy's http listener; no UDP)",
+    )  # fmt: skip
+    ap.add_argument(
         "--duration", type=float, help="seconds for sessions (rr and udp get 60%% of it)"
     )
     ap.add_argument(
@@ -851,6 +867,10 @@ def main() -> int:
     for s in servers:
         if s not in ALL_SERVERS:
             ap.error(f"unknown server {s!r}; choose from {','.join(ALL_SERVERS)}")
+    global DOOR
+    DOOR = a.door
+    if DOOR == "http":  # microsocks and danted have no HTTP proxy; UDP has no HTTP form
+        servers = [s for s in servers if s in ("none", "socksflow", "pproxy")]
 
     global _libc
     try:
@@ -919,7 +939,7 @@ def main() -> int:
             sampler.start()
         try:
             for key, fn in steps:
-                if key == "udp" and srv and not srv.udp:
+                if key == "udp" and (DOOR == "http" or (srv and not srv.udp)):
                     raw["udp"] = "unsupported"
                     continue
                 if srv and srv.proc.poll() is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CRASHES = HERE / "crashes"
-TARGET_NAMES = ("protocol", "udp_header", "address", "config")
+TARGET_NAMES = ("protocol", "front_door", "udp_header", "address", "config")
 
 # Starting points: a few well-formed inputs per target; the fuzzer mutates from there.
 _CONNECT = b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
@@ -34,6 +34,13 @@ SEEDS: dict[str, list[bytes]] = {
         b"\x2a\x09\x05\x01\x80\x01\x02\x03" + b"\x05\x03\x00\x03\x0bexample.com\x01\xbb",
         b"\x08\x01\x05\x01\x00\x05\x03\x00\x04" + bytes(16) + b"\x00\x00",
         b"\x09\x02\x05\x01\x00\x05\x01\x00\x03\x09127.0.0.1\x00\x19",
+    ],
+    "front_door": [
+        b"\x07\x04\x01\x00\x50\x7f\x00\x00\x01alice\x00early",
+        b"\x03\x04\x02\x01\xbb\x00\x00\x00\x01\x00example.com\x00",
+        b"\x05CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01",
+        b"\x0bPOST http://[::1]:8080/a?b HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic YTpi\r\n"
+        b"Connection: keep-alive, X-A\r\nX-A: 1\r\nContent-Length: 3\r\n\r\nabc",
     ],
     "udp_header": [
         b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x35payload",
@@ -72,7 +79,8 @@ CONFIG_WORDS = [
     "allow", "deny", "reason", "reply", "from", "user", "group", "command", "to", "port", "all", "tests",
     "expect", "answers", "limits", "match", "per", "sessions_per_second", "burst", "max_sessions",
     "bandwidth", "auth_failures", "max", "within", "block", "log", "access", "format", "file", "json",
-    "metrics", "open_proxy", "addresses", "special:self", "special:private", "special:loopback",
+    "metrics", "open_proxy", "addresses", "address", "protocols", "mixed", "socks5", "socks4", "http",
+    "protocol", "doors", "socks4_userid", "http_reason_header", "http_via", "tor_resolve", "resolve", "special:self", "special:private", "special:loopback",
     "file:", "~", "regex:", "*.", "/24", "/56", "1024-65535", "0.0.0.0/0", "::/0", "[::1]:1080",
     "10MiB/s", "100/s", "500ms", "1h", "true", "false", "null", "&a", "*a", "!!str", "? ", "- ", ": ",
 ]  # fmt: skip

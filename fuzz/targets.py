@@ -14,9 +14,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from socksflow import app
+from socksflow import app, detect
 from socksflow.config import Config
 from socksflow.errors import ConfigError, ConfigErrors
+from socksflow.httpproxy import HttpProxyConnection
 from socksflow.plugins import PluginManager
 from socksflow.protocol import (
     NEED_DATA,
@@ -36,6 +37,7 @@ from socksflow.protocol import (
     parse_request,
     parse_udp_header,
 )
+from socksflow.socks4 import Socks4Connection
 
 PRIVATE_METHOD = 0x80
 
@@ -187,8 +189,42 @@ def _check_located(error: ConfigError) -> None:
     assert error.file, f"an error without its file: {error}"
 
 
+# ---------------------------------------------------------------------------- the other front doors
+
+
+def front_door(data: bytes) -> None:
+    """A SOCKS4/4a or HTTP proxy request (by its first byte), whole and in random chunks: the same
+    request or the same ProtocolError, and a granted reply hands the same bytes to the relay."""
+    if len(data) < 2:
+        return
+    seed, stream = data[0], data[1:]
+    name = detect.protocol_of(stream[0])
+    if name not in (detect.SOCKS4, detect.HTTP):
+        return
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 8))))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert _drive_door(name, [stream]) == _drive_door(name, chunks)
+
+
+def _drive_door(name: str, chunks: list[bytes]) -> tuple[object, ...]:
+    conn = Socks4Connection() if name == detect.SOCKS4 else HttpProxyConnection()
+    try:
+        for index, chunk in enumerate(chunks):
+            conn.receive_data(chunk)
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                conn.send_reply(Reply.SUCCEEDED)
+                return event, conn.trailing_data + b"".join(chunks[index + 1 :])
+    except ProtocolError as error:
+        assert conn.phase is Phase.CLOSED
+        return type(error), error.response
+    return (NEED_DATA,)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "protocol": protocol_stream,
+    "front_door": front_door,
     "udp_header": udp_header,
     "address": address,
     "config": config,

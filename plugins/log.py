@@ -8,6 +8,8 @@ log:
 ```
 
 Each line: ``time`` (when the session was accepted, ISO 8601 UTC), ``session``, ``client``,
+``protocol`` (the front door: socks5, socks4 or http; unknown for bytes of no protocol; none
+when the client sent nothing),
 ``user`` (the user name given, also when the login failed; never a password), ``command``,
 ``destination`` (as requested), ``remote`` (the address actually connected to), ``verdict``
 (allow / deny / - when the session ended before a request), ``rule`` and ``plugin`` (what
@@ -215,6 +217,7 @@ def record(session: Any) -> dict[str, Any]:
         "time": timestamp(session.started),
         "session": session.id,
         "client": str(session.client),
+        "protocol": session.protocol or None,
         "user": session.identity.user or None,
         "command": request.command.name.lower() if request else None,
         "destination": str(request.destination) if request else None,

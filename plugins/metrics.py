@@ -8,8 +8,10 @@ metrics:
 
 Series (sessions are counted when they end):
 
-* ``socksflow_sessions_total{command, verdict}``: command ``connect|bind|udp_associate|none``
-  (none: ended before a request), verdict ``allow|deny|none``.
+* ``socksflow_sessions_total{command, verdict, protocol}``: command
+  ``connect|bind|udp_associate|resolve|resolve_ptr|none`` (none: ended before a request),
+  verdict ``allow|deny|none``, protocol (the front door) ``socks5|socks4|http|unknown|none``
+  (unknown: bytes of no protocol; none: the client sent nothing).
 * ``socksflow_sessions_active``: open sessions now.
 * ``socksflow_relayed_bytes_total{direction}``: ``up`` (client to destination) and ``down``.
 * ``socksflow_handshake_seconds``, ``socksflow_connect_seconds``, ``socksflow_dns_seconds``:
@@ -127,7 +129,9 @@ class Metrics:
         def histogram(name: str, documentation: str) -> Histogram:
             return Histogram(f"socksflow_{name}", documentation, registry=registry)
 
-        self.sessions = counter("sessions", "Sessions ended, by command and verdict", "command", "verdict")
+        self.sessions = counter(
+            "sessions", "Sessions ended, by command, verdict and front door", "command", "verdict", "protocol"
+        )
         self.active = Gauge("socksflow_sessions_active", "Sessions open now", registry=registry)
         self.active.set_function(lambda: len(server.sessions))
         self.bytes = counter("relayed_bytes", "Bytes relayed by ended sessions", "direction")
@@ -153,7 +157,8 @@ class Metrics:
         request, verdict = session.request, session.verdict
         denied = verdict is not None and not verdict.allowed
         verdict_label = "deny" if denied else "allow" if request else "none"
-        self.sessions.labels(request.command.name.lower() if request else "none", verdict_label).inc()
+        command = request.command.name.lower() if request else "none"
+        self.sessions.labels(command, verdict_label, session.protocol or "none").inc()
         self.bytes.labels("up").inc(session.bytes_up)
         self.bytes.labels("down").inc(session.bytes_down)
         for phase, seconds in session.timings.items():

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import socksflow
-from socksflow import app, exposure, logs
+from socksflow import app, detect, exposure, logs
 from socksflow.errors import ConfigErrors
 from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.plugins import PluginLoadError
@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         help="listen here instead of the config's addresses (repeatable; port 0 picks one)",
     )  # fmt: skip
     run.add_argument(
+        "--protocols", type=_protocols, default=detect.SOCKS5_ONLY, metavar="LIST",
+        help="the front doors of the --listen addresses: socks5,socks4,http or mixed (default socks5)",
+    )  # fmt: skip
+    run.add_argument(
         "--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
         help="event loop: auto picks uvloop when it is installed (pip install .[fast]), else asyncio",
     )  # fmt: skip
@@ -84,9 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--from", dest="client", default="127.0.0.1", help="client IP (default 127.0.0.1)")
     explain.add_argument("--user", help="authenticated user name")
     explain.add_argument(
-        "--command", default="connect", choices=list(EXPLAIN_COMMANDS), metavar="{connect,bind,udp}",
+        "--command", default="connect", choices=list(EXPLAIN_COMMANDS), metavar="{connect,bind,udp,resolve,resolve_ptr}",
         help="SOCKS command, as rules.yaml spells it (udp_associate is udp)",
     )  # fmt: skip
+    explain.add_argument(
+        "--protocol", default="socks5", choices=detect.PROTOCOLS, help="the front door the client uses"
+    )
     explain.set_defaults(handler=_explain)
 
     plugins = commands.add_parser("plugins", help="list the loaded plugins and their hooks")
@@ -105,6 +112,13 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _protocols(text: str) -> frozenset[str]:
+    try:
+        return detect.parse_protocols("mixed" if text == "mixed" else text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -118,7 +132,7 @@ def _address(text: str) -> Address:
 def _run(args: argparse.Namespace) -> int:
     config, pm = app.prepare(args.config, args.disable_plugin)
     if args.listen:
-        config.override_listen(tuple(args.listen))
+        config.override_listen(tuple(args.listen), (args.protocols,) * len(args.listen))
     for info in pm.plugin_info():
         log.info("plugin %s %s from %s", info.name, info.version, info.source)
     if not _exposure_allowed(exposure.assess(config, pm, args.allow_open_proxy)):
@@ -249,7 +263,8 @@ def _tests(count: int) -> str:
 DECISION_HOOKS = ("socksflow_client_connected", "socksflow_request")
 # rules.yaml's spellings, and the protocol's name for UDP ASSOCIATE too
 EXPLAIN_COMMANDS = {"connect": Command.CONNECT, "bind": Command.BIND, "udp": Command.UDP_ASSOCIATE,
-                    "udp_associate": Command.UDP_ASSOCIATE}  # fmt: skip
+                    "udp_associate": Command.UDP_ASSOCIATE, "resolve": Command.RESOLVE,
+                    "resolve_ptr": Command.RESOLVE_PTR}  # fmt: skip
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -260,7 +275,7 @@ def _explain(args: argparse.Namespace) -> int:
         raise SystemExit(f"socksflow: --from: {exc}") from None
     if client.is_domain:
         raise SystemExit("socksflow: --from takes an IP address")
-    query = ExplainQuery(client, args.destination, EXPLAIN_COMMANDS[args.command], args.user)
+    query = ExplainQuery(client, args.destination, EXPLAIN_COMMANDS[args.command], args.user, args.protocol)
     lines = explain(config, pm, query)
     for line in lines:
         print(line)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+from socksflow import detect
 from socksflow.errors import ConfigError, ConfigErrors
 from socksflow.protocol import Address, IPAddress, parse_ip
 from socksflow.stash import Stash
@@ -361,6 +362,23 @@ class BindSettings:
     advertise: IPAddress | None = None
 
 
+@dataclass(slots=True)
+class DoorSettings:
+    """The front doors other than plain SOCKS5 (section ``doors``).
+
+    ``socks4_userid``: a SOCKS4 USERID names the session's user for ``user:`` rules (it is a
+    claim, not a login: off unless the operator trusts the network).  ``http_reason_header``:
+    the response header that carries a denial's reason to HTTP clients (``false`` to send
+    none).  ``http_via``: the ``Via`` value added to forwarded requests.  ``tor_resolve``:
+    answer Tor's SOCKS5 extensions RESOLVE (0xF0) and RESOLVE_PTR (0xF1).
+    """
+
+    socks4_userid: bool = False
+    http_reason_header: str = "X-Socksflow-Reason"
+    http_via: str = "1.1 socksflow"
+    tor_resolve: bool = False
+
+
 def _advertised_ip(node: Node) -> IPAddress:
     """An IP address clients can reach: a wildcard is refused."""
 
@@ -380,6 +398,12 @@ _SETTING_READERS: dict[str, dict[str, Callable[[Node], Any]]] = {
         "idle": Node.as_duration,
         "max_per_client": lambda node: node.as_int(minimum=1),
         "replies_from": lambda node: node.as_choice(("sent", "any")),
+    },
+    "doors": {
+        "socks4_userid": Node.as_bool,
+        "http_reason_header": lambda node: "" if node.value is False else node.as_str(),
+        "http_via": Node.as_str,
+        "tor_resolve": Node.as_bool,
     },
     "bind": {
         "timeout": Node.as_duration,
@@ -402,7 +426,7 @@ DEFAULT_LISTEN = (Address.parse("127.0.0.1:1080"),)
 class Config:
     """One loaded configuration: the node tree, the core's settings and plugins' stash."""
 
-    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "groups", "plugins"})
+    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "doors", "groups", "plugins"})
 
     def __init__(self, root: Node, file: str, errors: list[ConfigError] | None = None) -> None:
         self.root = root
@@ -420,10 +444,12 @@ class Config:
         self.listen: tuple[Address, ...] = DEFAULT_LISTEN
         self._listen_in_file = DEFAULT_LISTEN
         self.listen_override: tuple[Address, ...] | None = None  # run --listen: what the file says is ignored
+        self.listen_protocols: tuple[frozenset[str], ...] = (detect.SOCKS5_ONLY,)  # one per listen address
         self.open_proxy = False  # serve non-loopback listeners even if nothing keeps strangers out
         self.timeouts = Timeouts()
         self.udp = UdpSettings()
         self.bind = BindSettings()
+        self.doors = DoorSettings()
         self.plugins = PluginSettings()
         self.group_names: frozenset[str] = frozenset()
         self.user_groups: dict[str, frozenset[str]] = {}
@@ -526,9 +552,13 @@ class Config:
         """The listen addresses the file gives (or the default), whatever ``--listen`` or ``:0`` became."""
         return self._listen_in_file
 
-    def override_listen(self, addresses: tuple[Address, ...]) -> None:
+    def override_listen(
+        self, addresses: tuple[Address, ...], protocols: tuple[frozenset[str], ...] | None = None
+    ) -> None:
         """Listen on ``addresses`` instead of the file's (``socksflow run --listen``), reloads included."""
         self.listen = self.listen_override = addresses
+        if protocols is not None:
+            self.listen_protocols = protocols
 
     def _read_listen(self, node: Node) -> None:
         """``listen: [ADDRESS, ...]``, or ``listen: {addresses: [ADDRESS, ...], open_proxy: true}``."""
@@ -539,10 +569,15 @@ class Config:
                 self.open_proxy = items["open_proxy"].as_bool()
             addresses = items.get("addresses")
         if addresses is not None:
-            listen = tuple(item.as_address() for item in addresses.as_list())
-            if not listen:
+            entries = [_listen_entry(item) for item in addresses.as_list()]
+            if not entries:
                 raise addresses.error("give at least one address to listen on")
-            self.listen = self._listen_in_file = listen
+            self.listen = self._listen_in_file = tuple(address for address, _ in entries)
+            self.listen_protocols = tuple(protocols for _, protocols in entries)
+
+    def protocols_at(self, index: int) -> frozenset[str]:
+        """The protocols the ``index``-th listen address accepts (SOCKS5 alone unless configured)."""
+        return self.listen_protocols[index] if index < len(self.listen_protocols) else detect.SOCKS5_ONLY
 
     def _read_groups(self, node: Node) -> None:
         """``groups: {admins: [alice, bob]}``: every plugin sees them in ``session.identity.groups``."""
@@ -556,6 +591,27 @@ class Config:
     def groups_of(self, user: str) -> frozenset[str]:
         """The groups the ``groups`` section puts ``user`` in."""
         return self.user_groups.get(user, frozenset())
+
+
+def _listen_entry(node: Node) -> tuple[Address, frozenset[str]]:
+    """``HOST:PORT`` (SOCKS5), or ``{address: HOST:PORT, protocols: [socks5, socks4, http] | mixed}``."""
+    if not node.is_map:
+        return node.as_address(), detect.SOCKS5_ONLY
+    items = node.as_map({"address", "protocols"})
+    if "address" not in items:
+        raise node.error("give the address to listen on (address: HOST:PORT)")
+    protocols = detect.SOCKS5_ONLY
+    if "protocols" in items:
+        given = items["protocols"]
+        if given.is_list:
+            protocols = frozenset(item.as_choice(detect.PROTOCOLS) for item in given.as_list())
+            if not protocols:
+                raise given.error("give at least one protocol (socks5, socks4, http) or mixed")
+        elif given.as_choice((*detect.PROTOCOLS, "mixed")) == "mixed":
+            protocols = detect.MIXED
+        else:
+            protocols = frozenset({given.value})
+    return items["address"].as_address(), protocols
 
 
 def default_config() -> Config:

@@ -16,12 +16,14 @@ Resolver = Callable[[str, int], Awaitable[tuple[IPAddress, ...]]]
 
 @dataclass(frozen=True, slots=True)
 class ExplainQuery:
-    """A hypothetical request: who asks (``client``, ``user``) for what (``command``, ``destination``)."""
+    """A hypothetical request: who asks (``client``, ``user``, through which ``protocol``) for what
+    (``command``, ``destination``)."""
 
     client: Address
     destination: Address
     command: Command = Command.CONNECT
     user: str | None = None
+    protocol: str = "socks5"  # the front door: socks5, socks4, http
 
 
 def _resolver(config: Config, pm: PluginManager) -> Resolver:

@@ -40,6 +40,8 @@ class Command(enum.IntEnum):
     CONNECT = 0x01
     BIND = 0x02
     UDP_ASSOCIATE = 0x03
+    RESOLVE = 0xF0  # Tor's extensions (socksflow.tor), answered only when doors.tor_resolve is on
+    RESOLVE_PTR = 0xF1
 
 
 class AddressType(enum.IntEnum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -11,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from socksflow import app, bind, udp
+from socksflow import app, bind, tor, udp
 from socksflow.accept import Acceptor, SpareDescriptor, backlog, listening_socket
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
@@ -60,6 +61,8 @@ class Server:
         self._commands: dict[Command, CommandHandler] = {}
         self.register_command(Command.BIND, bind.handle)
         self.register_command(Command.UDP_ASSOCIATE, udp.handle)
+        for command in tor.COMMANDS:
+            self.register_command(command, tor.handle)
 
     @property
     def descriptors(self) -> SpareDescriptor | None:
@@ -74,13 +77,14 @@ class Server:
         self._spare = SpareDescriptor()
         own_accept = isinstance(loop, asyncio.SelectorEventLoop)  # its own accept loop spins out of descriptors
         try:
-            for address in self.config.listen:
+            for index, address in enumerate(self.config.listen):
                 sock = listening_socket(address, reuse_port=self.worker is not None)
+                factory = functools.partial(ClientProtocol, self, self.config.protocols_at(index))
                 listener: Acceptor | asyncio.Server
                 if own_accept:
-                    listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
+                    listener = Acceptor(sock, factory, self._spare)
                 else:
-                    listener = await loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=backlog())
+                    listener = await loop.create_server(factory, sock=sock, backlog=backlog())
                 self._listeners.append(listener)
                 self.addresses.append(Address.from_sockaddr(sock.getsockname()))
         except OSError as exc:
@@ -136,12 +140,14 @@ class Server:
         try:
             config = app.load_config(self.config.file)
             if self.config.listen_override is not None:  # run --listen holds, whatever the file says
-                config.override_listen(self.config.listen_override)
+                config.override_listen(self.config.listen_override, self.config.listen_protocols)
             app.configure(self.pm, config)
         except ConfigErrors as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             return False
-        if self.config.listen_override is None and config.listen_in_file != self.config.listen_in_file:
+        if self.config.listen_override is None and (config.listen_in_file, config.listen_protocols) != (
+            self.config.listen_in_file, self.config.listen_protocols
+        ):
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         self.config = config
         log.info("configuration reloaded from %s", config.file)

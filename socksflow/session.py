@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from socksflow import protocol
+from socksflow import detect, doors, protocol, tor
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -76,14 +76,18 @@ class ClientProtocol(asyncio.Protocol):
         "_waiter",
         "closed",
         "conn",
+        "door",
         "eof",
+        "protocols",
         "server",
         "session",
         "transport",
     )
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY) -> None:
         self.server = server
+        self.protocols = protocols  # the listener's front doors (socksflow.doors)
+        self.door = ""  # the protocol the client speaks, known from its first byte
         self._loop = server.loop  # asyncio.get_running_loop() costs a getpid(2) each time
         self.conn = protocol.ServerConnection()
         self.eof = False
@@ -104,6 +108,8 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._linger is not None:
             return  # the session is over: discard
+        if not self.door:
+            doors.open_door(self, data[0])
         self.conn.receive_data(data)
         if self.conn.buffered > MAX_HANDSHAKE_BUFFER and not self._paused:
             self._paused = True
@@ -201,7 +207,8 @@ class AuthChannel:
 class Session:
     """One client connection, from accept to close, as plugins see it.
 
-    Stable attributes: ``id``, ``client``, ``local``, ``config``, ``stash``, ``method``,
+    Stable attributes: ``id``, ``client``, ``local``, ``config``, ``stash``, ``protocol`` (the
+    front door: ``"socks5"``, ``"socks4"``, ``"http"``, ``"unknown"``; ``""`` before the first byte), ``method``,
     ``identity``, ``request``, ``destination`` (after rewrites), ``addresses`` (what the
     destination resolved to), ``remote`` (the address actually connected to), ``bound``,
     ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down`` (payload bytes, TCP
@@ -236,6 +243,7 @@ class Session:
         "local",
         "method",
         "pm",
+        "protocol",
         "remote",
         "reply",
         "request",
@@ -258,6 +266,7 @@ class Session:
         self.local = Address.from_sockaddr(transport.get_extra_info("sockname"))
         self.stash = Stash()
         self.method: int | None = None
+        self.protocol = ""  # the front door: "socks5", "socks4" or "http" (from the first byte)
         self.identity: Identity = ANONYMOUS
         self.request: Request | None = None
         self.destination: Address | None = None
@@ -464,7 +473,9 @@ class Session:
         """Greeting, method and its sub-negotiation; the request that follows."""
         client = self._client
         greeting = await client.next_event()
-        assert isinstance(greeting, protocol.Greeting)
+        door_request = None
+        if not isinstance(greeting, protocol.Greeting):  # a one-request front door (socksflow.doors)
+            door_request, greeting = greeting, doors.greeting_for(greeting)
         try:
             method = await self._decide("socksflow_select_method", session=self, offered=greeting.methods)
             if method is None:
@@ -480,11 +491,16 @@ class Session:
         if method == Method.NO_ACCEPTABLE:
             raise SessionDenied(self._set_reason(f"no acceptable method among {list(greeting.methods)}"))
         if method == Method.USERPASS:
-            credentials = await client.next_event()
+            if door_request is None:
+                credentials = await client.next_event()
+            else:
+                credentials = doors.credentials_for(door_request)
             assert isinstance(credentials, protocol.UserPassAuth)
             await self._authenticate(credentials)
         elif method != Method.NO_AUTH:
             await self._subnegotiate(method)
+        if door_request is not None:
+            return doors.request_for(self, door_request)
         return await client.next_event()  # type: ignore[return-value]
 
     def _set_reason(self, reason: str) -> str:
@@ -581,6 +597,8 @@ class Session:
         self.authenticated = True
 
     async def _dispatch(self, request: Request) -> None:
+        if request.command in tor.COMMANDS and not self.config.doors.tor_resolve:  # before any plugin sees it
+            await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is off (doors: tor_resolve)")
         try:
             verdict = await self._decide("socksflow_request", session=self, request=request)
             while verdict is not None and verdict.allowed and verdict.destination is not None:

@@ -94,7 +94,7 @@ def test_check_reports_every_error_located(workdir):
         "rules.yaml:2: rules[0].deny.to[0]: '10.0.0.0/33' is not a network",
         "rules.yaml:3: rules[1].allow.port: '1024-99999': "
         "a range goes from a lower to a higher port, 0 to 65535",
-        "rules.yaml:4: rules[2].allow.command: 'udp_associate' is not one of: connect, bind, udp",
+        "rules.yaml:4: rules[2].allow.command: 'udp_associate' is not one of: connect, bind, udp, resolve, resolve_ptr",
         "rules.yaml:5: rules[3].allow.to: cannot read list file 'missing.txt': No such file or directory",
         "rules.yaml:7: rules[4].reply: 'nope' is not a reply code (expected 1-8 or one of: general_failure, "
         "not_allowed, network_unreachable, host_unreachable, connection_refused, ttl_expired, "
@@ -210,3 +210,25 @@ def test_explain_takes_the_rule_files_spelling_of_udp(workdir):
     assert results[0].returncode == 0, results[0].stderr
     assert results[0].stdout.splitlines()[0] == "rules.yaml: a UDP datagram to 192.0.2.7:53 from 127.0.0.1"
     assert results[1].stdout == results[0].stdout
+
+
+def test_explain_and_tests_with_a_protocol(workdir):
+    first = "  - deny: {protocol: [http, socks4], port: 22}\n    reason: no SSH over the legacy doors\n"
+    rules = (workdir / "rules.yaml").read_text().replace("rules:\n", "rules:\n" + first, 1)
+    rules += '  - {from: 192.0.2.1, user: alice, protocol: http, to: "192.0.2.80:22", expect: deny}\n'
+    (workdir / "rules.yaml").write_text(rules)
+    result = socksflow(workdir, "check", "rules.yaml")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK\n", "")
+    args = ("explain", "-c", "rules.yaml", "--from", "192.0.2.1", "--user", "alice", "192.0.2.80:22")
+    lines = socksflow(workdir, *args, "--protocol", "http").stdout.splitlines()
+    assert lines[0] == "rules.yaml: connect 192.0.2.80:22 from 192.0.2.1 (user alice) over http"
+    assert lines[-2:] == ["verdict: deny by rules.yaml:5 (no SSH over the legacy doors)", "reply: HTTP 403"]
+    lines = socksflow(workdir, *args, "--protocol", "socks4").stdout.splitlines()
+    assert lines[-1] == "reply: 0x5b REJECTED"
+    lines = socksflow(workdir, *args).stdout.splitlines()
+    assert "protocol socks5 is not [http, socks4]" in lines[1]
+    assert lines[-1] == "reply: 0x00 SUCCEEDED once the connection is made"
+    rules += '  - {protocol: socks4, to: "192.0.2.80:22", expect: allow}\n'
+    (workdir / "rules.yaml").write_text(rules)
+    result = socksflow(workdir, "check", "rules.yaml")
+    assert result.returncode == 1 and "expected allow, got deny" in result.stderr

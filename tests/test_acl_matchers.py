@@ -378,16 +378,16 @@ def test_an_empty_list_file_matches_nothing(tmp_path):
          "2: rules[0].allow.port: '2000-1000': a range goes from a lower to a higher port, 0 to 65535"),
         ("- allow: {port: http}", "2: rules[0].allow.port: 'http' is not a port or a range like 1024-65535"),
         ("- allow: {command: associate}",
-         "2: rules[0].allow.command: 'associate' is not one of: connect, bind, udp"),
+         "2: rules[0].allow.command: 'associate' is not one of: connect, bind, udp, resolve, resolve_ptr"),
         ("- allow: {user: no}",
          "2: rules[0].allow.user: 'no' is read as a boolean by YAML 1.1; write true/false, or quote it"),
         ("- allow: {users: alice}",
-         "2: rules[0].allow.users: unknown key (expected one of: command, from, group, port, to, user)"),
+         "2: rules[0].allow.users: unknown key (expected one of: command, from, group, port, protocol, to, user)"),
         ("- allow: {to: []}",
          "2: rules[0].allow.to: an empty list matches nothing: remove the field or the rule"),
         ("- allow: {}", "2: rules[0].allow: no match fields: write 'allow: all' to match everything"),
         ("- allow: everything",
-         "2: rules[0].allow: expected 'all' or a mapping of from, user, group, command, to, port"),
+         "2: rules[0].allow: expected 'all' or a mapping of from, user, group, command, protocol, to, port"),
         ("- {allow: all, deny: all}", "2: rules[0]: a rule needs exactly one of 'allow:' or 'deny:'"),
         ("- allow: all\n  reply: 3", "3: rules[0].reply: only a denial has a reply code"),
         ("- deny: all\n  reply: 0", "3: rules[0].reply: 0 is not a failure reply code (1-8)"),
@@ -413,7 +413,7 @@ def test_every_bad_rule_is_reported_and_groups_and_tests_are_claimed():
     assert [str(e) for e in config.errors.errors] == [
         "rules.yaml:3: rules[0].deny.to: '10.0.0.0/33' is not a network",
         "rules.yaml:4: rules[1].allow.port: 'x' is not a port or a range like 1024-65535",
-        "rules.yaml:4: rules[1].allow.command: 'y' is not one of: connect, bind, udp",
+        "rules.yaml:4: rules[1].allow.command: 'y' is not one of: connect, bind, udp, resolve, resolve_ptr",
     ]
 
 
@@ -644,6 +644,7 @@ class FakeSession:
         self.local = Address.parse("127.0.0.1:1080")
         self.identity = Identity(user)
         self.destination: Address | None = None
+        self.protocol = "socks5"
         self.dns = dns
 
     async def resolve(self, host=None, port=None):

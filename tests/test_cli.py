@@ -329,15 +329,16 @@ def test_shipped_rules_pass_their_own_tests(tmp_path):
 def test_readme_quick_start_with_the_shipped_rules(tmp_path, proxies, http_target):
     # README: `socksflow run`, then curl through it to a local test server.
     shipped_rules(tmp_path, http_target.port)
-    proxy = Proxy(cwd=tmp_path)
+    proxy = Proxy("--protocols", "mixed", cwd=tmp_path)
     proxies.append(proxy)
-    ok = subprocess.run(
-        ["curl", "--silent", "--max-time", "10", "--socks5-hostname", f"{proxy.address[0]}:{proxy.address[1]}",
-         f"http://localhost:{http_target.port}/"],
-        capture_output=True, timeout=20,
-    )  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout == b"hello from the target\n"
+    where = f"{proxy.address[0]}:{proxy.address[1]}"
+    for door in (["--socks5-hostname", where], ["-x", f"http://{where}"], ["--socks4a", where]):
+        ok = subprocess.run(
+            ["curl", "--silent", "--max-time", "10", *door, f"http://localhost:{http_target.port}/"],
+            capture_output=True, timeout=20,
+        )  # fmt: skip
+        assert ok.returncode == 0, (door, ok.stderr)
+        assert ok.stdout == b"hello from the target\n"
     metadata = subprocess.run(
         ["curl", "--silent", "--max-time", "10", "--socks5", f"{proxy.address[0]}:{proxy.address[1]}", "http://169.254.169.254/"],
         capture_output=True, timeout=20,

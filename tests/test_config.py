@@ -279,6 +279,58 @@ def test_listen_errors(text: str, error: str) -> None:
     assert errors_of(text) == [error]
 
 
+@pytest.mark.parametrize(
+    ("text", "protocols"),
+    [
+        ("listen: [127.0.0.1:1]", [{"socks5"}]),
+        ("listen: [{address: 127.0.0.1:1, protocols: mixed}]", [{"socks5", "socks4", "http"}]),
+        ("listen: [{address: 127.0.0.1:1, protocols: http}, 127.0.0.1:2]", [{"http"}, {"socks5"}]),
+        ("listen: [{address: 127.0.0.1:1}]", [{"socks5"}]),
+        (
+            "listen: {addresses: [{address: '[::1]:1', protocols: [socks4, socks5]}], open_proxy: true}",
+            [{"socks4", "socks5"}],
+        ),
+    ],
+)
+def test_listen_front_doors(text: str, protocols: list[set[str]]) -> None:
+    config = load(text)
+    assert [set(p) for p in config.listen_protocols] == protocols
+    assert config.protocols_at(len(protocols)) == {"socks5"}  # an address --listen added
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "listen:\n  - {address: 127.0.0.1:1, protocols: [socks5, htp]}",
+            "rules.yaml:2: listen[0].protocols[1]: 'htp' is not one of: socks5, socks4, http",
+        ),
+        (
+            "listen:\n  - {address: 127.0.0.1:1, protocols: all}",
+            "rules.yaml:2: listen[0].protocols: 'all' is not one of: socks5, socks4, http, mixed",
+        ),
+        (
+            "listen:\n  - {address: 127.0.0.1:1, protocols: []}",
+            "rules.yaml:2: listen[0].protocols: give at least one protocol (socks5, socks4, http) or mixed",
+        ),
+        (
+            "listen:\n  - {protocols: mixed}",
+            "rules.yaml:2: listen[0]: give the address to listen on (address: HOST:PORT)",
+        ),
+        (
+            "listen:\n  - {address: 127.0.0.1:1, door: http}",
+            "rules.yaml:2: listen[0].door: unknown key (expected one of: address, protocols)",
+        ),
+        (
+            "doors: {tor_resolve: yes}",
+            "rules.yaml:1: doors.tor_resolve: 'yes' is read as a boolean by YAML 1.1; write true/false, or quote it",
+        ),
+    ],
+)
+def test_front_door_errors_are_located(text: str, error: str) -> None:
+    assert errors_of(text) == [error]
+
+
 def test_timeouts() -> None:
     config = load("timeouts:\n  handshake: 1.5\n  connect: 250ms\n  idle: 0\n  hook: 2\n  shutdown: 5m\n")
     timeouts = config.timeouts

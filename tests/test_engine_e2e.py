@@ -239,10 +239,17 @@ def test_unknown_command_and_address_type(socksflow_server):
         assert recv_all(client.sock) == reply_bytes(Reply.ADDRESS_TYPE_NOT_SUPPORTED)
 
 
-def test_wrong_version_is_closed_without_an_answer(socksflow_server):
+def test_socks4_on_a_socks5_only_port_is_rejected_the_socks4_way(socksflow_server):
     server = socksflow_server()
     with Socks5Client(server.address) as client:
         client.sock.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # a SOCKS4 CONNECT
+        assert recv_all(client.sock) == b"\x00\x5b\x00\x00\x00\x00\x00\x00"
+
+
+def test_unknown_first_byte_is_closed_without_an_answer(socksflow_server):
+    server = socksflow_server()
+    with Socks5Client(server.address) as client:
+        client.sock.sendall(b"\x06\x01\x00")
         assert recv_all(client.sock) == b""
 
 

@@ -227,7 +227,8 @@ JUNK = bytes(range(256)) * 16384  # 4 MiB, starting with 0x00
 
 MALFORMED = {
     # greeting
-    "version 4": (b"\x04\x01\x00", b""),
+    "version 4": (b"\x04\x01\x00", b"\x00\x5b\x00\x00\x00\x00\x00\x00"),  # SOCKS4's "rejected"
+    "version 6": (b"\x06\x01\x00", b""),
     "no methods": (b"\x05\x00", b""),
     "255 methods, none acceptable": (b"\x05\xff" + bytes(range(3, 256)) + b"\x01\x80", b"\x05\xff"),
     "junk after greeting": (b"\x05\x01\x00" + JUNK, b"\x05\x00"),

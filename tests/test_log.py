@@ -101,7 +101,7 @@ def test_json_lines_for_allowed_denied_failed_and_refused_sessions(
     duration = first.pop("duration")
     assert 0 < duration < 5
     assert first == {
-        "client": allowed_from, "user": "alice", "command": "connect", "destination": echo, "remote": echo,
+        "client": allowed_from, "protocol": "socks5", "user": "alice", "command": "connect", "destination": echo, "remote": echo,
         "verdict": "allow", "rule": None, "plugin": None, "reply": 0, "bytes_up": 5, "bytes_down": 5,
         "authenticated": True, "reason": "closed",
     }  # fmt: skip
@@ -113,7 +113,7 @@ def test_json_lines_for_allowed_denied_failed_and_refused_sessions(
         denied_from = client_address(denied)
     second = json.loads(lines(path, 2)[1])
     assert stable(second) == {
-        "client": denied_from, "user": "alice", "command": "connect",
+        "client": denied_from, "protocol": "socks5", "user": "alice", "command": "connect",
         "destination": f"127.0.0.1:{DENIED_PORT}", "remote": None, "verdict": "deny", "rule": "policy.yaml:7",
         "plugin": "denier", "reply": 2, "bytes_up": 0, "bytes_down": 0, "authenticated": True,
         "reason": "denied: not on my watch",
@@ -125,7 +125,7 @@ def test_json_lines_for_allowed_denied_failed_and_refused_sessions(
         failed_from = client_address(failed)
     third = json.loads(lines(path, 3)[2])
     assert stable(third) == {
-        "client": failed_from, "user": "mallory", "command": None, "destination": None, "remote": None,
+        "client": failed_from, "protocol": "socks5", "user": "mallory", "command": None, "destination": None, "remote": None,
         "verdict": "deny", "rule": None, "plugin": "auth", "reply": None, "bytes_up": 0, "bytes_down": 0,
         "authenticated": False, "reason": "authentication failed for 'mallory': unknown user",
     }  # fmt: skip
@@ -138,7 +138,7 @@ def test_json_lines_for_allowed_denied_failed_and_refused_sessions(
     fourth = json.loads(lines(path, 4)[3])
     assert fourth.pop("reason").startswith(f"connect to 127.0.0.1:{refusing_port} failed")
     assert stable(fourth) == {
-        "client": refused_from, "user": None, "command": "connect",
+        "client": refused_from, "protocol": "socks5", "user": None, "command": "connect",
         "destination": f"127.0.0.1:{refusing_port}",
         "remote": None, "verdict": "allow", "rule": None, "plugin": None, "reply": 5, "bytes_up": 0,
         "bytes_down": 0, "authenticated": None,
@@ -174,9 +174,10 @@ def test_text_lines_are_one_per_session_whatever_the_user_name(socksflow_server,
         assert client.login(evil, "x") == 1
     allowed, failed = (parse_text(line) for line in lines(path, 2))
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", allowed["time"])
-    keys = ("user", "command", "destination", "verdict", "reply", "bytes_up", "bytes_down")
+    keys = ("protocol", "user", "command", "destination", "verdict", "reply", "bytes_up", "bytes_down")
     assert {k: allowed[k] for k in keys} == {
-        "user": "-", "command": "connect", "destination": echo, "verdict": "allow", "reply": "0x00",
+        "protocol": "socks5", "user": "-", "command": "connect", "destination": echo, "verdict": "allow",
+        "reply": "0x00",
         "bytes_up": "10", "bytes_down": "10",
     }  # fmt: skip
     assert allowed["reason"] == "closed" and allowed["authenticated"] == "-"

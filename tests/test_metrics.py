@@ -108,9 +108,11 @@ def test_series_after_known_traffic(socksflow_server, echo, refusing_port):
         time.sleep(0.02)
 
     sessions = "socksflow_sessions_total"
-    assert value(samples, sessions, command="connect", verdict="allow") == 4  # 3 echo, 1 refused upstream
-    assert value(samples, sessions, command="connect", verdict="deny") == 2  # a rule, a plugin fault
-    assert value(samples, sessions, command="none", verdict="deny") == 2  # the limit, mallory
+    socks5 = {"protocol": "socks5"}
+    assert value(samples, sessions, command="connect", verdict="allow", **socks5) == 4  # 3 echo, 1 refused
+    assert value(samples, sessions, command="connect", verdict="deny", **socks5) == 2  # rule, plugin fault
+    assert value(samples, sessions, command="none", verdict="deny", **socks5) == 1  # mallory
+    assert value(samples, sessions, command="none", verdict="deny", protocol="none") == 1  # the limit
     assert value(samples, "socksflow_sessions_active") == 0
     assert value(samples, "socksflow_relayed_bytes_total", direction="up") == 5 + 7
     assert value(samples, "socksflow_relayed_bytes_total", direction="down") == 5 + 7
@@ -132,10 +134,11 @@ def test_each_server_has_its_own_registry_and_endpoint(socksflow_server, echo):
     two = socksflow_server(METRICS)
     echo_session(one, echo, b"x")
     deadline = time.monotonic() + 5
-    while value(scrape(one), "socksflow_sessions_total", command="connect", verdict="allow") != 1:
+    allowed = {"command": "connect", "verdict": "allow", "protocol": "socks5"}
+    while value(scrape(one), "socksflow_sessions_total", **allowed) != 1:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert value(scrape(two), "socksflow_sessions_total", command="connect", verdict="allow") == 0
+    assert value(scrape(two), "socksflow_sessions_total", **allowed) == 0
 
 
 def test_other_paths_are_not_found_and_the_endpoint_stops_with_the_server(socksflow_server):

@@ -194,7 +194,7 @@ def test_request_needs_more(encoded: bytes, destination: Address) -> None:
         assert parse_request(prefix) is None, prefix
 
 
-@pytest.mark.parametrize("command", [0x00, 0x04, 0x05, 0xF0, 0xFF])
+@pytest.mark.parametrize("command", [0x00, 0x04, 0x05, 0xF2, 0xFF])
 def test_unknown_command_gets_reply_7(command: int) -> None:
     with pytest.raises(CommandNotSupported) as caught:
         parse_request(bytes((5, command, 0)) + h("01 7f000001 0050"))

@@ -62,7 +62,7 @@ from helpers import recv_all, write_htpasswd
 from test_cli import socksflow_cmd
 
 import socksflow
-from socksflow import Command, Method, Reply, hookimpl
+from socksflow import Command, Method, Reply, detect, hookimpl
 from socksflow.protocol import Address, build_request
 from socksflow.testing import Socks5Client, sockaddr, wrap_datagram
 
@@ -313,24 +313,29 @@ def test_unknown_commands_reach_nothing(socksflow_server, target, command):
     assert not target.accepted
 
 
+SOCKS4_REJECTED = b"\x00\x5b\x00\x00\x00\x00\x00\x00"
+NOT_HTTP = detect.refusal(detect.HTTP)
+
+
 @pytest.mark.parametrize(
-    "first_bytes",
+    ("first_bytes", "answer"),
     [
-        b"\x04\x01\x00\x50\x7f\x00\x00\x01alice\x00",  # SOCKS4
-        b"\x04\x01\x00\x50\x00\x00\x00\x01\x00localhost\x00",  # SOCKS4a
-        b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",  # HTTP on the SOCKS port
-        b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n\r\n",
-        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32),  # a TLS ClientHello
-        b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 1080\r\n\x05\x01\x00",  # PROXY protocol v1
-        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c",  # PROXY protocol v2
-        b"\x06\x00\x00\x00",  # SOCKS6
+        (b"\x04\x01\x00\x50\x7f\x00\x00\x01alice\x00", SOCKS4_REJECTED),  # SOCKS4
+        (b"\x04\x01\x00\x50\x00\x00\x00\x01\x00localhost\x00", SOCKS4_REJECTED),  # SOCKS4a
+        (b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", NOT_HTTP),  # HTTP on the SOCKS port
+        (b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n\r\n", NOT_HTTP),
+        (b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 1080\r\n\x05\x01\x00", NOT_HTTP),  # PROXY v1 reads as HTTP
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32), b""),  # a TLS ClientHello
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c", b""),  # PROXY protocol v2
+        (b"\x06\x00\x00\x00", b""),  # SOCKS6
     ],
 )
-def test_other_protocols_are_closed_without_an_answer(socksflow_server, first_bytes):
+def test_other_protocols_get_their_own_no(socksflow_server, first_bytes, answer):
+    """A SOCKS5-only port answers SOCKS4 and HTTP clients in their protocol (as Tor does), then closes."""
     server = socksflow_server()
     with Socks5Client(server.address) as client:
         client.sock.sendall(first_bytes)
-        assert recv_all(client.sock) == b""
+        assert recv_all(client.sock) == answer
 
 
 # ---------------------------------------------------------------------------- §3.16–17: UDP and BIND addresses

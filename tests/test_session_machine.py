@@ -37,7 +37,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from socksflow import ResolveError, Verdict, hookimpl
+from socksflow import ResolveError, Verdict, detect, hookimpl
 from socksflow.protocol import Command, InvalidAddress, parse_host
 
 PASSWORD = b"s3cret"
@@ -83,6 +83,10 @@ def owed(stream: bytes, echo_port: int, refused_port: int) -> Owed:
     # Greeting: VER NMETHODS METHODS
     if len(data) < 1:
         return answer
+    if data[0] == 4:  # SOCKS4 on a SOCKS5-only listener: SOCKS4's "rejected"
+        return close(b"\x00\x5b\x00\x00\x00\x00\x00\x00")
+    if chr(data[0]).isascii() and chr(data[0]).isalpha():  # what starts an HTTP request: a 400
+        return close(detect.refusal(detect.HTTP))
     if data[0] != 5:
         return close()
     if len(data) < 2:
@@ -392,7 +396,8 @@ FAILED = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # RSV ATYP BND 0.0.0.0:0 of a fail
     ("stream", "output", "closed"),
     [
         (b"", b"", False),
-        (b"\x04", b"", True),
+        (b"\x04", b"\x00\x5b\x00\x00\x00\x00\x00\x00", True),  # SOCKS4 on a SOCKS5 port: its "no"
+        (b"\x00", b"", True),
         (b"\x05\x01\x00", b"\x05\x00", False),
         (b"\x05\x02\x00\x02\x01\x05alice\x06" + PASSWORD, b"\x05\x02\x01\x00", False),
         (b"\x05\x01\x02\x01\x05alice\x01x", b"\x05\x02\x01\x01", True),

@@ -14,7 +14,8 @@ rules:                                   # top to bottom, first match wins; noth
 ```
 
 Match fields (AND across fields, OR within a list): ``from`` (client IPs, networks,
-``special:NAME``, ``file:PATH``), ``user``, ``group``, ``command`` (connect, bind, udp),
+``special:NAME``, ``file:PATH``), ``user``, ``group``, ``command`` (connect, bind, udp,
+resolve, resolve_ptr), ``protocol`` (the front door: socks5, socks4, http),
 ``to`` (IPs, networks, ``name``, ``*.suffix`` for subdomains, ``~regex`` / ``regex:...``
 searched in the name, ``special:NAME``, ``file:PATH``), ``port`` (``80``, ``1024-65535``).
 List files are read relative to the rules file (see :mod:`.lists`); ``special:`` sets are

@@ -46,6 +46,7 @@ class Query:
     groups: frozenset[str] = frozenset()
     local: frozenset[IPAddress] = frozenset()  # the proxy's own addresses: special:self
     association: bool = False  # a UDP ASSOCIATE request, whose address is the client's
+    protocol: str = "socks5"  # the front door the client came through
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +228,8 @@ def _mismatch(rule: Rule, query: Query) -> str | None:
     """The first field (other than ``to``) that does not match, or None."""
     if rule.commands is not None and query.command not in rule.commands:
         return "command"
+    if rule.protocols is not None and query.protocol not in rule.protocols:
+        return "protocol"
     if rule.clients is not None and rule.clients.match(query.client, query.local) is None:
         return "from"
     if rule.users is not None and query.user not in rule.users:
@@ -242,6 +245,8 @@ def _why_not(field: str, rule: Rule, query: Query, answers: list[IPAddress] | No
     if field == "command":
         commands = _listed(sorted(COMMAND_NAMES[c] for c in rule.commands))
         return f"command {COMMAND_NAMES[query.command]} is not {commands}"
+    if field == "protocol":
+        return f"protocol {query.protocol} is not {_listed(sorted(rule.protocols))}"
     if field == "from":
         return f"client {query.client} is not in {_listed(rule.clients.texts)}"
     if field == "user":
@@ -262,6 +267,8 @@ def _matched_fields(rule: Rule, query: Query) -> str:
     parts = []
     if rule.commands is not None:
         parts.append(f"command {COMMAND_NAMES[query.command]}")
+    if rule.protocols is not None:
+        parts.append(f"protocol {query.protocol}")
     if rule.clients is not None:
         parts.append(f"client {query.client} in {rule.clients.match(query.client, query.local)}")
     if rule.users is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from socksflow import Command, Reply
+from socksflow import Command, Reply, detect
 from socksflow.explain import ExplainQuery, Resolver
+from socksflow.httpproxy import status_for
 from socksflow.outbound import Registry
 from socksflow.protocol import IPAddress
+from socksflow.socks4 import reply_code
 
 from .evaluate import Query, decide
 from .rules import COMMAND_NAMES, RuleSet
@@ -23,10 +25,12 @@ async def explain(
         user,
         ruleset.groups_of(user),
         ruleset.local,
+        protocol=request.protocol,
     )
     destination = request.destination
     udp = request.command == Command.UDP_ASSOCIATE
     who = f"{request.client.host}" + (f" (user {user})" if user else "")
+    who += f" over {request.protocol}" if request.protocol != "socks5" else ""
     what = f"a UDP datagram to {destination}" if udp else f"{COMMAND_NAMES[request.command]} {destination}"
     lines = [f"{ruleset.file}: {what} from {who}"]
 
@@ -48,11 +52,17 @@ async def explain(
         fate = "it is relayed" if decision.allowed else "it is dropped"
         lines.append(f"reply: none, UDP has no per-datagram reply: {fate}")
     elif decision.allowed:
-        lines.append(f"reply: {_code(Reply.SUCCEEDED)} once the connection is made")
+        lines.append(f"reply: {_code(Reply.SUCCEEDED, request.protocol)} once the connection is made")
     else:
-        lines.append(f"reply: {_code(decision.reply)}")
+        lines.append(f"reply: {_code(decision.reply, request.protocol)}")
     return lines
 
 
-def _code(reply: Reply) -> str:
+def _code(reply: Reply, protocol: str = detect.SOCKS5) -> str:
+    """The answer as the client's protocol says it (HTTP: a status; SOCKS4: granted or rejected)."""
+    if protocol == detect.HTTP:
+        return "200 Connection established" if reply == Reply.SUCCEEDED else f"HTTP {status_for(reply)}"
+    if protocol == detect.SOCKS4:
+        code = reply_code(reply)
+        return f"0x{code:02x} {code.name}"
     return f"0x{reply:02x} {reply.name}"

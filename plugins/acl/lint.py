@@ -34,6 +34,7 @@ def covers(earlier: Rule, later: Rule) -> bool:
         and _field(earlier.users, later.users, lambda a, b: b <= a)
         and _field(earlier.groups, later.groups, lambda a, b: b <= a)
         and _field(earlier.commands, later.commands, lambda a, b: b <= a)
+        and _field(earlier.protocols, later.protocols, lambda a, b: b <= a)
         and _field(earlier.ports, later.ports, lambda a, b: a.covers(b))
         and _field(earlier.destinations, later.destinations, lambda a, b: a.covers(b))
     )

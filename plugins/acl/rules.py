@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from socksflow import Command, Config, ConfigError, Node, Reply
+from socksflow import Command, Config, ConfigError, Node, Reply, detect
 from socksflow.outbound import OUTBOUNDS
 from socksflow.protocol import IPAddress
 
@@ -35,9 +35,15 @@ from .matchers import (
 )
 from .special import SELF, SPECIAL_NAMES, special_networks
 
-COMMANDS = {"connect": Command.CONNECT, "bind": Command.BIND, "udp": Command.UDP_ASSOCIATE}
+COMMANDS = {
+    "connect": Command.CONNECT,
+    "bind": Command.BIND,
+    "udp": Command.UDP_ASSOCIATE,
+    "resolve": Command.RESOLVE,  # Tor's RESOLVE: the proxy looks the name up for the client
+    "resolve_ptr": Command.RESOLVE_PTR,
+}
 COMMAND_NAMES = {command: name for name, command in COMMANDS.items()}
-FIELDS = ("from", "user", "group", "command", "to", "port")
+FIELDS = ("from", "user", "group", "command", "protocol", "to", "port")
 ACTIONS = ("allow", "deny")
 
 
@@ -58,6 +64,7 @@ class Rule:
     users: frozenset[str] | None = None
     groups: frozenset[str] | None = None
     commands: frozenset[Command] | None = None
+    protocols: frozenset[str] | None = None  # front doors: socks5, socks4, http
     destinations: Destination | None = None
     ports: PortSet | None = None
     via: str | None = None  # the outbound an allowed session goes through (None: direct)
@@ -153,6 +160,7 @@ class RuleReader:
             "user": ("users", lambda n: frozenset(u.as_str() for u in n.as_list())),
             "group": ("groups", self.read_group_field),
             "command": ("commands", parse_commands),
+            "protocol": ("protocols", parse_protocols),
             "to": ("destinations", self.read_destinations),
             "port": ("ports", parse_ports),
         }
@@ -311,6 +319,11 @@ class RuleReader:
 def parse_commands(node: Node) -> frozenset[Command]:
     """``connect``, ``bind``, ``udp`` (UDP ASSOCIATE and its datagrams)."""
     return frozenset(COMMANDS[item.as_choice(list(COMMANDS))] for item in node.as_list())
+
+
+def parse_protocols(node: Node) -> frozenset[str]:
+    """``socks5``, ``socks4``, ``http``: the front door the client came through."""
+    return frozenset(item.as_choice(detect.PROTOCOLS) for item in node.as_list())
 
 
 def parse_reply(node: Node) -> Reply:

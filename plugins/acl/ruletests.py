@@ -10,8 +10,8 @@ tests:
 
 ``via`` checks the outbound an allowed request goes through (``direct`` when its rule names none).
 
-``from`` defaults to 127.0.0.1 and ``command`` to connect (``udp`` tests a datagram to
-``to``).  ``answers`` gives the addresses a name resolves to, so a test needs no DNS;
+``from`` defaults to 127.0.0.1, ``protocol`` (the front door) to socks5 and ``command`` to
+connect (``udp`` tests a datagram to ``to``).  ``answers`` gives the addresses a name resolves to, so a test needs no DNS;
 without it, names resolve through the ``socksflow_resolve`` hook as in a live session.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from socksflow import Address, Command, Config, ConfigError, Node
+from socksflow import Address, Command, Config, ConfigError, Node, detect
 from socksflow.explain import Resolver
 from socksflow.protocol import IPAddress, parse_host
 
@@ -51,7 +51,7 @@ def read_tests(node: Node, ruleset: RuleSet, config: Config) -> tuple[RuleTest, 
 
 
 def read_test(node: Node, ruleset: RuleSet) -> RuleTest:
-    items = node.as_map({"from", "user", "command", "to", "expect", "via", "answers"})
+    items = node.as_map({"from", "user", "command", "protocol", "to", "expect", "via", "answers"})
     for required in ("to", "expect"):
         if required not in items:
             raise node.error(f"a test needs '{required}:'")
@@ -63,7 +63,9 @@ def read_test(node: Node, ruleset: RuleSet) -> RuleTest:
     answers = None
     if "answers" in items:
         answers = tuple(answer.convert(_ip) for answer in items["answers"].as_list())
-    query = Query(client, items["to"].as_address(), command, user, ruleset.groups_of(user), ruleset.local)
+    protocol = items["protocol"].as_choice(detect.PROTOCOLS) if "protocol" in items else detect.SOCKS5
+    destination = items["to"].as_address()
+    query = Query(client, destination, command, user, ruleset.groups_of(user), ruleset.local, False, protocol)
     expect_allow = items["expect"].as_choice(EXPECTATIONS) == "allow"
     via = items["via"].as_str() if "via" in items else None
     if via is not None and not expect_allow:

@@ -28,6 +28,7 @@ def session_query(ruleset: RuleSet, session, destination: Address, command: Comm
         ruleset.groups_of(identity.user, identity.groups),
         ruleset.local | {normalize(session.local.host)},
         association,
+        session.protocol or "socks5",
     )
 
 
