@@ -8,6 +8,7 @@ from socksflow import Address, Command, StashKey, Verdict
 
 from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
+from .observe import observe
 from .rules import RuleSet
 
 DATAGRAM_VERDICTS = StashKey[dict[Address, Verdict]]("acl.datagram_verdicts")
@@ -38,8 +39,9 @@ def decide_request(ruleset: RuleSet, session, request) -> Verdict | Awaitable[Ve
     query = session_query(ruleset, session, request.destination, request.command, association)
     result = evaluate(ruleset, query)
     if isinstance(result, Decision):
+        observe(session, ruleset, query, result)
         return result.verdict()
-    return _resolve_and_decide(ruleset, query, session.resolve, None)
+    return _resolve_and_decide(ruleset, session, query, session.resolve, None)
 
 
 def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict | Awaitable[Verdict]:
@@ -56,14 +58,16 @@ def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict 
     query = session_query(ruleset, session, destination, Command.UDP_ASSOCIATE)
     result = evaluate(ruleset, query)
     if isinstance(result, Decision):
+        observe(session, ruleset, query, result)
         return _remember(verdicts, destination, result)
     resolve = lambda: session.resolve(destination.host, destination.port)  # noqa: E731
-    return _resolve_and_decide(ruleset, query, resolve, verdicts)
+    return _resolve_and_decide(ruleset, session, query, resolve, verdicts)
 
 
-async def _resolve_and_decide(ruleset: RuleSet, query: Query, resolve: Resolve,
+async def _resolve_and_decide(ruleset: RuleSet, session, query: Query, resolve: Resolve,
                               verdicts: dict[Address, Verdict] | None) -> Verdict:  # fmt: skip
     decision = await decide(ruleset, query, resolve)
+    observe(session, ruleset, query, decision)
     if verdicts is None:
         return decision.verdict()
     return _remember(verdicts, query.destination, decision)

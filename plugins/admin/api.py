@@ -1,0 +1,312 @@
+"""The admin API and dashboard: an aiohttp application on the server's own event loop.
+
+JSON under ``/api/``; the dashboard (static files, no build step) under ``/``.  Every
+``/api/`` request needs the token when one is configured (``Authorization: Bearer TOKEN``;
+``?token=`` too, for the browser's EventSource, which cannot set headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from socksflow import __version__, app
+from socksflow.errors import ConfigErrors
+
+from .settings import AdminSettings
+from .state import Observed
+from .views import CLOSED_BY_ADMIN, FILTERS, masked, select
+
+log = logging.getLogger("socksflow.admin")
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+STATIC = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+SERVER = web.AppKey("server", object)
+OBSERVED = web.AppKey("observed", Observed)
+SETTINGS = web.AppKey("settings", AdminSettings)
+TRUE = ("1", "true", "yes")
+
+
+def application(server: Any, observed: Observed, settings: AdminSettings) -> web.Application:
+    """The routes, bound to one server."""
+    api = web.Application(middlewares=[_authorize], client_max_size=64 * 1024)
+    api[SERVER], api[OBSERVED], api[SETTINGS] = server, observed, settings
+    api.add_routes([
+        web.get("/", _static), web.get("/static/{name}", _static),
+        web.get("/api/health", _health), web.get("/api/ready", _ready),
+        web.get("/api/sessions", _sessions), web.post("/api/sessions/close", _close_matching),
+        web.post("/api/sessions/{id}/close", _close_one),
+        web.get("/api/totals", _totals), web.get("/api/traffic", _traffic), web.get("/api/stream", _stream),
+        web.get("/api/rules", _rules), web.get("/api/users", _users), web.get("/api/events", _events),
+        web.get("/api/udp", _udp), web.get("/api/bind", _bind),
+        web.get("/api/config", _config), web.get("/api/plugins", _plugins),
+        web.post("/api/reload", _reload),
+        web.get("/api/shadow", _shadow), web.post("/api/shadow", _set_shadow), web.delete("/api/shadow", _unset_shadow),
+    ])  # fmt: skip
+    return api
+
+
+@web.middleware
+async def _authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        settings = request.app[SETTINGS]
+        if not settings.authorized(request.headers.get("Authorization"), request.query.get("token")):
+            return web.json_response(
+                {"error": "a bearer token is required"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+    return await handler(request)
+
+
+def _acl(request: web.Request) -> Any:
+    """The acl plugin, when loaded: its rule hits, decisions and shadow comparison."""
+    return request.app[SERVER].pm.get_plugin("acl")
+
+
+# ---------------------------------------------------------------------------- dashboard
+
+
+async def _static(request: web.Request) -> web.Response:
+    name = request.match_info.get("name", "index.html")
+    if name not in STATIC:
+        raise web.HTTPNotFound()
+    body = resources.files(__package__).joinpath("static", name).read_bytes()
+    return web.Response(body=body, content_type=STATIC[name], headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+def _filters(request: web.Request) -> dict[str, str]:
+    return {name: request.query[name] for name in FILTERS if request.query.get(name)}
+
+
+def _int(request: web.Request, name: str, default: int, maximum: int) -> int:
+    try:
+        return max(0, min(int(request.query.get(name, default)), maximum))
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name}: not a number") from None
+
+
+async def _sessions(request: web.Request) -> web.Response:
+    server, observed = request.app[SERVER], request.app[OBSERVED]
+    rows = select(server.sessions, _filters(request), observed.rates)
+    offset = _int(request, "offset", 0, 1 << 30)
+    limit = _int(request, "limit", DEFAULT_PAGE, MAX_PAGE)
+    return web.json_response({
+        "total": len(server.sessions), "matched": len(rows), "offset": offset, "limit": limit,
+        "sessions": rows[offset : offset + limit],
+    })  # fmt: skip
+
+
+def _close(server: Any, ids: set[str]) -> list[str]:
+    closed = []
+    for session in list(server.sessions):
+        if session.id in ids:
+            session.close_reason = session.close_reason or CLOSED_BY_ADMIN
+            session.abort()
+            closed.append(session.id)
+    return closed
+
+
+async def _close_one(request: web.Request) -> web.Response:
+    closed = _close(request.app[SERVER], {request.match_info["id"]})
+    if not closed:
+        return web.json_response({"error": "no such session"}, status=404)
+    return web.json_response({"closed": closed})
+
+
+async def _close_matching(request: web.Request) -> web.Response:
+    filters = _filters(request)
+    if not filters and request.query.get("all") not in TRUE:
+        return web.json_response({"error": "give a filter, or all=1 to close every session"}, status=400)
+    server = request.app[SERVER]
+    rows = select(server.sessions, filters, {})
+    return web.json_response({"closed": _close(server, {r["id"] for r in rows})})
+
+
+async def _udp(request: web.Request) -> web.Response:
+    rows = select(request.app[SERVER].sessions, {"state": "udp"}, request.app[OBSERVED].rates)
+    for item, session in zip(rows, _by_id(request, rows), strict=True):
+        association = session.association
+        item["datagrams_up"] = association.datagrams_up if association else 0
+        item["datagrams_down"] = association.datagrams_down if association else 0
+    return web.json_response({"associations": rows})
+
+
+async def _bind(request: web.Request) -> web.Response:
+    return web.json_response({"listeners": select(request.app[SERVER].sessions, {"state": "bind"}, {})})
+
+
+def _by_id(request: web.Request, rows: list[dict[str, Any]]) -> list[Any]:
+    sessions = {s.id: s for s in request.app[SERVER].sessions}
+    return [sessions[r["id"]] for r in rows]
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+async def _totals(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OBSERVED].totals())
+
+
+async def _traffic(request: web.Request) -> web.Response:
+    return web.json_response({"samples": list(request.app[OBSERVED].traffic)})
+
+
+async def _stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one ``data:`` line per second with the traffic sample and the totals."""
+    observed = request.app[OBSERVED]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=16)
+    observed.subscribers.add(queue)
+    try:
+        await response.write(b"retry: 2000\n\n")
+        while (point := await queue.get()) is not None:
+            payload = json.dumps({"traffic": point, "totals": observed.totals()})
+            await response.write(f"data: {payload}\n\n".encode())
+    except (ConnectionError, RuntimeError):  # the reader left (RuntimeError: aiohttp's closed transport)
+        pass
+    finally:
+        observed.subscribers.discard(queue)
+    return response
+
+
+async def _rules(request: web.Request) -> web.Response:
+    acl = _acl(request)
+    server = request.app[SERVER]
+    hits = acl.rule_hits(server.config) if acl is not None else None
+    return web.json_response({"file": server.config.file, "hits": hits})
+
+
+async def _users(request: web.Request) -> web.Response:
+    return web.json_response({"users": request.app[OBSERVED].user_table()})
+
+
+async def _events(request: web.Request) -> web.Response:
+    observed = request.app[OBSERVED]
+    return web.json_response({
+        "auth_failures": list(observed.auth_failures)[::-1], "refusals": list(observed.refusals)[::-1],
+    })  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    server = request.app[SERVER]
+    ready = bool(server.addresses)
+    body = {"ready": ready, "listen": [str(a) for a in server.addresses], "worker": server.worker}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _config(request: web.Request) -> web.Response:
+    config = request.app[SERVER].config
+    return web.json_response({"file": config.file, "config": masked(config.root.plain() or {})})
+
+
+async def _plugins(request: web.Request) -> web.Response:
+    infos = request.app[SERVER].pm.plugin_info()
+    return web.json_response({
+        "socksflow": __version__,
+        "plugins": [{"name": i.name, "version": i.version, "source": i.source, "hooks": list(i.hooks)} for i in infos],
+    })  # fmt: skip
+
+
+async def validated(server: Any, path: str) -> tuple[Any, list[str]]:
+    """The configuration at ``path``, checked as ``socksflow check`` does; or None and its errors."""
+    try:
+        config = app.load_config(path)
+        app.configure(server.pm, config)
+    except ConfigErrors as exc:
+        return None, [str(e) for e in exc.errors]
+    resolve = lambda host, port: server.resolve(None, host, port)  # noqa: E731
+    results = await server.pm.call_all("socksflow_check", None, config=config, resolve=resolve)
+    failures = [str(e) for result in results for e in result]
+    return (None, failures) if failures else (config, [])
+
+
+async def _reload(request: web.Request) -> web.Response:
+    """Validate the configuration file; report what the last decisions would become; apply unless dry_run."""
+    server = request.app[SERVER]
+    dry_run = request.query.get("dry_run", "").lower() in TRUE
+    config, errors = await validated(server, server.config.file)
+    if config is None:
+        return web.json_response(
+            {"ok": False, "applied": False, "file": server.config.file, "errors": errors}, status=422
+        )
+    acl = _acl(request)
+    diff = await acl.replay_decisions(server, config) if acl is not None else None
+    applied = False if dry_run else await server.reload(config)
+    return web.json_response({
+        "ok": True, "applied": applied, "file": config.file, "errors": [],
+        "warnings": [str(w) for w in config.warnings], "diff": diff,
+    })  # fmt: skip
+
+
+async def _shadow(request: web.Request) -> web.Response:
+    acl, shadow = _acl(request), request.app[SERVER].shadow
+    report = acl.shadow_report(shadow) if acl is not None else None
+    return web.json_response({"shadow": shadow.file if shadow is not None else None, "report": report})
+
+
+async def _set_shadow(request: web.Request) -> web.Response:
+    try:
+        path = (await request.json())["file"]
+    except (ValueError, KeyError, TypeError):
+        return web.json_response({"error": 'send {"file": "path/to/rules.yaml"}'}, status=400)
+    server = request.app[SERVER]
+    config, errors = await validated(server, str(path))
+    if config is None:
+        return web.json_response({"ok": False, "errors": errors}, status=422)
+    server.shadow = config
+    log.info("shadow rules from %s: requests are decided by them too, with no effect", config.file)
+    return web.json_response({"ok": True, "shadow": config.file, "errors": []})
+
+
+async def _unset_shadow(request: web.Request) -> web.Response:
+    request.app[SERVER].shadow = None
+    return web.json_response({"ok": True, "shadow": None})
+
+
+# ---------------------------------------------------------------------------- listening
+
+
+class Listener:
+    """The running application: started and stopped with the server."""
+
+    def __init__(self, server: Any, observed: Observed, settings: AdminSettings) -> None:
+        self.runner = web.AppRunner(
+            application(server, observed, settings), access_log=None, shutdown_timeout=1.0
+        )
+        self.observed = observed
+        self.address = ""
+
+    async def start(self, host: str, port: int) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, shutdown_timeout=1.0)
+        await site.start()
+        sockname = self.runner.addresses[0]
+        self.address = (
+            f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0] else f"{sockname[0]}:{sockname[1]}"
+        )
+        self.observed.start()
+
+    async def stop(self) -> None:
+        await self.observed.stop()
+        with contextlib.suppress(Exception):
+            await self.runner.cleanup()
+
+
+__all__ = ["Listener", "validated"]
