@@ -295,7 +295,7 @@ class Listener:
 
     async def start(self, host: str, port: int) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self.runner, host, port)
         await site.start()
         sockname = self.runner.addresses[0]
         self.address = (
