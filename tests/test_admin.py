@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socketserver
 import subprocess
 import sys
@@ -368,3 +369,57 @@ def test_the_traffic_stream_sends_samples(socksflow_server):
                 break
     assert time.monotonic() - began < 5
     assert set(event) == {"traffic", "totals"} and event["totals"]["sessions"] == 0
+
+
+def test_with_workers_the_api_shows_the_whole_server(tmp_path, echo_target):
+    from test_cli import Proxy
+
+    host, port = echo_target
+    (tmp_path / "rules.yaml").write_text(
+        "admin: {listen: 127.0.0.1:0}\nlog: {access: {format: json, file: access.log}}\nrules:\n  - allow: all\n"
+    )
+    proxy = Proxy("--workers", "2", cwd=tmp_path)
+    clients = []
+    try:
+        for line in proxy.process.stderr:  # worker 0 logs its address before the ready line
+            match = re.search(r"admin API and dashboard on (http://\S+)/", line)
+            if match:
+                base = match[1]
+                break
+        for _ in range(16):  # SO_REUSEPORT spreads them: all on one worker has odds of 2 in 65536
+            code, client = socks5_handshake(proxy.address, f"{host}:{port}")
+            assert code == 0
+            clients.append(client)
+
+        def get(path: str) -> dict:
+            response = httpx.get(base + path, timeout=10)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        assert wait_until(lambda: get("/api/sessions")["total"] == 16, 10)
+        listed = get("/api/sessions?limit=5&offset=10")
+        assert len(listed["sessions"]) == 5 and listed["matched"] == 16
+        rows = get("/api/sessions?limit=100")["sessions"]
+        assert {row["worker"] for row in rows} == {0, 1}
+        assert get("/api/rules")["hits"]["rules"][0]["hits"] == 16
+        assert get("/api/totals")["sessions"] == 16
+        assert get("/api/ready") == {"ready": True, "workers": [0, 1], "missing_workers": []}
+        victim = next(row for row in rows if row["worker"] == 1)
+        closed = httpx.post(f"{base}/api/sessions/{victim['id']}/close", timeout=10).json()
+        assert closed == {"closed": [victim["id"]]}
+        assert wait_until(lambda: get("/api/totals")["sessions"] == 15, 5)
+        response = httpx.post(f"{base}/api/sessions/close", params={"all": "1"}, timeout=10).json()
+        assert len(response["closed"]) == 15 and response["missing_workers"] == []
+        assert wait_until(lambda: get("/api/totals")["ended"] == 16, 5)
+        dry = httpx.post(f"{base}/api/reload", params={"dry_run": "1"}, timeout=10).json()
+        assert dry["diff"]["replayed"] == 16 and dry["diff"]["flipped"] == 0
+    finally:
+        for client in clients:
+            client.close()
+        code, stderr = proxy.stop()
+    assert code == 0, stderr
+    local_id = victim["id"].split(":")[1]
+    assert wait_until(lambda: len(access_lines(tmp_path)) == 16, 5)
+    reasons = {line["reason"] for line in access_lines(tmp_path)}
+    assert reasons == {"closed by admin"}
+    assert any(line["session"] == local_id for line in access_lines(tmp_path))

@@ -50,11 +50,8 @@ async def socksflow_startup(server: Any) -> None:
 
     observed = Observed(server)
     listener = Listener(server, observed, settings)
-    port = settings.listen.port
-    if server.worker is not None and port:  # --workers N: worker i serves port + i (see docs/admin.md)
-        port += server.worker
-    try:
-        await listener.start(str(settings.listen.host), port)
+    try:  # with --workers N, worker 0 answers for all of them (see .fanout)
+        await listener.start(str(settings.listen.host), settings.listen.port)
     except OSError as exc:
         await listener.stop()
         raise OSError(exc.errno, f"admin: cannot listen on {settings.listen}: {exc.strerror}") from None
@@ -63,7 +60,10 @@ async def socksflow_startup(server: Any) -> None:
         acl.record_decisions(server, settings.recent)
     server.stash[OBSERVED] = observed
     server.stash[LISTENER] = listener
-    log.info("admin API and dashboard on http://%s/", listener.address)
+    if listener.address.startswith("unix:"):
+        log.info("admin API of worker %d on %s (worker 0 answers for all)", server.worker, listener.address)
+    else:
+        log.info("admin API and dashboard on http://%s/", listener.address)
 
 
 @hookimpl

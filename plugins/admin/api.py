@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -34,22 +35,30 @@ SETTINGS = web.AppKey("settings", AdminSettings)
 TRUE = ("1", "true", "yes")
 
 
-def application(server: Any, observed: Observed, settings: AdminSettings) -> web.Application:
-    """The routes, bound to one server."""
+def application(
+    server: Any, observed: Observed, settings: AdminSettings, workers: Any = None
+) -> web.Application:
+    """The routes, bound to one server; with ``workers`` (a :class:`~.fanout.Workers`), for all of them."""
     api = web.Application(middlewares=[_authorize], client_max_size=64 * 1024)
     api[SERVER], api[OBSERVED], api[SETTINGS] = server, observed, settings
-    api.add_routes([
-        web.get("/", _static), web.get("/static/{name}", _static),
-        web.get("/api/health", _health), web.get("/api/ready", _ready),
-        web.get("/api/sessions", _sessions), web.post("/api/sessions/close", _close_matching),
-        web.post("/api/sessions/{id}/close", _close_one),
-        web.get("/api/totals", _totals), web.get("/api/traffic", _traffic), web.get("/api/stream", _stream),
-        web.get("/api/rules", _rules), web.get("/api/users", _users), web.get("/api/events", _events),
-        web.get("/api/udp", _udp), web.get("/api/bind", _bind),
-        web.get("/api/config", _config), web.get("/api/plugins", _plugins),
-        web.post("/api/reload", _reload),
-        web.get("/api/shadow", _shadow), web.post("/api/shadow", _set_shadow), web.delete("/api/shadow", _unset_shadow),
-    ])  # fmt: skip
+    routes = {
+        ("GET", "/"): _static, ("GET", "/static/{name}"): _static,
+        ("GET", "/api/health"): _health, ("GET", "/api/ready"): _ready,
+        ("GET", "/api/sessions"): _sessions, ("POST", "/api/sessions/close"): _close_matching,
+        ("POST", "/api/sessions/{id}/close"): _close_one,
+        ("GET", "/api/totals"): _totals, ("GET", "/api/traffic"): _traffic, ("GET", "/api/stream"): _stream,
+        ("GET", "/api/rules"): _rules, ("GET", "/api/users"): _users, ("GET", "/api/events"): _events,
+        ("GET", "/api/udp"): _udp, ("GET", "/api/bind"): _bind,
+        ("GET", "/api/config"): _config, ("GET", "/api/plugins"): _plugins,
+        ("POST", "/api/reload"): _reload,
+        ("GET", "/api/shadow"): _shadow, ("POST", "/api/shadow"): _set_shadow, ("DELETE", "/api/shadow"): _unset_shadow,
+    }  # fmt: skip
+    if workers is not None:
+        from . import fanout
+
+        api[fanout.WORKERS] = workers
+        routes.update({(method, path): handler for method, path, handler in fanout.ROUTES})
+    api.add_routes([web.route(method, path, handler) for (method, path), handler in routes.items()])
     return api
 
 
@@ -284,20 +293,46 @@ async def _unset_shadow(request: web.Request) -> web.Response:
 
 
 class Listener:
-    """The running application: started and stopped with the server."""
+    """The running application(s): started and stopped with the server.
+
+    A single server listens on the configured address.  A worker (``--workers N``) serves
+    its own sessions on a private unix socket, and worker 0 also answers on the configured
+    address for all the workers (see :mod:`.fanout`).
+    """
 
     def __init__(self, server: Any, observed: Observed, settings: AdminSettings) -> None:
-        self.runner = web.AppRunner(
-            application(server, observed, settings), access_log=None, shutdown_timeout=1.0
-        )
-        self.observed = observed
+        self.server, self.observed, self.settings = server, observed, settings
+        self.runners: list[web.AppRunner] = []
+        self.workers: Any = None
+        self.socket: Path | None = None
         self.address = ""
 
+    async def _serve(self, app_: web.Application, site: Any, *args: Any) -> web.AppRunner:
+        runner = web.AppRunner(app_, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        self.runners.append(runner)
+        await site(runner, *args).start()
+        return runner
+
     async def start(self, host: str, port: int) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        sockname = self.runner.addresses[0]
+        server = self.server
+        if server.worker is not None:
+            from . import fanout
+
+            directory = fanout.socket_directory()
+            self.socket = directory / fanout.SOCKET.format(server.worker)
+            self.socket.unlink(missing_ok=True)  # left by this worker's previous life
+            await self._serve(
+                application(server, self.observed, self.settings), web.UnixSite, str(self.socket)
+            )
+            if server.worker != 0:
+                self.address = f"unix:{self.socket}"
+                self.observed.start()
+                return
+            self.workers = fanout.Workers(directory)
+        front = application(server, self.observed, self.settings, self.workers)
+        runner = await self._serve(front, web.TCPSite, host, port)
+        sockname = runner.addresses[0]
         self.address = (
             f"[{sockname[0]}]:{sockname[1]}" if ":" in sockname[0] else f"{sockname[0]}:{sockname[1]}"
         )
@@ -305,8 +340,15 @@ class Listener:
 
     async def stop(self) -> None:
         await self.observed.stop()
-        with contextlib.suppress(Exception):
-            await self.runner.cleanup()
+        if self.workers is not None:
+            await self.workers.close()
+        for runner in self.runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        if self.socket is not None:
+            self.socket.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the last worker out removes the directory
+                self.socket.parent.rmdir()
 
 
 __all__ = ["Listener", "validated"]
