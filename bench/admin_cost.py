@@ -7,7 +7,9 @@
   read, and once a second the first page of sessions, the rule hits, the users and the events.
 
 The rounds alternate (off, on, dashboard, off, …) so a machine whose load drifts spreads the
-drift over all three; the median of each is printed::
+drift over all three; the median of each is printed, with the server's CPU time per session
+(user + system, from /proc), which other processes on a busy machine disturb far less than
+sessions/s::
 
     python bench/admin_cost.py [--rounds 3] [--duration 5]
 """
@@ -27,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402  (bench/run.py: the load generator, its targets and the server start-up)
+import run  # bench/run.py: the load generator, its targets and the server start-up
 
 BASE = "listen: [127.0.0.1:1080]\nauth: {methods: [none]}\nrules:\n  - allow: {from: 127.0.0.0/8}\n"
 ADMIN = BASE + "admin: {listen: 127.0.0.1:0}\n"
@@ -83,6 +85,7 @@ def main() -> int:
     )  # fmt: skip
     runner = run.Runner(options, {"echo": int(ports[1])})
     results: dict[str, list[float]] = {"off": [], "on": [], "dashboard": []}
+    cpu: dict[str, list[float]] = {mode: [] for mode in results}
     try:
         for round_ in range(args.rounds):
             for mode in results:
@@ -103,16 +106,20 @@ def main() -> int:
                     run.stop(server.proc)
                 rate = result.get("ok", 0) / args.duration
                 results[mode].append(rate)
+                cpu[mode].append(result.get("cpu_user_us", 0.0) + result.get("cpu_sys_us", 0.0))
                 extra = f", {dashboard.requests} dashboard requests" if dashboard else ""
-                run.log(f"round {round_ + 1} {mode:<9} {rate:8.0f} sessions/s{extra}")
+                run.log(f"round {round_ + 1} {mode:<9} {rate:8.0f} sessions/s {cpu[mode][-1]:6.0f} µs CPU/session{extra}")
     finally:
         run.stop(target)
-    base = statistics.median(results["off"])
-    print("| admin | sessions/s (median of %d) | vs off |" % args.rounds)
-    print("|---|---|---|")
+    base, base_cpu = statistics.median(results["off"]), statistics.median(cpu["off"])
+    print(f"| admin | sessions/s (median of {args.rounds}) | vs off | CPU µs/session | vs off |")
+    print("|---|---|---|---|---|")
     for mode, rates in results.items():
-        median = statistics.median(rates)
-        print(f"| {mode} | {median:.0f} | {100 * (median - base) / base:+.1f} % |")
+        median, median_cpu = statistics.median(rates), statistics.median(cpu[mode])
+        print(
+            f"| {mode} | {median:.0f} | {100 * (median - base) / base:+.1f} % "
+            f"| {median_cpu:.0f} | {100 * (median_cpu - base_cpu) / base_cpu:+.1f} % |"
+        )
     return 0
 
 

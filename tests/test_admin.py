@@ -423,3 +423,20 @@ def test_with_workers_the_api_shows_the_whole_server(tmp_path, echo_target):
     reasons = {line["reason"] for line in access_lines(tmp_path)}
     assert reasons == {"closed by admin"}
     assert any(line["session"] == local_id for line in access_lines(tmp_path))
+
+
+def test_other_web_sites_cannot_drive_the_api(socksflow_server, trickle, curls):
+    running = socksflow_server(config(trickle[1]))
+    curls.append(Curl(f"{running.host}:{running.port}", trickle))
+    assert wait_until(lambda: len(sessions(running)) == 1, 10)
+    url = admin_url(running)
+    # A page elsewhere POSTing to the loopback API, and a name rebound to 127.0.0.1:
+    response = httpx.post(
+        f"{url}/api/sessions/close?all=1", headers={"Origin": "http://evil.example"}, timeout=10
+    )
+    assert response.status_code == 403
+    response = httpx.get(f"{url}/api/sessions", headers={"Host": "rebound.example:80"}, timeout=10)
+    assert response.status_code == 403
+    assert len(sessions(running)) == 1
+    same_site = httpx.post(f"{url}/api/sessions/close?all=1", headers={"Origin": url}, timeout=10)
+    assert same_site.status_code == 200 and len(same_site.json()["closed"]) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 from importlib import resources
@@ -64,6 +65,9 @@ def application(
 
 @web.middleware
 async def _authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+    refusal = foreign(request)
+    if refusal:
+        return web.json_response({"error": refusal}, status=403)
     if request.path.startswith("/api/"):
         settings = request.app[SETTINGS]
         if not settings.authorized(request.headers.get("Authorization"), request.query.get("token")):
@@ -71,6 +75,25 @@ async def _authorize(request: web.Request, handler: Any) -> web.StreamResponse:
                 {"error": "a bearer token is required"}, status=401, headers={"WWW-Authenticate": "Bearer"}
             )
     return await handler(request)
+
+
+def foreign(request: web.Request) -> str | None:
+    """Why a request comes from another web site (the API has no cookies, but needs no token on loopback).
+
+    A page on any site the operator visits could otherwise POST to ``127.0.0.1`` (close every
+    session, reload), or read the API through a name rebound to ``127.0.0.1``: so the ``Host``
+    must be an address (or ``localhost``), and a browser's ``Origin``, when sent, this listener.
+    """
+    host = request.host.rsplit(":", 1)[0].strip("[]") if request.host else ""
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f"Host {request.host!r}: use the listener's address"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return f"Origin {origin!r} is another site"
+    return None
 
 
 def _acl(request: web.Request) -> Any:

@@ -73,7 +73,7 @@ class Workers:
         async def one(number: int) -> tuple[int, Any]:
             client = self._client(number)
             async with client.request(
-                request.method, f"http://worker{path}", params=params, data=body, headers=headers
+                request.method, f"http://localhost{path}", params=params, data=body, headers=headers
             ) as answer:
                 return answer.status, await answer.json()
 
