@@ -13,13 +13,17 @@ import base64
 import json
 import os
 import re
+import resource
 import shutil
+import socket
 import struct
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
 import aiohttp
+import httpx
 import pytest
 from helpers import require_tool, wait_until, write_htpasswd
 from test_admin import Curl, access_lines, admin_url, sessions, trickle  # noqa: F401
@@ -225,3 +229,59 @@ def login_and_connect(proxy, destination: str) -> None:
     code, client = socks5_handshake(proxy, destination, username="bob", password=PASSWORD)
     client.close()
     assert code == 0
+
+
+MANY = 5000
+
+
+@pytest.mark.slow
+def test_the_dashboard_stays_responsive_with_5000_sessions(socksflow_server, chromium):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2 * MANY + 1000:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}: {MANY} sessions need {2 * MANY + 1000} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2 * MANY + 1000), hard))
+    running = socksflow_server(
+        "listen: [127.0.0.1:0]\nadmin: {listen: 127.0.0.1:0}\ntimeouts: {handshake: 120s}\n"
+    )
+    clients = []
+    try:
+        for _ in range(MANY):  # greeted, no request yet: sessions held in the handshake, cheaply
+            sock = socket.create_connection((running.host, running.port), timeout=10)
+            sock.sendall(b"\x05\x01\x00")
+            clients.append(sock)
+        assert wait_until(lambda: len(running.server.sessions) == MANY, 20)
+        began = time.monotonic()
+        response = httpx.get(admin_url(running) + "/api/sessions?limit=100", timeout=10)
+        api_seconds = time.monotonic() - began
+        assert response.json()["total"] == MANY and len(response.json()["sessions"]) == 100
+        assert api_seconds < 1.0, f"one page of {MANY} sessions took {api_seconds:.2f}s"
+        timings = asyncio.run(browse_many(chromium, admin_url(running), clients[1234].getsockname()[1]))
+        print(f"\n{MANY} sessions: API page {api_seconds * 1000:.0f} ms, dashboard {timings}")
+        assert timings["refresh_ms"] < 2000, timings
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+async def browse_many(devtools: str, url: str, client_port: int) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{devtools}/json/new?about:blank") as response:
+            target = await response.json(content_type=None)
+        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=64 << 20) as ws:
+            page = DevTools(ws)
+            await page.send("Page.navigate", url=url + "/")
+            assert await page.until(f"document.getElementById('page').textContent === '1–100 of {MANY}'", 20)
+            assert await page.eval("document.querySelectorAll('#sessions tbody tr').length") == 100
+            refresh_ms = await page.eval(
+                "(async () => { const t = performance.now(); await Promise.all([refreshSessions(), refreshRules(), refreshUsers(), refreshEvents()]); return performance.now() - t; })()"
+            )
+            await page.eval("document.getElementById('next').click()")
+            assert await page.until(f"document.getElementById('page').textContent === '101–200 of {MANY}'")
+            await page.eval(
+                "(() => { const input = document.querySelector('#filters input[name=client]');"
+                f" input.value = ':{client_port}'; input.dispatchEvent(new Event('input', {{bubbles: true}})); }})()"
+            )
+            assert await page.until("document.getElementById('page').textContent === '1–1 of 1'")
+            row = await page.eval("document.querySelector('#sessions tbody tr').cells[1].textContent")
+            assert row == f"127.0.0.1:{client_port}"
+            return {"refresh_ms": round(refresh_ms)}
