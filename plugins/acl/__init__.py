@@ -129,7 +129,7 @@ async def replay_decisions(server: Any, config: Config) -> dict[str, Any] | None
     if decisions is None:
         return None
     return await replay(
-        list(decisions.entries), old or _no_rules(server.config), new or _no_rules(config),
+        decisions.decided(), old or _no_rules(server.config), new or _no_rules(config),
         lambda host, port: server.resolve(None, host, port),
     )  # fmt: skip
 
