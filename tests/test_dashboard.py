@@ -60,10 +60,12 @@ class DevTools:
         return result["result"].get("value")
 
     async def until(self, expression: str, timeout: float = 10.0) -> object:
-        """Evaluate ``expression`` until it is truthy; its value."""
+        """Evaluate ``expression`` until it is truthy (an exception counts as not yet: the page may be loading)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            value = await self.eval(expression)
+            value = await self.eval(
+                f"(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
+            )
             if value or asyncio.get_running_loop().time() > deadline:
                 return value
             await asyncio.sleep(0.1)
