@@ -440,3 +440,44 @@ def test_other_web_sites_cannot_drive_the_api(socksflow_server, trickle, curls):
     assert len(sessions(running)) == 1
     same_site = httpx.post(f"{url}/api/sessions/close?all=1", headers={"Origin": url}, timeout=10)
     assert same_site.status_code == 200 and len(same_site.json()["closed"]) == 1
+
+
+def test_udp_associations_and_bind_listeners_are_listed(socksflow_server):
+    from socksflow.testing import Socks5Client
+
+    running = socksflow_server(
+        "listen: [127.0.0.1:0]\nadmin: {listen: 127.0.0.1:0}\nrules:\n  - allow: all\n"
+    )
+    with Socks5Client(running.address) as udp, Socks5Client(running.address) as bind:
+        udp.greet()
+        code, relay = udp.udp_associate()
+        assert code == 0
+        bind.greet()
+        code, listening = bind.bind("127.0.0.1:0")
+        assert code == 0
+        associations = api(running, "GET", "/api/udp").json()["associations"]
+        assert [(a["command"], a["state"], a["bound"]) for a in associations] == [
+            ("udp_associate", "udp", str(relay))
+        ]
+        assert associations[0]["datagrams_up"] == 0
+        listeners = api(running, "GET", "/api/bind").json()["listeners"]
+        assert [(b["command"], b["bound"]) for b in listeners] == [("bind", str(listening))]
+        closed = api(running, "POST", "/api/sessions/close", params={"state": "udp"}).json()["closed"]
+        assert closed == [associations[0]["id"]]
+        assert wait_until(lambda: api(running, "GET", "/api/udp").json()["associations"] == [], 5)
+
+
+@pytest.mark.smoke
+def test_the_config_is_shown_with_secrets_masked():
+    from socksflow_plugins.admin.views import masked
+
+    config = {
+        "admin": {"listen": "127.0.0.1:9180", "token": "t" * 20},
+        "upstreams": ["socks5://bob:hunter2@10.0.0.1:1080", "http://proxy.example/"],
+        "dns": {"servers": ["1.1.1.1"], "api_key": "k"},
+    }
+    assert masked(config) == {
+        "admin": {"listen": "127.0.0.1:9180", "token": "***"},
+        "upstreams": ["socks5://bob:***@10.0.0.1:1080", "http://proxy.example/"],
+        "dns": {"servers": ["1.1.1.1"], "api_key": "***"},
+    }

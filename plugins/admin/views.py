@@ -11,6 +11,7 @@ from socksflow import Command
 
 FILTERS = ("client", "user", "destination", "rule", "command", "state")
 SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
+URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s]*):[^/@\s]*@")  # socks5://user:password@host
 MASK = "***"
 CLOSED_BY_ADMIN = "closed by admin"
 
@@ -89,4 +90,6 @@ def masked(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [masked(v) for v in value]
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(rf"\1:{MASK}@", value)
     return value
