@@ -1,4 +1,4 @@
-"""``socksflow sessions`` and ``socksflow reload``: clients of a running server's admin API.
+"""``socksflow sessions``, ``top`` and ``reload``: clients of a running server's admin API.
 
 The API's address and token come from ``--admin URL`` and ``--token``, else from the
 configuration file's ``admin:`` section (``listen``, ``token`` or ``token_file``).  Standard
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +29,7 @@ COLUMNS = (
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``sessions`` and ``reload`` to the command line's subcommands."""
+    """Add ``sessions``, ``top`` and ``reload`` to the command line's subcommands."""
     sessions = commands.add_parser("sessions", help="list a running server's sessions (admin API)")
     _admin_options(sessions)
     sessions.add_argument("--json", action="store_true", help="the API's JSON, as is")
@@ -39,6 +40,14 @@ def add_commands(commands: Any) -> None:
     sessions.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     sessions.add_argument("--close", action="store_true", help="close the sessions that match the filters")
     sessions.set_defaults(handler=_sessions)
+
+    top = commands.add_parser("top", help="a live view of a running server: totals and the busiest sessions")
+    _admin_options(top)
+    top.add_argument(
+        "--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)"
+    )
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(handler=_top)
 
     reload = commands.add_parser("reload", help="validate and apply the rules file of a running server")
     _admin_options(reload)
@@ -135,6 +144,8 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key in ("bytes_up", "bytes_down"):
         return human_bytes(value)
+    if key in ("rate_up", "rate_down"):
+        return human_bytes(value) + "/s"
     if key == "age":
         return f"{value:.0f}s"
     return str(value)
@@ -153,6 +164,32 @@ def table(titles: list[str], rows: list[list[str]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [titles, *rows]
     )
+
+
+def _top(args: argparse.Namespace) -> int:
+    """Totals and the 20 sessions moving the most bytes now, redrawn every ``--interval``."""
+    try:
+        while True:
+            _, totals = call(args, "GET", "/api/totals")
+            _, page = call(args, "GET", "/api/sessions?limit=1000")
+            busiest = sorted(page["sessions"], key=lambda s: s["rate_up"] + s["rate_down"], reverse=True)[:20]
+            columns = [*COLUMNS[:7], ("rate_up", "UP/S"), ("rate_down", "DOWN/S"), ("age", "AGE")]
+            rows = [[_cell(key, s.get(key)) for key, _ in columns] for s in busiest]
+            frame = (
+                f"{totals['sessions']} open, {totals['ended']} ended, {totals['denied']} denied; "
+                f"up {human_bytes(totals['rate_up'])}/s, down {human_bytes(totals['rate_down'])}/s\n\n"
+                + table([title for _, title in columns], rows)
+            )
+            if args.once:
+                print(frame)
+                return 0
+            print("\x1b[H\x1b[2J" + frame, flush=True)  # home, clear: one frame per screen
+            time.sleep(args.interval)
+    except AdminError as exc:
+        print(f"socksflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def _reload(args: argparse.Namespace) -> int:

@@ -305,7 +305,7 @@ def test_run_with_shadow_logs_disagreements_and_changes_nothing(tmp_path, echo_t
     assert "in force: allow by rules.yaml:2; shadow: deny by new.yaml:3" in stderr
 
 
-def test_sessions_command_prints_the_table_and_json(socksflow_server, trickle, tmp_path, curls):
+def test_sessions_and_top_commands_print_the_tables(socksflow_server, trickle, tmp_path, curls):
     running = socksflow_server(config(trickle[1]))
     curls.append(Curl(f"{running.host}:{running.port}", trickle))
     assert wait_until(lambda: len(sessions(running, state="relay")) == 1, 10)
@@ -331,6 +331,13 @@ def test_sessions_command_prints_the_table_and_json(socksflow_server, trickle, t
         "sessions", "--admin", address, "--json", "--destination", f":{trickle[1]}", cwd=tmp_path
     )
     assert json.loads(result.stdout)["sessions"][0]["destination"] == f"127.0.0.1:{trickle[1]}"
+    assert wait_until(lambda: sessions(running)[0]["rate_down"] > 10_000, 5)
+    result = run_cli("top", "--once", "--admin", address, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary, _, header, row = result.stdout.strip().splitlines()
+    assert summary.startswith("1 open, 0 ended, 0 denied; up ")
+    assert header.split()[-3:] == ["UP/S", "DOWN/S", "AGE"]
+    assert f"connect  127.0.0.1:{trickle[1]}" in row and "KiB/s" in row  # 40 KB/s down
     result = run_cli("sessions", "--admin", address, "--close", "--client", "127.0.0.1", cwd=tmp_path)
     assert result.stdout.strip() == "closed 1 sessions"
     assert wait_until(lambda: sessions(running) == [], 5)
