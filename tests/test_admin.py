@@ -488,3 +488,26 @@ def test_the_config_is_shown_with_secrets_masked():
         "upstreams": ["socks5://bob:***@10.0.0.1:1080", "http://proxy.example/"],
         "dns": {"servers": ["1.1.1.1"], "api_key": "***"},
     }
+
+
+@pytest.mark.smoke
+def test_an_admin_section_without_aiohttp_is_refused_naming_the_package(monkeypatch):
+    import importlib.util
+
+    from socksflow_plugins.admin.settings import read_settings
+
+    from socksflow import Config, ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "aiohttp" else real(name, *a)
+    )
+    config = Config.from_text("listen: [127.0.0.1:0]\nadmin: {listen: 127.0.0.1:9180}\n", "rules.yaml")
+    with pytest.raises(ConfigError) as error:
+        read_settings(config)
+    assert (
+        str(error.value) == "rules.yaml:2: admin: the admin API needs aiohttp: pip install 'socksflow[admin]'"
+    )
+    assert (
+        read_settings(Config.from_text("listen: [127.0.0.1:0]\n", "rules.yaml")) is None
+    )  # dormant, no import
