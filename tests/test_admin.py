@@ -235,7 +235,7 @@ def test_reload_validates_reports_the_flips_and_applies(socksflow_server, echo_t
 
     rules.write_text(NEW_RULES.replace("PORT_A", str(port_a)).replace("PORT_B", str(port_b)))
     dry = api(running, "POST", "/api/reload", params={"dry_run": "1"}).json()
-    assert dry["ok"] and dry["applied"] is False
+    assert dry["ok"] and dry["applied"] is False and dry["warnings"] == []
     assert dry["diff"]["replayed"] == 4
     flips = sorted(
         (f["destination"], f["before"].split()[0], f["after"].split()[0]) for f in dry["diff"]["flips"]
@@ -257,6 +257,13 @@ def test_reload_validates_reports_the_flips_and_applies(socksflow_server, echo_t
     assert connect_code(running.address, f"{host}:{port_a}") == 2
     assert connect_code(running.address, f"{host}:{port_b}") == 0
 
+    rules.write_text(
+        NEW_RULES.replace("recent: 100", f"recent: 50, token: {TOKEN}").replace("PORT_A", str(port_a))
+    )
+    dry = api(running, "POST", "/api/reload", params={"dry_run": "1"}).json()  # the token is not in force yet
+    assert dry["warnings"] == [
+        f"{rules}: admin: changes to this section (listen, token, recent) apply at the next restart"
+    ]
     rules.write_text(BAD_RULES)
     result = run_cli("reload", "--admin", admin_url(running)[7:], cwd=tmp_path)
     assert result.returncode == 1

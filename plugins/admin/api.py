@@ -21,6 +21,7 @@ from aiohttp import web
 from socksflow import __version__, app
 from socksflow.errors import ConfigErrors
 
+from .settings import SETTINGS as SETTINGS_KEY
 from .settings import AdminSettings
 from .state import Observed
 from .views import CLOSED_BY_ADMIN, FILTERS, masked, select
@@ -281,9 +282,14 @@ async def _reload(request: web.Request) -> web.Response:
     acl = _acl(request)
     diff = await acl.replay_decisions(server, config) if acl is not None else None
     applied = False if dry_run else await server.reload(config)
+    warnings = [str(w) for w in config.warnings]
+    if config.stash.get(SETTINGS_KEY) != request.app[SETTINGS]:
+        warnings.append(
+            f"{config.file}: admin: changes to this section (listen, token, recent) apply at the next restart"
+        )
     return web.json_response({
         "ok": True, "applied": applied, "file": config.file, "errors": [],
-        "warnings": [str(w) for w in config.warnings], "diff": diff,
+        "warnings": warnings, "diff": diff,
     })  # fmt: skip
 
 
