@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import socketserver
 import subprocess
 import sys
@@ -518,3 +519,23 @@ def test_an_admin_section_without_aiohttp_is_refused_naming_the_package(monkeypa
     assert (
         read_settings(Config.from_text("listen: [127.0.0.1:0]\n", "rules.yaml")) is None
     )  # dormant, no import
+
+
+def test_limit_refusals_are_listed(socksflow_server, echo_target):
+    host, port = echo_target
+    running = socksflow_server(
+        "listen: [127.0.0.1:0]\nadmin: {listen: 127.0.0.1:0}\n"
+        "limits:\n  - match: {from: 127.0.0.0/8}\n    max_sessions: 1\n"
+    )
+    code, held = socks5_handshake(running.address, f"{host}:{port}")
+    assert code == 0
+    with held:
+        refused = socket.create_connection((running.host, running.port), timeout=10)
+        refused.sendall(b"\x05\x01\x00")
+        assert refused.recv(16) == b""  # closed before the greeting: over the limit
+        refused.close()
+        assert wait_until(lambda: api(running, "GET", "/api/events").json()["refusals"], 5)
+        (event,) = api(running, "GET", "/api/events").json()["refusals"]
+        assert event["plugin"] == "limits" and event["client"].startswith("127.0.0.1:")
+        assert api(running, "GET", "/api/events").json()["auth_failures"] == []
+        assert api(running, "GET", "/api/totals").json()["denied"] == 1
