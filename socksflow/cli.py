@@ -13,13 +13,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import socksflow
-from socksflow import app, detect, exposure, logs
+from socksflow import admincli, app, detect, exposure, logs
 from socksflow.errors import ConfigErrors
 from socksflow.explain import ExplainQuery, explain, run_checks
 from socksflow.plugins import PluginLoadError
 from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
-from socksflow.workers import STOP_SIGNALS, supervise
+from socksflow.workers import STOP_SIGNALS, Group, supervise
 
 log = logging.getLogger("socksflow")
 
@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_worker_count, default=1, metavar="N",
         help="worker processes sharing the ports (SO_REUSEPORT); 'auto' = one per core",
     )  # fmt: skip
+    run.add_argument(
+        "--shadow", metavar="FILE",
+        help="decide every request by this configuration's rules too, and log where they disagree (no effect)",
+    )  # fmt: skip
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check", help="validate a configuration file and run its tests")
@@ -100,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_options(plugins)
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(handler=_plugins)
+    admincli.add_commands(commands)
     return parser
 
 
@@ -137,19 +142,27 @@ def _run(args: argparse.Namespace) -> int:
         log.info("plugin %s %s from %s", info.name, info.version, info.source)
     if not _exposure_allowed(exposure.assess(config, pm, args.allow_open_proxy)):
         return 1
+    shadow = None
+    if args.shadow:  # validated like the configuration in force, with the same plugins
+        shadow = app.load_config(args.shadow)
+        app.configure(pm, shadow)
+
+    def server(worker: int | None = None, group: Group | None = None) -> Server:
+        built = Server(config, pm, worker=worker, group=group)
+        built.shadow = shadow
+        return built
+
     runner = _event_loop_runner(args.loop)
     if args.workers == 1:
         try:
-            return runner(_serve(Server(config, pm)))
+            return runner(_serve(server()))
         except KeyboardInterrupt:
             return 130
     try:
         return supervise(
             config,
             args.workers,
-            lambda number, ready_fd, group: runner(
-                _serve(Server(config, pm, worker=number, group=group), ready_fd)
-            ),
+            lambda number, ready_fd, group: runner(_serve(server(number, group), ready_fd)),
         )
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)

@@ -49,6 +49,9 @@ class Server:
             self.peers = Peers(group.name, worker, group.workers)
             self.shared_state = group.table
             self.shared_state.worker = worker
+        # A second configuration decided beside the one in force, with no effect on traffic
+        # (``socksflow run --shadow``): plugins that can compare their decisions do.
+        self.shadow: Config | None = None
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()
@@ -135,13 +138,14 @@ class Server:
             listener.close()
         self._listeners.clear()
 
-    async def reload(self) -> bool:
-        """Re-read the configuration file; a bad file is logged and the old one stays."""
+    async def reload(self, config: Config | None = None) -> bool:
+        """Re-read the configuration file (or apply ``config``, validated already); a bad file is logged and the old one stays."""
         try:
-            config = app.load_config(self.config.file)
-            if self.config.listen_override is not None:  # run --listen holds, whatever the file says
-                config.override_listen(self.config.listen_override, self.config.listen_protocols)
-            app.configure(self.pm, config)
+            if config is None:
+                config = app.load_config(self.config.file)
+                if self.config.listen_override is not None:  # run --listen holds, whatever the file says
+                    config.override_listen(self.config.listen_override, self.config.listen_protocols)
+                app.configure(self.pm, config)
         except ConfigErrors as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             return False

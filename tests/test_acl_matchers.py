@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import ipaddress
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import socksflow_plugins.acl as acl
@@ -646,10 +647,17 @@ class FakeSession:
         self.destination: Address | None = None
         self.protocol = "socks5"
         self.dns = dns
+        self.id = "1"
+        self.server = SimpleNamespace(stash=Stash(), shadow=None)  # what the hit counts and replay read
+        self._resolved: dict[str, tuple] = {}
 
     async def resolve(self, host=None, port=None):
         host = host or self.destination.host
-        return await self.dns.resolver(host)()
+        self._resolved[host] = tuple(await self.dns.resolver(host)())
+        return self._resolved[host]
+
+    def resolved(self, host):
+        return self._resolved.get(host)
 
 
 def test_datagram_verdicts_are_remembered_per_destination(monkeypatch):

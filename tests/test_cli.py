@@ -217,12 +217,12 @@ def test_disabling_a_plugin_that_does_not_exist_is_an_error(tmp_path):
     (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nplugins:\n  disable: [log, acll]\n")
     result = socksflow_cmd("check", cwd=tmp_path)
     assert result.returncode == 1
-    assert "rules.yaml:3: plugins.disable[1]: no plugin named 'acll' to disable (found: acl, auth, " in result.stderr
+    assert "rules.yaml:3: plugins.disable[1]: no plugin named 'acll' to disable (found: acl, admin, auth, " in result.stderr
     (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nplugins:\n  disable: [log]\n")
     assert socksflow_cmd("check", cwd=tmp_path).returncode == 0
     result = socksflow_cmd("run", "--disable-plugin", "metrix", cwd=tmp_path)
     assert result.returncode == 1
-    assert "--disable-plugin: no plugin named 'metrix' (found: acl, auth, " in result.stderr
+    assert "--disable-plugin: no plugin named 'metrix' (found: acl, admin, auth, " in result.stderr
 
 
 @pytest.mark.smoke

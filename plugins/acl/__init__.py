@@ -24,11 +24,15 @@ List files are read relative to the rules file (see :mod:`.lists`); ``special:``
 
 Without a ``rules:`` section this plugin has no opinion.  All state lives in
 ``config.stash``: a reload with a bad file keeps the rules in force.
+
+For the admin API (and anyone holding the server), the module offers :func:`rule_hits`,
+:func:`record_decisions`, :func:`replay_decisions` and :func:`shadow_report` (see :mod:`.observe`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Any
 
 from socksflow import Address, Config, ConfigError, Request, StashKey, Verdict, hookimpl
 from socksflow.explain import ExplainQuery, Resolver
@@ -37,8 +41,9 @@ from socksflow.outbound import OUTBOUNDS
 from .explain import explain
 from .exposure import client_restriction
 from .lint import shadowed_rules
+from .observe import DECISIONS, HITS, SHADOW, DecisionLog, RuleHits, ShadowStats, hit_table, replay
 from .routes import uncarried_commands
-from .rules import RuleReader, RuleSet
+from .rules import Rule, RuleReader, RuleSet
 from .ruletests import RuleTest, read_tests, run_tests
 from .sessions import decide_datagram, decide_request
 
@@ -56,6 +61,8 @@ def socksflow_configure(config: Config) -> bool | None:
             raise tests.error("rule tests need a rules: section to test")
         return False  # dormant: no rules, no opinion
     config.stash[RULES] = ruleset
+    config.stash[HITS] = RuleHits(len(ruleset.rules))
+    config.stash[SHADOW] = ShadowStats(config.file)
     if tests is not None:
         with config.errors.capture():
             config.stash[TESTS] = read_tests(tests, ruleset, config)
@@ -104,3 +111,40 @@ async def socksflow_explain(config: Config, query: ExplainQuery, resolve: Resolv
     if ruleset is None:
         return None
     return await explain(ruleset, query, resolve, config.stash.get(OUTBOUNDS))
+
+
+# ---------------------------------------------------------------------------- for the admin API
+
+
+def rule_hits(config: Config) -> dict[str, Any] | None:
+    """Every rule of ``config`` with the requests it decided since it was loaded (None: no rules)."""
+    ruleset, hits = config.stash.get(RULES), config.stash.get(HITS)
+    return None if ruleset is None or hits is None else hit_table(ruleset, hits)
+
+
+def record_decisions(server: Any, size: int) -> None:
+    """Keep the inputs of the server's last ``size`` decisions, for :func:`replay_decisions`."""
+    server.stash[DECISIONS] = DecisionLog(size)
+
+
+async def replay_decisions(server: Any, config: Config) -> dict[str, Any] | None:
+    """Which recent decisions ``config``'s rules would turn around (None: nothing to compare)."""
+    old, new = server.config.stash.get(RULES), config.stash.get(RULES)
+    decisions = server.stash.get(DECISIONS)
+    if decisions is None:
+        return None
+    return await replay(
+        decisions.decided(), old or _no_rules(server.config), new or _no_rules(config),
+        lambda host, port: server.resolve(None, host, port),
+    )  # fmt: skip
+
+
+def shadow_report(config: Config | None) -> dict[str, Any] | None:
+    """What the shadow rules (``config``) disagreed with, if they are rules."""
+    stats = config.stash.get(SHADOW) if config is not None else None
+    return None if stats is None else stats.as_dict()
+
+
+def _no_rules(config: Config) -> RuleSet:
+    """What a configuration without rules amounts to: this plugin allows everything."""
+    return RuleSet(config.file, (Rule(0, config.file, 0, True, reason="no rules section"),))

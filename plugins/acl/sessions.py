@@ -9,6 +9,7 @@ from socksflow.outbound import OUTBOUNDS, Registry
 
 from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
+from .observe import observe
 from .routes import carried
 from .rules import RuleSet
 
@@ -42,8 +43,9 @@ def decide_request(ruleset: RuleSet, session, request) -> Verdict | Awaitable[Ve
     result = evaluate(ruleset, query)
     outbounds = session.config.stash.get(OUTBOUNDS)
     if isinstance(result, Decision):
+        observe(session, ruleset, query, result)
         return carried(result.verdict(), request.command, outbounds)
-    return _routed(_resolve_and_decide(ruleset, query, session.resolve, None), request.command, outbounds)
+    return _routed(_resolve_and_decide(ruleset, session, query, session.resolve, None), request.command, outbounds)
 
 
 async def _routed(verdict: Awaitable[Verdict], command: Command, outbounds: Registry | None) -> Verdict:
@@ -64,14 +66,16 @@ def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict 
     query = session_query(ruleset, session, destination, Command.UDP_ASSOCIATE)
     result = evaluate(ruleset, query)
     if isinstance(result, Decision):
+        observe(session, ruleset, query, result)
         return _remember(verdicts, destination, result)
     resolve = lambda: session.resolve(destination.host, destination.port)  # noqa: E731
-    return _resolve_and_decide(ruleset, query, resolve, verdicts)
+    return _resolve_and_decide(ruleset, session, query, resolve, verdicts)
 
 
-async def _resolve_and_decide(ruleset: RuleSet, query: Query, resolve: Resolve,
+async def _resolve_and_decide(ruleset: RuleSet, session, query: Query, resolve: Resolve,
                               verdicts: dict[Address, Verdict] | None) -> Verdict:  # fmt: skip
     decision = await decide(ruleset, query, resolve)
+    observe(session, ruleset, query, decision)
     if verdicts is None:
         return decision.verdict()
     return _remember(verdicts, query.destination, decision)
