@@ -143,6 +143,20 @@ class HookCaller:
                 results.append(result)
         return results
 
+    def call_chain_sync(self, hook: str, argname: str, value: Any, /, **kwargs: Any) -> Any:
+        """Pass ``value`` through every implementation in call order, each getting the previous result.
+
+        ``value`` goes in as the argument ``argname``; an implementation that answers ``None``
+        passes it on unchanged.  Returns the last value.  For sync-only hooks
+        (``socksflow_relay_data``); the first failure raises PluginError.
+        """
+        for impl in self.impls(hook):
+            kwargs[argname] = value
+            result = _invoke(impl, hook, kwargs)
+            if result is not None:
+                value = result
+        return value
+
     async def notify(self, hook: str, timeout: float | None, /, **kwargs: Any) -> None:
         """Call every observer; failures are logged, never raised."""
         pending = self.notify_nowait(hook, timeout, **kwargs)
@@ -378,6 +392,7 @@ class PluginManager(HookCaller, pluggy.PluginManager):
         if isinstance(plugin, ModuleType):
             return getattr(plugin, "__file__", None) or plugin.__name__
         return type(plugin).__module__
+
 
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)

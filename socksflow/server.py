@@ -16,7 +16,6 @@ from socksflow.accept import BACKLOG, Acceptor, SpareDescriptor, listening_socke
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors, PluginError, ResolveError
 from socksflow.protocol import Address, Command, IPAddress, parse_host
-from socksflow.relay import Direction, Transform
 from socksflow.session import ClientProtocol, Session
 from socksflow.stash import Stash
 
@@ -62,7 +61,9 @@ class Server:
                 if self._spare is not None:
                     listener = Acceptor(sock, lambda: ClientProtocol(self), self._spare)
                 else:
-                    listener = await loop.create_server(lambda: ClientProtocol(self), sock=sock, backlog=BACKLOG)
+                    listener = await loop.create_server(
+                        lambda: ClientProtocol(self), sock=sock, backlog=BACKLOG
+                    )
                 self._listeners.append(listener)
                 self.addresses.append(Address.from_sockaddr(sock.getsockname()))
         except OSError as exc:
@@ -133,7 +134,9 @@ class Server:
             return
         self.sessions.discard(session)
         session.ended = time.time()
-        pending = session.pm.notify_nowait("socksflow_session_end", self.config.timeouts.hook, session=session)
+        pending = session.pm.notify_nowait(
+            "socksflow_session_end", self.config.timeouts.hook, session=session
+        )
         if pending is not None:  # only async observers cost a task
             self.spawn(pending)
         if not self.sessions:
@@ -153,27 +156,6 @@ class Server:
 
     def command_handler(self, command: Command) -> CommandHandler | None:
         return self._commands.get(command)
-
-    def transform_for(self, session: Session) -> Transform | None:
-        """The per-chunk hook chain for a tunnel, or None (the fast path) when no plugin has one."""
-        pm = session.pm
-        if not pm.impls("socksflow_relay_data"):
-            return None
-
-        def transform(direction: Direction, data: bytes) -> bytes | None:
-            try:
-                results = pm.call_all_sync("socksflow_relay_data", session=session, direction=direction, data=data)
-            except PluginError as exc:  # fail closed: this tunnel ends, the server goes on
-                log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
-                session.close_reason = str(exc)
-                if session.tunnel is not None:
-                    session.tunnel.abort()
-                return b""
-            for result in results:
-                data = result
-            return data
-
-        return transform
 
     async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
         """Resolve through the plugins' hook, else the system resolver (off the event loop)."""

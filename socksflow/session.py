@@ -31,7 +31,7 @@ from socksflow.protocol import (
     Reply,
     Request,
 )
-from socksflow.relay import Direction, Pending, Tunnel
+from socksflow.relay import Direction, Pending, Tunnel, chunk_transform
 from socksflow.stash import Stash
 
 if TYPE_CHECKING:
@@ -62,7 +62,18 @@ class SessionDenied(Exception):
 class ClientProtocol(asyncio.Protocol):
     """The client's connection during the handshake."""
 
-    __slots__ = ("_linger", "_loop", "_paused", "_waiter", "closed", "conn", "eof", "server", "session", "transport")
+    __slots__ = (
+        "_linger",
+        "_loop",
+        "_paused",
+        "_waiter",
+        "closed",
+        "conn",
+        "eof",
+        "server",
+        "session",
+        "transport",
+    )
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -285,7 +296,6 @@ class Session:
     def duration(self) -> float:
         return (self.ended or time.time()) - self.started
 
-
     def abort(self) -> None:
         """End the session now, whatever its phase (shutdown past its deadline)."""
         if self.tunnel is not None:
@@ -450,7 +460,9 @@ class Session:
             if method is None:
                 method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
             if method != Method.NO_ACCEPTABLE and method not in greeting.methods:
-                raise PluginError(self.decided_by, "socksflow_select_method", f"chose 0x{method:02x}, not offered")
+                raise PluginError(
+                    self.decided_by, "socksflow_select_method", f"chose 0x{method:02x}, not offered"
+                )
         except PluginError as exc:
             await self._deny("method selection failed", client.conn.send_method(Method.NO_ACCEPTABLE), exc)
         self.method = method
@@ -473,14 +485,19 @@ class Session:
         conn = self._client.conn
         try:
             result = await self._decide(
-                "socksflow_authenticate", session=self, username=credentials.username, password=credentials.password
+                "socksflow_authenticate",
+                session=self,
+                username=credentials.username,
+                password=credentials.password,
             )
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self._deny("authentication failed: plugin error", conn.send_auth_status(False), exc)
         user = credentials.username.decode("utf-8", "backslashreplace")
         if not isinstance(result, Identity):
-            reason = result.reason if isinstance(result, Verdict) and result.reason else "credentials rejected"
+            reason = (
+                result.reason if isinstance(result, Verdict) and result.reason else "credentials rejected"
+            )
             self.verdict = result if isinstance(result, Verdict) else Verdict.deny(reason)
             self.identity = Identity(user)  # who tried, for the access log; never the password
             self.authenticated = False
@@ -521,7 +538,11 @@ class Session:
                 self.destination = verdict.destination
                 request = replace(request, destination=verdict.destination)
                 following, plugin = await self.pm.call_first_after(
-                    "socksflow_request", self.config.timeouts.hook, self.decided_by, session=self, request=request
+                    "socksflow_request",
+                    self.config.timeouts.hook,
+                    self.decided_by,
+                    session=self,
+                    request=request,
                 )
                 if following is None:
                     break  # nobody objects: the rewrite stands
@@ -552,7 +573,9 @@ class Session:
         """Answer the request with a failure ``reply`` and end the session (raises SessionDenied)."""
         self.reply = reply
         conn = self._client.conn
-        response = conn.send_second_reply(reply) if conn.phase is protocol.Phase.DONE else conn.send_reply(reply)
+        response = (
+            conn.send_second_reply(reply) if conn.phase is protocol.Phase.DONE else conn.send_reply(reply)
+        )
         await self._deny(reason, response, error)
 
     def send_reply(self, reply: Reply, bound: Address) -> None:
@@ -638,7 +661,7 @@ class Session:
         except PluginError as exc:
             transport.abort()
             await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
-        tunnel = Tunnel(self._tunnel_closed, self.server.transform_for(self), limiters)
+        tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.pm, self), limiters)
         client = self._client
         if client.closed:  # the client left while we were connecting
             transport.close()
@@ -657,6 +680,9 @@ class Session:
         return conn.send_reply(Reply.SUCCEEDED, bound)
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        if tunnel.failure is not None:  # a relay_data plugin raised: its error is the reason
+            log.error("session %s: %s", self.id, tunnel.failure, exc_info=tunnel.failure.__cause__)
+            self.close_reason = str(tunnel.failure)
         if tunnel.error is not None and not self.close_reason:
             self.close_reason = f"relay error: {_describe(tunnel.error)}"
         self.close_reason = self.close_reason or "closed"
