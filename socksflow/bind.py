@@ -55,9 +55,7 @@ async def handle(session: Session) -> None:
 async def _listen_address(session: Session) -> Address:
     """Where to listen: the ``socksflow_bind`` answer, else the control connection's local IP."""
     try:
-        answer, plugin = await session.pm.call_first(
-            "socksflow_bind", session.config.timeouts.hook, session=session
-        )
+        answer, plugin = await session.hooks.bind(session)
     except PluginError as exc:
         await session.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", exc)
     if isinstance(answer, Verdict):
@@ -142,9 +140,7 @@ async def _accept_peer(
             peer = Address.from_sockaddr(sockaddr)
             refusal = _check_peer(peer, expected)
             if refusal is None:
-                verdict, plugin = await session.pm.call_first(
-                    "socksflow_bind_peer", session.config.timeouts.hook, session=session, peer=peer
-                )
+                verdict, plugin = await session.hooks.bind_peer(session, peer)
                 if verdict is not None and not verdict.allowed:
                     refusal = f"refused by {plugin}: {verdict.reason or verdict.rule or 'no reason given'}"
         except BaseException:

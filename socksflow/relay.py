@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from socksflow.plugins import HookCaller
+    from socksflow.hooks import Hooks
+    from socksflow.session import Session
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -38,21 +40,15 @@ class Limiter(Protocol):
 Transform = Callable[[Direction, bytes], bytes]
 
 
-def chunk_transform(hooks: HookCaller, session: object) -> Transform | None:
+def chunk_transform(hooks: Hooks, session: Session) -> Transform | None:
     """The ``socksflow_relay_data`` chain for a tunnel, or ``None`` (the fast path) when no plugin has one.
 
     Each implementation gets the chunk as the previous one left it.  A plugin that raises
     ends the tunnel (see :meth:`Tunnel.fault`).
     """
-    if not hooks.impls("socksflow_relay_data"):
+    if not hooks.implementations("relay_data"):
         return None
-
-    def transform(direction: Direction, data: bytes) -> bytes:
-        return hooks.call_chain_sync(
-            "socksflow_relay_data", "data", data, session=session, direction=direction
-        )
-
-    return transform
+    return functools.partial(hooks.relay_data, session)
 
 
 class Half(asyncio.Protocol):

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -14,8 +13,9 @@ from typing import TYPE_CHECKING
 from socksflow import app, bind, udp
 from socksflow.accept import BACKLOG, Acceptor, SpareDescriptor, listening_socket
 from socksflow.config import Config
-from socksflow.errors import ConfigErrors, PluginError, ResolveError
-from socksflow.protocol import Address, Command, IPAddress, parse_host
+from socksflow.errors import ConfigErrors
+from socksflow.hooks import Hooks
+from socksflow.protocol import Address, Command
 from socksflow.session import ClientProtocol, Session
 from socksflow.stash import Stash
 
@@ -33,6 +33,7 @@ class Server:
     def __init__(self, config: Config, pm: PluginManager, *, worker: int | None = None) -> None:
         self.config = config
         self.pm = pm
+        self.hooks = Hooks(config.hooks or pm, config.timeouts.hook)  # for sessions under this config
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
@@ -72,7 +73,7 @@ class Server:
                 self._spare.release()
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {address}: {reason}") from None
-        await self.pm.call_all("socksflow_startup", None, server=self)
+        await self.hooks.startup(self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
 
@@ -93,7 +94,7 @@ class Server:
             self._sweeper.cancel()
         if self._background:  # session_end observers (the access log) run before the plugins shut down
             await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
-        await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
+        await self.hooks.shutdown(self)
         if self._spare is not None:
             self._spare.release()
 
@@ -119,6 +120,7 @@ class Server:
         if config.listen != self.config.listen:
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         self.config = config
+        self.hooks = Hooks(config.hooks or self.pm, config.timeouts.hook)
         log.info("configuration reloaded from %s", config.file)
         return True
 
@@ -134,16 +136,11 @@ class Server:
             return
         self.sessions.discard(session)
         session.ended = time.time()
-        pending = session.pm.notify_nowait(
-            "socksflow_session_end", self.config.timeouts.hook, session=session
-        )
+        pending = session.hooks.session_end(session)
         if pending is not None:  # only async observers cost a task
             self.spawn(pending)
         if not self.sessions:
             self._drained.set()
-
-    def tunnel_started(self, session: Session) -> None:
-        """Called once a session's bytes are relayed (the handshake task has ended)."""
 
     def spawn(self, coroutine: Awaitable[None]) -> None:
         """Run a background coroutine the server waits for on shutdown."""
@@ -156,34 +153,6 @@ class Server:
 
     def command_handler(self, command: Command) -> CommandHandler | None:
         return self._commands.get(command)
-
-    async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
-        """Resolve through the plugins' hook, else the system resolver (off the event loop)."""
-        config = session.config if session is not None else self.config
-        hooks = session.pm if session is not None else self.pm
-        try:
-            answer, _ = await hooks.call_first(
-                "socksflow_resolve", config.timeouts.hook,
-                session=session, host=host, port=port, config=config,
-            )  # fmt: skip
-        except PluginError as exc:
-            if isinstance(exc.__cause__, ResolveError):  # the hook's documented "no such name", not a fault
-                raise exc.__cause__ from None
-            raise
-        if answer is not None:
-            return tuple(answer)
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.config.timeouts.hook):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ResolveError(exc.strerror or str(exc)) from None
-        except TimeoutError:
-            raise ResolveError("the system resolver did not answer in time") from None
-        seen: dict[IPAddress, None] = {}
-        for info in infos:
-            seen.setdefault(parse_host(info[4][0].partition("%")[0]), None)  # type: ignore[arg-type]
-        return tuple(seen)
 
     async def _sweep_idle(self) -> None:
         """Close tunnels in which no byte moved for the idle timeout (checked in quarters)."""

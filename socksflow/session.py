@@ -15,9 +15,10 @@ import socket
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from socksflow import protocol
+from socksflow import protocol, resolution
+from socksflow.decide import decide
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -36,7 +37,7 @@ from socksflow.stash import Stash
 
 if TYPE_CHECKING:
     from socksflow.config import Config
-    from socksflow.plugins import HookCaller
+    from socksflow.hooks import Hooks
     from socksflow.server import Server
     from socksflow.udp import Association
 
@@ -222,11 +223,11 @@ class Session:
         "decided_by",
         "destination",
         "ended",
+        "hooks",
         "id",
         "identity",
         "local",
         "method",
-        "pm",
         "remote",
         "reply",
         "request",
@@ -242,7 +243,7 @@ class Session:
         self.id = f"{next(_ids):x}"
         self.server = server
         self.config: Config = server.config
-        self.pm: HookCaller = self.config.hooks or server.pm  # without the dormant plugins' hooks
+        self.hooks: Hooks = server.hooks  # this configuration's, without the dormant plugins' hooks
         self._client = client
         transport = client.transport
         self.client = Address.from_sockaddr(transport.get_extra_info("peername"))
@@ -322,7 +323,7 @@ class Session:
         if cached is None:
             began = time.monotonic()
             try:
-                cached = await self.server.resolve(self, host, port or 0)
+                cached = await resolution.resolve(self.hooks, self.config, self, host, port or 0)
             finally:
                 self.timings["resolve"] = self.timings.get("resolve", 0.0) + time.monotonic() - began
             if len(self._resolved) >= MAX_REMEMBERED_NAMES:  # a UDP client spraying names starts over
@@ -385,7 +386,7 @@ class Session:
             self.server.session_ended(self)
 
     async def _report(self, error: Exception) -> None:
-        await self.pm.notify("socksflow_session_error", self.config.timeouts.hook, session=self, error=error)
+        await self.hooks.session_error(self, error)
 
     def _finish_handshake_failure(self, reason: str) -> None:
         self.close_reason = self.close_reason or reason
@@ -394,14 +395,15 @@ class Session:
     def _close(self) -> None:
         self._client.finish()
 
-    async def _decide(self, hook: str, timeout: float | None = None, **kwargs: Any) -> Any:
-        result, plugin = await self.pm.call_first(hook, timeout or self.config.timeouts.hook, **kwargs)
+    def _decided(self, answer: tuple[T | None, str]) -> T | None:
+        """A decision hook's answer; remembers which plugin gave it."""
+        result, plugin = answer
         if result is not None:
             self.decided_by = plugin
         return result
 
-    async def _deny(self, reason: str, response: bytes = b"", error: Exception | None = None) -> None:
-        """Send ``response`` (if any), record why, and end the session."""
+    async def _deny(self, reason: str, response: bytes = b"", error: Exception | None = None) -> NoReturn:
+        """Send ``response`` (if any), record why, and end the session (raises SessionDenied)."""
         if error is not None:
             log.error("session %s: %s", self.id, error, exc_info=error.__cause__)
             await self._report(error)
@@ -419,7 +421,7 @@ class Session:
 
     async def _accept(self) -> None:
         try:
-            verdict = await self._decide("socksflow_client_connected", session=self)
+            verdict = self._decided(await self.hooks.client_connected(self))
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self._deny("client refused: plugin failed", error=exc)
@@ -456,7 +458,7 @@ class Session:
         greeting = await client.next_event()
         assert isinstance(greeting, protocol.Greeting)
         try:
-            method = await self._decide("socksflow_select_method", session=self, offered=greeting.methods)
+            method = self._decided(await self.hooks.select_method(self, greeting.methods))
             if method is None:
                 method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
             if method != Method.NO_ACCEPTABLE and method not in greeting.methods:
@@ -484,11 +486,8 @@ class Session:
     async def _authenticate(self, credentials: protocol.UserPassAuth) -> None:
         conn = self._client.conn
         try:
-            result = await self._decide(
-                "socksflow_authenticate",
-                session=self,
-                username=credentials.username,
-                password=credentials.password,
+            result = self._decided(
+                await self.hooks.authenticate(self, credentials.username, credentials.password)
             )
         except PluginError as exc:
             self._refused_by_fault(exc)
@@ -514,10 +513,10 @@ class Session:
     async def _subnegotiate(self, method: int) -> None:
         conn = self._client.conn
         try:  # a multi-round exchange: bounded by the handshake deadline, not the hook timeout
-            result = await self._decide(
-                "socksflow_subnegotiate", self.config.timeouts.handshake,
-                session=self, method=method, channel=AuthChannel(self._client),
-            )  # fmt: skip
+            answer = await self.hooks.subnegotiate(
+                self, method, AuthChannel(self._client), timeout=self.config.timeouts.handshake
+            )
+            result = self._decided(answer)
         except PluginError as exc:
             conn.finish_subnegotiation(False)
             await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)
@@ -530,34 +529,25 @@ class Session:
         self.authenticated = True
 
     async def _dispatch(self, request: Request) -> None:
+        def ask(destination: Address, after: str | None) -> Awaitable[tuple[Verdict | None, str]]:
+            if after is None:
+                return self.hooks.request(self, request)
+            # The plugins judging a rewrite see where the session would now go.
+            self.destination, self.decided_by = destination, after
+            return self.hooks.request(self, replace(request, destination=destination), after=after)
+
         try:
-            verdict = await self._decide("socksflow_request", session=self, request=request)
-            while verdict is not None and verdict.allowed and verdict.destination is not None:
-                # A rewrite does not end the decision: the plugins after the rewriting one (the
-                # rules among them) judge where the session would now go.
-                self.destination = verdict.destination
-                request = replace(request, destination=verdict.destination)
-                following, plugin = await self.pm.call_first_after(
-                    "socksflow_request",
-                    self.config.timeouts.hook,
-                    self.decided_by,
-                    session=self,
-                    request=request,
-                )
-                if following is None:
-                    break  # nobody objects: the rewrite stands
-                verdict, self.decided_by = following, plugin
+            decision = await decide(ask, request.destination)
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
-        if verdict is not None:
-            self.verdict = verdict
-            if not verdict.allowed:
-                await self.fail(verdict.reply, f"denied: {verdict.reason or verdict.rule or self.decided_by}")
-            if verdict.destination is not None:
-                self.destination = verdict.destination
-            if verdict.addresses is not None:
-                self.addresses = tuple(verdict.addresses)
+        if decision.verdict is not None:
+            self.verdict, self.decided_by = decision.verdict, decision.decided_by
+            if not decision.allowed:
+                await self.fail(decision.reply, f"denied: {decision.why() or self.decided_by}")
+            self.destination = decision.destination
+            if decision.addresses is not None:
+                self.addresses = decision.addresses
         if request.command == Command.CONNECT:
             await self._connect()
         else:
@@ -569,7 +559,7 @@ class Session:
                 self.close_reason = self.close_reason or "closed"
                 self._close()
 
-    async def fail(self, reply: Reply, reason: str, error: Exception | None = None) -> None:
+    async def fail(self, reply: Reply, reason: str, error: Exception | None = None) -> NoReturn:
         """Answer the request with a failure ``reply`` and end the session (raises SessionDenied)."""
         self.reply = reply
         conn = self._client.conn
@@ -619,9 +609,7 @@ class Session:
         began = time.monotonic()
         upstream = None
         try:
-            sock, _ = await self.pm.call_first(
-                "socksflow_open_connection", timeout, session=self, addresses=targets
-            )
+            sock, _ = await self.hooks.open_connection(self, targets, timeout=timeout)
             if sock is None:
                 if len(targets) == 1:  # the common case: the loop dials in one step
                     upstream = await self._within(timeout, _open(self.server.loop, targets[0]))
@@ -657,11 +645,11 @@ class Session:
             transport.abort()
             await self.fail(Reply.GENERAL_FAILURE, f"connection lost: {_describe(exc)}")
         try:
-            limiters = self.pm.call_all_sync("socksflow_relay_start", session=self)
+            limiters = self.hooks.relay_start(self)
         except PluginError as exc:
             transport.abort()
             await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
-        tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.pm, self), limiters)
+        tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.hooks, self), limiters)
         client = self._client
         if client.closed:  # the client left while we were connecting
             transport.close()
@@ -671,7 +659,6 @@ class Session:
         self.tunnel = tunnel
         tunnel.start(client.transport, upstream, client.conn.trailing_data, client.eof)
         self._client = None  # type: ignore[assignment]  # the tunnel owns the transport now
-        self.server.tunnel_started(self)
 
     def _reply_bytes(self, bound: Address) -> bytes:
         conn = self._client.conn

@@ -32,9 +32,9 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from socksflow.decide import Decision, decide, final
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -94,7 +94,7 @@ async def handle(session: Session) -> None:
         except OSError as exc:
             await session.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
         try:
-            association.limiters = tuple(session.pm.call_all_sync("socksflow_relay_start", session=session))
+            association.limiters = tuple(session.hooks.relay_start(session))
         except PluginError as exc:
             await session.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
         session.association = association
@@ -138,7 +138,7 @@ class Association(asyncio.DatagramProtocol):
         self.worker: asyncio.Task[None] | None = None
         self.lookups: dict[str, collections.deque[_Parked]] = {}  # name → datagrams waiting for it
         self.lookup_tasks: set[asyncio.Task[None]] = set()
-        self.hooked = bool(session.pm.impls("socksflow_udp_datagram"))
+        self.hooked = bool(session.hooks.implementations("udp_datagram"))
         self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
         self._waiting_up = self._waiting_down = 0  # bytes held back by the limiters
         self.any_reply = settings.replies_from == "any"
@@ -229,24 +229,23 @@ class Association(asyncio.DatagramProtocol):
     def _decide_now(self, route: _Route, data: bytes) -> None:
         """A datagram to a known destination: ask the hook without a task while it answers synchronously."""
         header = route.header
+        session = self.session
         try:
-            answer = self.session.pm.call_first_nowait(
-                "socksflow_udp_datagram", self.session.config.timeouts.hook,
-                session=self.session, destination=header.destination, payload=data[header.offset :],
-            )  # fmt: skip
+            answer = session.hooks.udp_datagram(session, header.destination, data[header.offset :])
         except PluginError as exc:
             self._plugin_failed(header.destination, exc)
             return
         if inspect.isawaitable(answer):
             self._enqueue(header, data, answer)
             return
-        decided = self._apply(header.destination, answer)
-        if decided is None:
-            return
-        if decided[0] is header.destination and decided[1] is None:
-            self._send(route, memoryview(data)[header.offset :])
-        else:  # redirected: resolving and routing are the worker's
+        decision = final(answer, header.destination)
+        if decision is None:  # a rewrite: its judges, resolving and routing are the worker's
             self._enqueue(header, data, answer)
+        elif self._allowed(header.destination, decision):
+            if decision.as_asked:
+                self._send(route, memoryview(data)[header.offset :])
+            else:  # restricted to some addresses: the worker routes it
+                self._enqueue(header, data, answer)
 
     def _queue(self, data: bytes) -> None:
         try:
@@ -283,24 +282,23 @@ class Association(asyncio.DatagramProtocol):
         session = self.session
         destination = header.destination
         addresses: tuple[IPAddress, ...] | None = None
+        as_asked = True
         if self.hooked:
+            payload = data[header.offset :]
+
+            def ask(where: Address, after: str | None) -> Any:
+                return session.hooks.udp_datagram(session, where, payload, after=after)
+
             try:
-                if answer is None:
-                    answer = await session.pm.call_first(
-                        "socksflow_udp_datagram", session.config.timeouts.hook,
-                        session=session, destination=destination, payload=data[header.offset :],
-                    )  # fmt: skip
-                elif inspect.isawaitable(answer):
+                if inspect.isawaitable(answer):
                     answer = await answer
-                answer = await self._judge_rewrites(answer, data[header.offset :])  # type: ignore[arg-type]
+                decision = await decide(ask, destination, answer)  # type: ignore[arg-type]
             except PluginError as exc:
                 self._plugin_failed(destination, exc)
                 return
-            decided = self._apply(destination, answer)  # type: ignore[arg-type]
-            if decided is None:
+            if not self._allowed(destination, decision):
                 return
-            destination, addresses = decided
-        as_asked = destination is header.destination and addresses is None
+            destination, addresses, as_asked = decision.destination, decision.addresses, decision.as_asked
         if destination.port == 0:
             self._drop(f"to {destination}: port 0")
             return
@@ -367,45 +365,18 @@ class Association(asyncio.DatagramProtocol):
             log.exception("session %s: UDP datagram to %s", self.session.id, destination)
             self._drop(f"internal error: {exc!r}")
 
-    async def _judge_rewrites(
-        self, answer: tuple[Verdict | None, str], payload: bytes
-    ) -> tuple[Verdict | None, str]:
-        """Ask the plugins after a rewriting one about the rewritten destination (as for requests)."""
-        verdict, plugin = answer
-        while verdict is not None and verdict.allowed and verdict.destination is not None:
-            following = await self.session.pm.call_first_after(
-                "socksflow_udp_datagram", self.session.config.timeouts.hook, plugin,
-                session=self.session, destination=verdict.destination, payload=payload,
-            )  # fmt: skip
-            if following[0] is None:
-                break
-            if following[0].allowed and following[0].destination is None:  # allowed where it now goes
-                return replace(following[0], destination=verdict.destination), following[1]
-            verdict, plugin = following
-        return verdict, plugin
-
-    def _apply(
-        self, destination: Address, answer: tuple[Verdict | None, str]
-    ) -> tuple[Address, tuple[IPAddress, ...] | None] | None:
-        """Where a hook's answer sends a datagram (and to which addresses); ``None`` if denied."""
-        verdict, plugin = answer
-        if verdict is None:
-            return destination, None
-        if not verdict.allowed:
-            why = verdict.reason or verdict.rule or "no reason given"
-            self._drop(f"to {destination} denied by {plugin}: {why}")
-            return None
-        return verdict.destination or destination, verdict.addresses
+    def _allowed(self, destination: Address, decision: Decision) -> bool:
+        """Whether a datagram to ``destination`` may go on; a denied one is dropped."""
+        if decision.allowed:
+            return True
+        self._drop(f"to {destination} denied by {decision.decided_by}: {decision.why() or 'no reason given'}")
+        return False
 
     def _plugin_failed(self, destination: Address, error: PluginError) -> None:
         """A plugin raised on a datagram: that datagram is dropped (fail closed), the association goes on."""
         self._drop(f"to {destination}: {error}", error)
         session = self.session
-        session.server.spawn(
-            session.pm.notify(
-                "socksflow_session_error", session.config.timeouts.hook, session=session, error=error
-            )
-        )
+        session.server.spawn(session.hooks.session_error(session, error))
 
     async def _route(self, header: UdpHeader, ip: IPAddress, port: int) -> _Route:
         """The socket and address to send to ``ip``:``port``; registers the remote for replies."""
