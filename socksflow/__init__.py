@@ -6,9 +6,22 @@ The public API for plugin authors is what this module exports.
 from socksflow.config import Config, Node
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
 from socksflow.errors import ConfigError, PluginError, ResolveError
+from socksflow.explain import ExplainQuery
+from socksflow.interfaces import Server, Session
 from socksflow.plugins import hookimpl
-from socksflow.protocol import Address, AddressType, Command, Method, Reply, Request
+from socksflow.protocol import (
+    Address,
+    AddressType,
+    Command,
+    InvalidAddress,
+    IPAddress,
+    Method,
+    Reply,
+    Request,
+    parse_host,
+)
 from socksflow.relay import Direction, Limiter
+from socksflow.resolution import Resolver, resolve_error
 from socksflow.stash import Stash, StashKey
 
 __version__ = "0.1.0"
@@ -21,7 +34,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "Direction",
+    "ExplainQuery",
+    "IPAddress",
     "Identity",
+    "InvalidAddress",
     "Limiter",
     "Method",
     "Node",
@@ -29,9 +45,14 @@ __all__ = [
     "Reply",
     "Request",
     "ResolveError",
+    "Resolver",
+    "Server",
+    "Session",
     "Stash",
     "StashKey",
     "Verdict",
     "__version__",
     "hookimpl",
+    "parse_host",
+    "resolve_error",
 ]

@@ -29,8 +29,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from socksflow import Address, Config, ConfigError, Request, StashKey, Verdict, hookimpl
-from socksflow.explain import ExplainQuery, Resolver
+from socksflow import (
+    Address,
+    Config,
+    ConfigError,
+    ExplainQuery,
+    Request,
+    Resolver,
+    StashKey,
+    Verdict,
+    hookimpl,
+)
 
 from .explain import explain
 from .exposure import client_restriction

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from socksflow import Command, Reply
-from socksflow.explain import ExplainQuery, Resolver
-from socksflow.protocol import IPAddress
+from socksflow import Command, ExplainQuery, IPAddress, Reply, Resolver
 
 from .evaluate import Query, decide
 from .rules import COMMAND_NAMES, RuleSet

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from socksflow.protocol import InvalidAddress, parse_host
+from socksflow import InvalidAddress, parse_host
 
 from .matchers import DomainSet, Network, NetworkSet, normalize_network
 

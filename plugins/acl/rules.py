@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from socksflow import Command, Config, ConfigError, Node, Reply
-from socksflow.protocol import IPAddress
+from socksflow import Command, Config, ConfigError, IPAddress, Node, Reply
 
 from .lists import (
     EntryError,
@@ -41,6 +40,7 @@ ACTIONS = ("allow", "deny")
 
 
 MAX_LIST_LINTS = 10  # lint lines shown per list file
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from socksflow import Address, Config, Identity
-from socksflow.explain import ExplainQuery
+from socksflow import Address, Config, ExplainQuery, Identity
 
 from .settings import Entry, Limits, Rate
 
