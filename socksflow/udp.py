@@ -48,7 +48,6 @@ from socksflow.protocol import (
     parse_udp_header,
 )
 from socksflow.relay import Direction, Limiter
-from socksflow.stash import StashKey
 
 if TYPE_CHECKING:
     from socksflow.config import UdpSettings
@@ -72,22 +71,13 @@ _SOURCES: dict[tuple[int, bool], IPAddress] = {
     (6, False): ipaddress.IPv6Address("::"),
 }
 
-ASSOCIATIONS = StashKey[collections.Counter[str]]("UDP associations per client IP")
-
 # What the worker gets with a datagram: nothing yet, the hook's pending answer, or its answer.
 Answer = tuple[Verdict | None, str] | Awaitable[tuple[Verdict | None, str]] | None
 
 
 async def handle(session: Session) -> None:
     """Serve a UDP ASSOCIATE request until its control connection closes or it goes idle."""
-    settings = session.config.udp
-    counts = session.server.stash.setdefault(ASSOCIATIONS, collections.Counter())
-    client_ip = str(session.client.host)
-    if counts[client_ip] >= settings.max_per_client:
-        reason = f"{client_ip} already holds {counts[client_ip]} UDP associations (udp.max_per_client)"
-        await session.fail(Reply.GENERAL_FAILURE, reason)
-    counts[client_ip] += 1
-    association = Association(session, settings)
+    association = Association(session, session.config.udp)
     try:
         try:
             await association.open()
@@ -104,9 +94,6 @@ async def handle(session: Session) -> None:
         session.close_reason = session.close_reason or "control connection closed"
     finally:
         association.close()
-        counts[client_ip] -= 1
-        if not counts[client_ip]:
-            del counts[client_ip]
 
 
 class Association(asyncio.DatagramProtocol):

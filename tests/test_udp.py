@@ -16,6 +16,7 @@ import dns.rrset
 import pytest
 import socks
 from helpers import wait_until
+from socksflow_plugins import limits as limits_plugin
 
 from socksflow import Address, Verdict, hookimpl
 from socksflow.config import Config
@@ -580,12 +581,17 @@ def test_idle_association_closes_its_control_connection(socksflow_server, echo):
     assert wait_until(lambda: server_sessions(server) == 0)
 
 
-def test_associations_per_client_are_capped(socksflow_server):
-    server = socksflow_server("udp: {max_per_client: 1}\n", autoload=False)
+def test_associations_per_client_are_capped(socksflow_server, refusing_port):
+    # The cap is policy, kept by the limits plugin (with or without a limits section); a
+    # refusal is REP 0x02, not allowed by ruleset.
+    server = socksflow_server("udp: {max_per_client: 1}\n", plugins=[limits_plugin], autoload=False)
     first, _ = associate(server)
     with Socks5Client(server.address) as second:
         second.greet()
-        assert second.request(Command.UDP_ASSOCIATE, "0.0.0.0:0")[0] == Reply.GENERAL_FAILURE
+        assert second.request(Command.UDP_ASSOCIATE, "0.0.0.0:0")[0] == Reply.NOT_ALLOWED
+    with Socks5Client(server.address) as tcp:  # the cap counts associations only
+        tcp.greet()
+        assert tcp.request(Command.CONNECT, f"127.0.0.1:{refusing_port}")[0] == Reply.CONNECTION_REFUSED
     first.close()
     assert wait_until(lambda: server_sessions(server) == 0)
     third, _ = associate(server)  # the slot is free again

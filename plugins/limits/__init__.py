@@ -30,6 +30,8 @@ When each limit is checked:
   one does.  UDP associations get one too: datagrams over the rate wait their turn (up to
   256 KiB per direction), and beyond that are dropped, as UDP may.
 * ``group`` matches the groups of ``session.identity`` (as set by the authenticating plugin).
+* UDP associations per client IP are capped by ``udp.max_per_client`` (default 16), with or
+  without a ``limits`` section: over it, UDP ASSOCIATE gets REP 0x02 (not allowed).
 
 Counters, buckets and failure records live in ``server.stash`` and so survive reloads; each
 session remembers what it counted and gives it back in ``socksflow_session_end``, which the
@@ -42,8 +44,9 @@ import logging
 import time
 from collections.abc import Hashable
 
-from socksflow import Config, StashKey, Verdict, hookimpl
+from socksflow import Command, Config, StashKey, Verdict, hookimpl
 
+from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
@@ -60,7 +63,7 @@ COUNTED = StashKey[set[Hashable]]("limits.counted")  # per session: the concurre
 def socksflow_configure(config: Config) -> bool | None:
     node = config.section("limits")
     if node is None:
-        return False  # dormant: no limits
+        return None  # no limits section; udp.max_per_client still applies
     entries = []
     for item in node.as_list(scalar_ok=False):
         with config.errors.capture():
@@ -147,6 +150,8 @@ def socksflow_client_connected(session) -> Verdict | None:
 
 @hookimpl(tryfirst=True)
 def socksflow_request(session) -> Verdict | None:
+    if session.request.command is Command.UDP_ASSOCIATE and (refusal := associations.admit(session)):
+        return refusal
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.at_request:
         return None
@@ -187,6 +192,7 @@ def socksflow_explain(config: Config, query) -> list[str] | None:
 
 @hookimpl
 def socksflow_session_end(session) -> None:
+    associations.release(session)
     counted = session.stash.get(COUNTED)
     state = session.server.stash.get(STATE)
     if counted and state is not None:
