@@ -15,14 +15,13 @@ import dns.message
 import dns.rrset
 import pytest
 import socks
-from helpers import wait_until
 from socksflow_plugins import limits as limits_plugin
 
 from socksflow import Address, Verdict, hookimpl
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.protocol import Command, Reply, build_udp_header
-from socksflow.testing import Socks5Client, StaticResolver
+from socksflow.testing import Socks5Client, StaticResolver, wait_until
 
 WAIT = 3.0  # seconds to wait for a datagram that must arrive
 
