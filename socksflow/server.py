@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, KeysView
 from typing import TYPE_CHECKING
 
 from socksflow import app, bind, udp
@@ -16,15 +16,14 @@ from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.hooks import Hooks
 from socksflow.protocol import Address, Command
-from socksflow.session import ClientProtocol, Session
+from socksflow.runner import ClientProtocol, CommandHandler, Runner
+from socksflow.session import Session
 from socksflow.stash import Stash
 
 if TYPE_CHECKING:
     from socksflow.plugins import PluginManager
 
 log = logging.getLogger("socksflow.server")
-
-CommandHandler = Callable[[Session], Awaitable[None]]
 
 
 class Server:
@@ -37,7 +36,7 @@ class Server:
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
-        self.sessions: set[Session] = set()
+        self._runners: dict[Session, Runner] = {}
         self.addresses: list[Address] = []
         self._listeners: list[Acceptor | asyncio.Server] = []
         self._spare: SpareDescriptor | None = None
@@ -98,11 +97,15 @@ class Server:
         if self._spare is not None:
             self._spare.release()
 
+    @property
+    def sessions(self) -> KeysView[Session]:
+        """The sessions open now (a live view: copy it to keep it across awaits)."""
+        return self._runners.keys()
+
     def abort_all(self) -> None:
         """Close every session now."""
-        for session in list(self.sessions):
-            session.close_reason = session.close_reason or "server shutdown"
-            session.abort()
+        for runner in list(self._runners.values()):
+            runner.end("server shutdown", now=True)
 
     async def _close_listeners(self) -> None:
         for listener in self._listeners:
@@ -126,20 +129,20 @@ class Server:
 
     # ------------------------------------------------------------------ sessions
 
-    def session_started(self, session: Session) -> None:
-        self.sessions.add(session)
+    def session_started(self, runner: Runner) -> None:
+        self._runners[runner.session] = runner
         self._drained.clear()
-        session.start()
+        runner.start()
 
-    def session_ended(self, session: Session) -> None:
-        if session not in self.sessions:
+    def session_ended(self, runner: Runner) -> None:
+        session = runner.session
+        if self._runners.pop(session, None) is None:
             return
-        self.sessions.discard(session)
         session.ended = time.time()
-        pending = session.hooks.session_end(session)
+        pending = runner.hooks.session_end(session)
         if pending is not None:  # only async observers cost a task
             self.spawn(pending)
-        if not self.sessions:
+        if not self._runners:
             self._drained.set()
 
     def spawn(self, coroutine: Awaitable[None]) -> None:
@@ -159,8 +162,7 @@ class Server:
         interval = self.config.timeouts.idle / 4
         while True:
             await asyncio.sleep(interval)
-            for session in list(self.sessions):
-                tunnel = session.tunnel
+            for runner in list(self._runners.values()):
+                tunnel = runner.session.tunnel
                 if tunnel is not None and tunnel.poll_idle() >= 4:
-                    session.close_reason = "idle timeout"
-                    tunnel.close()
+                    runner.end("idle timeout")

@@ -1,168 +1,36 @@
-"""One client from accept to close: negotiate → authenticate → request → command.
+"""What plugins see of one client connection: :class:`Session`, and :class:`AuthChannel`.
 
-The handshake runs as one coroutine per client over :class:`ClientProtocol`, which feeds
-the sans-I/O :class:`~socksflow.protocol.ServerConnection`.  Once a CONNECT succeeds the
-coroutine ends and the transports belong to a :class:`~socksflow.relay.Tunnel`: an idle
-tunnel holds no task, no coroutine frame and no buffer.
+A session is a record: who the client is, what it asked, what was decided, what moved.  The
+engine that fills it in is :mod:`socksflow.runner`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import socket
 import time
-from collections.abc import Awaitable
-from dataclasses import replace
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
-from socksflow import protocol, resolution
-from socksflow.decide import decide
+from socksflow import resolution
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
-from socksflow.dial import dial, reply_for_error
-from socksflow.errors import PluginError, ResolveError
-from socksflow.protocol import (
-    NEED_DATA,
-    Address,
-    Command,
-    IPAddress,
-    Method,
-    ProtocolError,
-    Reply,
-    Request,
-)
-from socksflow.relay import Direction, Pending, Tunnel, chunk_transform
+from socksflow.protocol import Address, IPAddress, Reply, Request
+from socksflow.relay import Direction
 from socksflow.stash import Stash
 
 if TYPE_CHECKING:
     from socksflow.config import Config
     from socksflow.hooks import Hooks
+    from socksflow.relay import Tunnel
     from socksflow.server import Server
     from socksflow.udp import Association
 
-log = logging.getLogger("socksflow.session")
-T = TypeVar("T")
-
-MAX_HANDSHAKE_BUFFER = 64 * 1024  # bytes accepted ahead of the reply before reading pauses
-# After a refusal, wait this long for the client to close first: closing a socket with unread
-# input sends a reset, which can destroy the reply in flight (RFC 1928 §6 allows up to 10 s).
-LINGER_SECONDS = 2.0
 MAX_REMEMBERED_NAMES = 1024  # per session (a UDP association may name many destinations)
 _ids = itertools.count(1)
 
 
-class ClientGone(Exception):
-    """The client closed the connection before the handshake finished."""
-
-
-class SessionDenied(Exception):
-    """The session ends here; the reply (if any) has been sent."""
-
-
-class ClientProtocol(asyncio.Protocol):
-    """The client's connection during the handshake."""
-
-    __slots__ = (
-        "_linger",
-        "_loop",
-        "_paused",
-        "_waiter",
-        "closed",
-        "conn",
-        "eof",
-        "server",
-        "session",
-        "transport",
-    )
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self._loop = server.loop  # asyncio.get_running_loop() costs a getpid(2) each time
-        self.conn = protocol.ServerConnection()
-        self.eof = False
-        self.closed = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self._linger: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        if transport.get_extra_info("peername") is None:  # reset before its transport was made
-            self.closed = True
-            transport.abort()
-            return
-        self.session = Session(self.server, self)
-        self.server.session_started(self.session)
-
-    def data_received(self, data: bytes) -> None:
-        if self._linger is not None:
-            return  # the session is over: discard
-        self.conn.receive_data(data)
-        if self.conn.buffered > MAX_HANDSHAKE_BUFFER and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        if self._linger is not None:
-            self.transport.close()
-        self._wake()
-        return True  # a client may shut down its sending side and still await the reply
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self._linger is not None:
-            self._linger.cancel()
-        self._wake()
-        session = getattr(self, "session", None)  # none if the client was gone in connection_made
-        if session is not None:
-            session.client_lost()
-
-    def finish(self) -> None:
-        """Close gracefully: send FIN after what is queued, drain the client's input, then close."""
-        if self.closed or self._linger is not None:
-            return
-        transport = self.transport
-        if self.eof or not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        transport.resume_reading()
-        self._linger = self._loop.call_later(LINGER_SECONDS, transport.abort)
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next_event(self) -> protocol.Event:
-        while True:
-            event = self.conn.next_event()
-            if event is not NEED_DATA:
-                return event  # type: ignore[return-value]
-            if self.eof or self.closed:
-                raise ClientGone("client closed the connection during the handshake")
-            if self._paused:
-                self._paused = False
-                self.transport.resume_reading()
-            self._waiter = self._loop.create_future()
-            await self._waiter
-            self._waiter = None
-
-    async def read(self, limit: int) -> bytes:
-        """Raw bytes for a plugin-driven sub-negotiation."""
-        while not self.conn.buffered:
-            if self.eof or self.closed:
-                return b""
-            self._waiter = self._loop.create_future()
-            await self._waiter
-            self._waiter = None
-        return self.conn.take_subnegotiation_data(limit)
-
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)
+class _Client(Protocol):
+    async def read(self, limit: int) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
 
 
 class AuthChannel:
@@ -170,7 +38,7 @@ class AuthChannel:
 
     __slots__ = ("_client",)
 
-    def __init__(self, client: ClientProtocol) -> None:
+    def __init__(self, client: _Client) -> None:
         self._client = client
 
     async def read(self, limit: int = 65536) -> bytes:
@@ -204,15 +72,11 @@ class Session:
     ``"connect"`` dialling the destination).
     """
 
-    # Slots: a tunnel's session lives as long as the tunnel, and an instance dict of 30 keys
-    # or more is not key-shared (1.5 KiB instead of 0.3).
+    # Slots: a tunnel's session lives as long as the tunnel, and an instance dict of 20 keys
+    # or more is not key-shared.
     __slots__ = (
-        "_client",
-        "_client_closed",
-        "_clock",
-        "_expired",
+        "_hooks",
         "_resolved",
-        "_task",
         "addresses",
         "association",
         "authenticated",
@@ -223,7 +87,6 @@ class Session:
         "decided_by",
         "destination",
         "ended",
-        "hooks",
         "id",
         "identity",
         "local",
@@ -239,15 +102,13 @@ class Session:
         "verdict",
     )
 
-    def __init__(self, server: Server, client: ClientProtocol) -> None:
+    def __init__(self, server: Server, hooks: Hooks, client: Address, local: Address) -> None:
         self.id = f"{next(_ids):x}"
         self.server = server
         self.config: Config = server.config
-        self.hooks: Hooks = server.hooks  # this configuration's, without the dormant plugins' hooks
-        self._client = client
-        transport = client.transport
-        self.client = Address.from_sockaddr(transport.get_extra_info("peername"))
-        self.local = Address.from_sockaddr(transport.get_extra_info("sockname"))
+        self._hooks = hooks
+        self.client = client
+        self.local = local
         self.stash = Stash()
         self.method: int | None = None
         self.identity: Identity = ANONYMOUS
@@ -263,13 +124,9 @@ class Session:
         self.authenticated: bool | None = None
         self.timings: dict[str, float] = {}
         self.started = time.time()
-        self._clock = time.monotonic()
         self.ended: float | None = None
-        self.tunnel: Tunnel | None = None
-        self.association: Association | None = None  # UDP ASSOCIATE
-        self._task: asyncio.Task[None] | None = None
-        self._expired = False  # the deadline of _within cancelled the task
-        self._client_closed = False
+        self.tunnel: Tunnel | None = None  # CONNECT, BIND: where the byte counts come from
+        self.association: Association | None = None  # UDP ASSOCIATE: likewise
         self._resolved: dict[str, tuple[IPAddress, ...]] = {}
 
     def __repr__(self) -> str:
@@ -297,18 +154,6 @@ class Session:
     def duration(self) -> float:
         return (self.ended or time.time()) - self.started
 
-    def abort(self) -> None:
-        """End the session now, whatever its phase (shutdown past its deadline)."""
-        if self.tunnel is not None:
-            self.tunnel.abort()
-            return
-        if self._task is not None:
-            self._task.cancel()
-        if self._client is not None:
-            self._client.transport.abort()
-
-    # ------------------------------------------------------------------ resolution
-
     async def resolve(self, host: str | None = None, port: int | None = None) -> tuple[IPAddress, ...]:
         """The addresses ``host`` (default: the destination) resolves to, looked up once per session.
 
@@ -323,7 +168,7 @@ class Session:
         if cached is None:
             began = time.monotonic()
             try:
-                cached = await resolution.resolve(self.hooks, self.config, self, host, port or 0)
+                cached = await resolution.resolve(self._hooks, self.config, self, host, port or 0)
             finally:
                 self.timings["resolve"] = self.timings.get("resolve", 0.0) + time.monotonic() - began
             if len(self._resolved) >= MAX_REMEMBERED_NAMES:  # a UDP client spraying names starts over
@@ -335,359 +180,5 @@ class Session:
         """What ``host`` resolved to in this session, if it was looked up already (no waiting)."""
         return self._resolved.get(host)
 
-    # ------------------------------------------------------------------ the session
 
-    def start(self) -> None:
-        self._task = self.server.loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        client = self._client
-        try:
-            await self._accept()
-            # One deadline for greeting, authentication and request, plugin hooks included.
-            request = await self._within(self.config.timeouts.handshake, self._negotiate())
-            assert isinstance(request, Request)
-            self.request = request
-            self.timings["handshake"] = time.monotonic() - self._clock
-            self.destination = request.destination
-            await self._dispatch(request)
-        except SessionDenied:
-            self._close()
-        except ClientGone as exc:
-            self._finish_handshake_failure(str(exc))
-        except TimeoutError:
-            self._finish_handshake_failure("handshake timed out")
-        except ProtocolError as exc:
-            if exc.response:
-                client.write(exc.response)
-            if isinstance(exc, protocol.RequestError):
-                self.reply = exc.reply
-            self._finish_handshake_failure(f"protocol error: {exc}")
-        except PluginError as exc:  # a plugin fault outside the phases that map it to a reply
-            log.error("session %s: %s", self.id, exc, exc_info=exc.__cause__)
-            await self._report(exc)
-            self._finish_handshake_failure(str(exc))
-        except Exception as exc:  # the session boundary: nothing a client sends may crash the server
-            log.exception("session %s: unexpected error", self.id)
-            await self._report(exc)
-            self._finish_handshake_failure(f"internal error: {exc!r}")
-        finally:
-            self._task = None
-            self._maybe_ended()
-
-    def client_lost(self) -> None:
-        """The client's connection closed while the handshake protocol owned it."""
-        self._client_closed = True
-        self._maybe_ended()
-
-    def _maybe_ended(self) -> None:
-        # A session without a tunnel ends when both its task and its client connection are done.
-        if self._task is None and self._client_closed and self.tunnel is None:
-            self.server.session_ended(self)
-
-    async def _report(self, error: Exception) -> None:
-        await self.hooks.session_error(self, error)
-
-    def _finish_handshake_failure(self, reason: str) -> None:
-        self.close_reason = self.close_reason or reason
-        self._close()
-
-    def _close(self) -> None:
-        self._client.finish()
-
-    def _decided(self, answer: tuple[T | None, str]) -> T | None:
-        """A decision hook's answer; remembers which plugin gave it."""
-        result, plugin = answer
-        if result is not None:
-            self.decided_by = plugin
-        return result
-
-    async def _deny(self, reason: str, response: bytes = b"", error: Exception | None = None) -> NoReturn:
-        """Send ``response`` (if any), record why, and end the session (raises SessionDenied)."""
-        if error is not None:
-            log.error("session %s: %s", self.id, error, exc_info=error.__cause__)
-            await self._report(error)
-        if response:
-            self._client.write(response)
-        self.close_reason = reason
-        raise SessionDenied(reason)
-
-    def _refused_by_fault(self, error: PluginError) -> None:
-        """A decision hook raised and the session fails closed: record that as the plugin's denial."""
-        self.verdict = Verdict.deny(f"plugin error in {error.hook}", reply=Reply.GENERAL_FAILURE)
-        self.decided_by = error.plugin
-
-    # ------------------------------------------------------------------ phases
-
-    async def _accept(self) -> None:
-        try:
-            verdict = self._decided(await self.hooks.client_connected(self))
-        except PluginError as exc:
-            self._refused_by_fault(exc)
-            await self._deny("client refused: plugin failed", error=exc)
-        if verdict is not None and not verdict.allowed:
-            self.verdict = verdict
-            await self._deny(f"client refused: {verdict.reason or self.decided_by}")
-
-    async def _within(self, delay: float, awaitable: Awaitable[T]) -> T:
-        """``await awaitable`` in the session's task, raising TimeoutError after ``delay`` seconds.
-
-        What ``asyncio.timeout`` does, for less: one timer handle, no context manager, no lookups
-        of the running loop and task (each a getpid(2)).  A cancellation that is not this
-        deadline's (a shutdown) passes through as CancelledError.
-        """
-        timer = self.server.loop.call_later(delay, self._expire)
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._expired and self._task is not None and self._task.uncancel() == 0:
-                raise TimeoutError from None
-            raise
-        finally:
-            timer.cancel()
-            self._expired = False
-
-    def _expire(self) -> None:
-        if self._task is not None:
-            self._expired = True
-            self._task.cancel()
-
-    async def _negotiate(self) -> Request:
-        """Greeting, method and its sub-negotiation; the request that follows."""
-        client = self._client
-        greeting = await client.next_event()
-        assert isinstance(greeting, protocol.Greeting)
-        try:
-            method = self._decided(await self.hooks.select_method(self, greeting.methods))
-            if method is None:
-                method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
-            if method != Method.NO_ACCEPTABLE and method not in greeting.methods:
-                raise PluginError(
-                    self.decided_by, "socksflow_select_method", f"chose 0x{method:02x}, not offered"
-                )
-        except PluginError as exc:
-            await self._deny("method selection failed", client.conn.send_method(Method.NO_ACCEPTABLE), exc)
-        self.method = method
-        client.write(client.conn.send_method(method))
-        if method == Method.NO_ACCEPTABLE:
-            raise SessionDenied(self._set_reason(f"no acceptable method among {list(greeting.methods)}"))
-        if method == Method.USERPASS:
-            credentials = await client.next_event()
-            assert isinstance(credentials, protocol.UserPassAuth)
-            await self._authenticate(credentials)
-        elif method != Method.NO_AUTH:
-            await self._subnegotiate(method)
-        return await client.next_event()  # type: ignore[return-value]
-
-    def _set_reason(self, reason: str) -> str:
-        self.close_reason = reason
-        return reason
-
-    async def _authenticate(self, credentials: protocol.UserPassAuth) -> None:
-        conn = self._client.conn
-        try:
-            result = self._decided(
-                await self.hooks.authenticate(self, credentials.username, credentials.password)
-            )
-        except PluginError as exc:
-            self._refused_by_fault(exc)
-            await self._deny("authentication failed: plugin error", conn.send_auth_status(False), exc)
-        user = credentials.username.decode("utf-8", "backslashreplace")
-        if not isinstance(result, Identity):
-            reason = (
-                result.reason if isinstance(result, Verdict) and result.reason else "credentials rejected"
-            )
-            self.verdict = result if isinstance(result, Verdict) else Verdict.deny(reason)
-            self.identity = Identity(user)  # who tried, for the access log; never the password
-            self.authenticated = False
-            await self._deny(f"authentication failed for {user!r}: {reason}", conn.send_auth_status(False))
-        self.identity = self._with_groups(result)
-        self.authenticated = True
-        self._client.write(conn.send_auth_status(True))
-
-    def _with_groups(self, identity: Identity) -> Identity:
-        # The groups section is the core's, so every plugin (rules, limits…) sees the same groups.
-        extra = self.config.groups_of(identity.user)
-        return Identity(identity.user, identity.groups | extra) if extra else identity
-
-    async def _subnegotiate(self, method: int) -> None:
-        conn = self._client.conn
-        try:  # a multi-round exchange: bounded by the handshake deadline, not the hook timeout
-            answer = await self.hooks.subnegotiate(
-                self, method, AuthChannel(self._client), timeout=self.config.timeouts.handshake
-            )
-            result = self._decided(answer)
-        except PluginError as exc:
-            conn.finish_subnegotiation(False)
-            await self._deny(f"method 0x{method:02x} failed: plugin error", error=exc)
-        if not isinstance(result, Identity):
-            conn.finish_subnegotiation(False)
-            self.authenticated = False
-            await self._deny(f"method 0x{method:02x}: not authenticated")
-        conn.finish_subnegotiation(True)
-        self.identity = self._with_groups(result)
-        self.authenticated = True
-
-    async def _dispatch(self, request: Request) -> None:
-        def ask(destination: Address, after: str | None) -> Awaitable[tuple[Verdict | None, str]]:
-            if after is None:
-                return self.hooks.request(self, request)
-            # The plugins judging a rewrite see where the session would now go.
-            self.destination, self.decided_by = destination, after
-            return self.hooks.request(self, replace(request, destination=destination), after=after)
-
-        try:
-            decision = await decide(ask, request.destination)
-        except PluginError as exc:
-            self._refused_by_fault(exc)
-            await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
-        if decision.verdict is not None:
-            self.verdict, self.decided_by = decision.verdict, decision.decided_by
-            if not decision.allowed:
-                await self.fail(decision.reply, f"denied: {decision.why() or self.decided_by}")
-            self.destination = decision.destination
-            if decision.addresses is not None:
-                self.addresses = decision.addresses
-        if request.command == Command.CONNECT:
-            await self._connect()
-        else:
-            handler = self.server.command_handler(request.command)
-            if handler is None:
-                await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
-            await handler(self)
-            if self.tunnel is None:  # the command ended without handing the client to a tunnel
-                self.close_reason = self.close_reason or "closed"
-                self._close()
-
-    async def fail(self, reply: Reply, reason: str, error: Exception | None = None) -> NoReturn:
-        """Answer the request with a failure ``reply`` and end the session (raises SessionDenied)."""
-        self.reply = reply
-        conn = self._client.conn
-        response = (
-            conn.send_second_reply(reply) if conn.phase is protocol.Phase.DONE else conn.send_reply(reply)
-        )
-        await self._deny(reason, response, error)
-
-    def send_reply(self, reply: Reply, bound: Address) -> None:
-        """Send the (first) reply to the request: for commands that reply before relaying (BIND, UDP)."""
-        self.reply = reply
-        self._client.write(self._client.conn.send_reply(reply, bound))
-
-    async def wait_client_closed(self) -> None:
-        """Wait until the client closes its connection; bytes it sends meanwhile are discarded."""
-        client = self._client
-        while not (client.eof or client.closed):
-            client.conn.trailing_data  # noqa: B018 - drop what arrived, keep the buffer bounded
-            if client._paused:  # paused by a burst during the handshake: the EOF must still arrive
-                client._paused = False
-                client.transport.resume_reading()
-            client._waiter = client._loop.create_future()
-            await client._waiter
-            client._waiter = None
-
-    @property
-    def client_transport(self) -> asyncio.Transport:
-        return self._client.transport
-
-    async def addresses_to_use(self) -> tuple[IPAddress, ...]:
-        """The checked addresses of the destination (resolving it if nobody did yet)."""
-        if self.addresses is None:
-            try:
-                self.addresses = await self.resolve()
-            except ResolveError as exc:
-                await self.fail(exc.reply, f"cannot resolve {self.destination.host}: {exc}")
-            except PluginError as exc:
-                await self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.destination.host}", exc)
-            if not self.addresses:
-                await self.fail(Reply.HOST_UNREACHABLE, f"{self.destination.host} has no address")
-        return self.addresses
-
-    async def _connect(self) -> None:
-        ips = await self.addresses_to_use()
-        targets = tuple(Address(ip, self.destination.port) for ip in ips)
-        timeout = self.config.timeouts.connect
-        began = time.monotonic()
-        upstream = None
-        try:
-            sock, _ = await self.hooks.open_connection(self, targets, timeout=timeout)
-            if sock is None:
-                if len(targets) == 1:  # the common case: the loop dials in one step
-                    upstream = await self._within(timeout, _open(self.server.loop, targets[0]))
-                else:
-                    sock = await self._within(timeout, dial(targets))
-        except PluginError as exc:
-            cause = exc.__cause__
-            reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
-            await self.fail(reply, f"connect failed: {exc}", exc)
-        except (OSError, TimeoutError) as exc:
-            await self.fail(reply_for_error(exc), f"connect to {self.destination} failed: {_describe(exc)}")
-        self.timings["connect"] = time.monotonic() - began
-        if upstream is None:
-            await self.start_relay(sock)
-        else:
-            await self._relay(upstream)
-
-    async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
-        """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
-        try:
-            _, upstream = await self.server.loop.create_connection(Pending, sock=sock)
-        except OSError as exc:
-            sock.close()
-            await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
-        await self._relay(upstream, bound)
-
-    async def _relay(self, upstream: Pending, bound: Address | None = None) -> None:
-        transport = upstream.transport
-        try:
-            self.remote = Address.from_sockaddr(transport.get_extra_info("peername"))
-            self.bound = bound or Address.from_sockaddr(transport.get_extra_info("sockname"))
-        except (OSError, TypeError) as exc:  # the destination already closed: no addresses left
-            transport.abort()
-            await self.fail(Reply.GENERAL_FAILURE, f"connection lost: {_describe(exc)}")
-        try:
-            limiters = self.hooks.relay_start(self)
-        except PluginError as exc:
-            transport.abort()
-            await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
-        tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.hooks, self), limiters)
-        client = self._client
-        if client.closed:  # the client left while we were connecting
-            transport.close()
-            raise ClientGone("client closed the connection before the reply")
-        self.reply = Reply.SUCCEEDED
-        client.write(self._reply_bytes(self.bound))
-        self.tunnel = tunnel
-        tunnel.start(client.transport, upstream, client.conn.trailing_data, client.eof)
-        self._client = None  # type: ignore[assignment]  # the tunnel owns the transport now
-
-    def _reply_bytes(self, bound: Address) -> bytes:
-        conn = self._client.conn
-        if conn.phase is protocol.Phase.DONE:  # BIND's second reply
-            return conn.send_second_reply(Reply.SUCCEEDED, bound)
-        return conn.send_reply(Reply.SUCCEEDED, bound)
-
-    def _tunnel_closed(self, tunnel: Tunnel) -> None:
-        if tunnel.failure is not None:  # a relay_data plugin raised: its error is the reason
-            log.error("session %s: %s", self.id, tunnel.failure, exc_info=tunnel.failure.__cause__)
-            self.close_reason = str(tunnel.failure)
-        if tunnel.error is not None and not self.close_reason:
-            self.close_reason = f"relay error: {_describe(tunnel.error)}"
-        self.close_reason = self.close_reason or "closed"
-        self.server.session_ended(self)
-
-
-async def _open(loop: asyncio.AbstractEventLoop, address: Address) -> Pending:
-    """A connection to one IP address, held by a Pending protocol until the tunnel starts."""
-    _, upstream = await loop.create_connection(Pending, str(address.host), address.port)
-    return upstream
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, TimeoutError):
-        return "timed out"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
-
-
-__all__ = ["AuthChannel", "ClientProtocol", "Direction", "Session"]
+__all__ = ["AuthChannel", "Direction", "Session"]

@@ -51,7 +51,7 @@ from socksflow.relay import Direction, Limiter
 
 if TYPE_CHECKING:
     from socksflow.config import UdpSettings
-    from socksflow.session import Session
+    from socksflow.runner import Runner
 
 log = logging.getLogger("socksflow.udp")
 
@@ -75,23 +75,24 @@ _SOURCES: dict[tuple[int, bool], IPAddress] = {
 Answer = tuple[Verdict | None, str] | Awaitable[tuple[Verdict | None, str]] | None
 
 
-async def handle(session: Session) -> None:
+async def handle(runner: Runner) -> None:
     """Serve a UDP ASSOCIATE request until its control connection closes or it goes idle."""
-    association = Association(session, session.config.udp)
+    session = runner.session
+    association = Association(runner, session.config.udp)
     try:
         try:
             await association.open()
         except OSError as exc:
-            await session.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
+            await runner.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
         try:
-            association.limiters = tuple(session.hooks.relay_start(session))
+            association.limiters = tuple(runner.hooks.relay_start(session))
         except PluginError as exc:
-            await session.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
+            await runner.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
         session.association = association
         session.bound = association.bound
-        session.send_reply(Reply.SUCCEEDED, association.bound)
-        await session.wait_client_closed()
-        session.close_reason = session.close_reason or "control connection closed"
+        runner.send_reply(Reply.SUCCEEDED, association.bound)
+        await runner.wait_client_closed()
+        runner.set_reason("control connection closed")
     finally:
         association.close()
 
@@ -103,8 +104,10 @@ class Association(asyncio.DatagramProtocol):
     ``datagrams_up``/``datagrams_down``, ``datagrams_dropped``.
     """
 
-    def __init__(self, session: Session, settings: UdpSettings) -> None:
-        self.session = session
+    def __init__(self, runner: Runner, settings: UdpSettings) -> None:
+        self.runner = runner
+        self.session = session = runner.session
+        self.hooks = runner.hooks
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         client = session.client.host
@@ -125,7 +128,7 @@ class Association(asyncio.DatagramProtocol):
         self.worker: asyncio.Task[None] | None = None
         self.lookups: dict[str, collections.deque[_Parked]] = {}  # name → datagrams waiting for it
         self.lookup_tasks: set[asyncio.Task[None]] = set()
-        self.hooked = bool(session.hooks.implementations("udp_datagram"))
+        self.hooked = bool(self.hooks.implementations("udp_datagram"))
         self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
         self._waiting_up = self._waiting_down = 0  # bytes held back by the limiters
         self.any_reply = settings.replies_from == "any"
@@ -178,8 +181,7 @@ class Association(asyncio.DatagramProtocol):
         else:
             self._idle_polls += 1
         if self._idle_polls >= 4:
-            self.session.close_reason = "idle timeout"
-            self.session.client_transport.close()  # wait_client_closed() returns, handle() cleans up
+            self.runner.end("idle timeout")  # wait_client_closed() returns, handle() cleans up
         else:
             self._timer = self.loop.call_later(self.settings.idle / 4, self._poll_idle)
 
@@ -218,7 +220,7 @@ class Association(asyncio.DatagramProtocol):
         header = route.header
         session = self.session
         try:
-            answer = session.hooks.udp_datagram(session, header.destination, data[header.offset :])
+            answer = self.hooks.udp_datagram(session, header.destination, data[header.offset :])
         except PluginError as exc:
             self._plugin_failed(header.destination, exc)
             return
@@ -274,7 +276,7 @@ class Association(asyncio.DatagramProtocol):
             payload = data[header.offset :]
 
             def ask(where: Address, after: str | None) -> Any:
-                return session.hooks.udp_datagram(session, where, payload, after=after)
+                return self.hooks.udp_datagram(session, where, payload, after=after)
 
             try:
                 if inspect.isawaitable(answer):
@@ -363,7 +365,7 @@ class Association(asyncio.DatagramProtocol):
         """A plugin raised on a datagram: that datagram is dropped (fail closed), the association goes on."""
         self._drop(f"to {destination}: {error}", error)
         session = self.session
-        session.server.spawn(session.hooks.session_error(session, error))
+        session.server.spawn(self.hooks.session_error(session, error))
 
     async def _route(self, header: UdpHeader, ip: IPAddress, port: int) -> _Route:
         """The socket and address to send to ``ip``:``port``; registers the remote for replies."""
