@@ -31,9 +31,10 @@ import inspect
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from socksflow.datagrams import NameParking, Pacer, RouteCache
 from socksflow.decide import Decision, decide, final
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
@@ -44,7 +45,6 @@ from socksflow.protocol import (
     ProtocolError,
     Reply,
     UdpHeader,
-    build_udp_header,
     parse_udp_header,
 )
 from socksflow.relay import Direction, Limiter
@@ -85,7 +85,7 @@ async def handle(runner: Runner) -> None:
         except OSError as exc:
             await runner.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
         try:
-            association.limiters = tuple(runner.hooks.relay_start(session))
+            association.pace(runner.hooks.relay_start(session))
         except PluginError as exc:
             await runner.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
         session.association = association
@@ -122,15 +122,12 @@ class Association(asyncio.DatagramProtocol):
         self.relay: asyncio.DatagramTransport | None = None
         self.relay_paused = False
         self.outbound: dict[tuple[int, bool], _Outbound] = {}
-        self.routes: dict[bytes, _Route] = {}  # header bytes → where its datagrams go (fast path)
-        self.reply_headers: dict[tuple[str, int], bytes] = {}  # remote → header for its replies
+        self.routes: RouteCache[_Route] = RouteCache(MAX_DESTINATIONS)
         self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
-        self.lookups: dict[str, collections.deque[_Parked]] = {}  # name → datagrams waiting for it
-        self.lookup_tasks: set[asyncio.Task[None]] = set()
+        self.parking: NameParking[_Parked] = NameParking(self.loop, self._look_up, MAX_LOOKUPS, MAX_BACKLOG)
         self.hooked = bool(self.hooks.implementations("udp_datagram"))
-        self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
-        self._waiting_up = self._waiting_down = 0  # bytes held back by the limiters
+        self.pacer: Pacer | None = None  # with limiters from socksflow_relay_start (bandwidth)
         self.any_reply = settings.replies_from == "any"
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = self.datagrams_dropped = 0
@@ -160,9 +157,9 @@ class Association(asyncio.DatagramProtocol):
             self._timer.cancel()
         if self.worker is not None:
             self.worker.cancel()
-        for task in self.lookup_tasks:
-            task.cancel()
-        self.lookups.clear()
+        self.parking.close()
+        if self.pacer is not None:
+            self.pacer.close()
         for _, _, answer in self.backlog:
             _discard(answer)
         self.backlog.clear()
@@ -172,6 +169,10 @@ class Association(asyncio.DatagramProtocol):
             outbound.transport.close()
         self.outbound.clear()
         self.routes.clear()
+
+    def pace(self, limiters: Sequence[Limiter]) -> None:
+        """Pace datagrams both ways by these limiters (from ``socksflow_relay_start``)."""
+        self.pacer = Pacer(self.loop, limiters, MAX_PACED_BYTES) if limiters else None
 
     def _poll_idle(self) -> None:
         """Checked in quarters of ``udp.idle``: four silent quarters end the association."""
@@ -194,7 +195,7 @@ class Association(asyncio.DatagramProtocol):
             atyp = data[3] if len(data) > 4 else 0
             length = _HEADER_LENGTH.get(atyp) or (7 + data[4] if atyp == 0x03 else 0)
             # A known key is a header that parsed before: right RSV, FRAG 0, and data is long enough.
-            route = self.routes.get(data[:length])
+            route = self.routes.route(data[:length])
             if route is not None:
                 if not self.hooked:
                     self._send(route, memoryview(data)[length:])
@@ -296,9 +297,13 @@ class Association(asyncio.DatagramProtocol):
                 addresses = (destination.host,)  # type: ignore[assignment]
             else:
                 name: str = destination.host  # type: ignore[assignment]
-                addresses = None if name in self.lookups else session.resolved(name)
+                addresses = None if name in self.parking else session.resolved(name)
                 if addresses is None:  # the worker goes on; the datagram waits for its name
-                    self._wait_for_name(name, _Parked(header, data, destination, as_asked))
+                    refusal = self.parking.park(
+                        name, destination.port, _Parked(header, data, destination, as_asked)
+                    )
+                    if refusal is not None:
+                        self._drop(refusal)
                     return
         await self._deliver_to(_Parked(header, data, destination, as_asked), addresses)
 
@@ -310,41 +315,20 @@ class Association(asyncio.DatagramProtocol):
             return
         route = await self._route(header, addresses[0], destination.port)
         if parked.as_asked:
-            if len(self.routes) >= MAX_DESTINATIONS:
-                self.routes.clear()
-            self.routes[data[: header.offset]] = route
+            self.routes.add_route(data[: header.offset], route)
         self._send(route, memoryview(data)[header.offset :])
 
-    def _wait_for_name(self, name: str, parked: _Parked) -> None:
-        """Hold a datagram until ``name`` is resolved, so a slow look-up delays only its own datagrams."""
-        waiting = self.lookups.get(name)
-        if waiting is None:
-            if len(self.lookups) >= MAX_LOOKUPS:
-                self._drop(f"to {parked.destination}: {MAX_LOOKUPS} names are being looked up already")
-                return
-            waiting = self.lookups[name] = collections.deque()
-            self.lookup_tasks.add(task := self.loop.create_task(self._look_up(name, parked.destination.port)))
-            task.add_done_callback(self.lookup_tasks.discard)
-        if sum(map(len, self.lookups.values())) >= MAX_BACKLOG:
-            self._drop("backlog full")
-            return
-        waiting.append(parked)
-
-    async def _look_up(self, name: str, port: int) -> None:
+    async def _look_up(self, name: str, port: int, waiting: collections.deque[_Parked]) -> None:
         """Resolve ``name``, then send what waited for it, in order (new arrivals join the queue)."""
-        waiting = self.lookups[name]
         try:
-            try:
-                addresses = await self.session.resolve(name, port)
-            except (ResolveError, PluginError) as exc:
-                while waiting:
-                    self._drop(f"to {waiting.popleft().destination}: cannot resolve: {exc}")
-                return
-            while waiting and not self._closed:
-                parked = waiting.popleft()
-                await self._guarded(parked.destination, self._deliver_to(parked, addresses))
-        finally:
-            self.lookups.pop(name, None)
+            addresses = await self.session.resolve(name, port)
+        except (ResolveError, PluginError) as exc:
+            while waiting:
+                self._drop(f"to {waiting.popleft().destination}: cannot resolve: {exc}")
+            return
+        while waiting and not self._closed:
+            parked = waiting.popleft()
+            await self._guarded(parked.destination, self._deliver_to(parked, addresses))
 
     async def _guarded(self, destination: Address, forwarding: Awaitable[None]) -> None:
         """Forward one datagram; a failure drops it, and the association goes on."""
@@ -371,8 +355,7 @@ class Association(asyncio.DatagramProtocol):
         """The socket and address to send to ``ip``:``port``; registers the remote for replies."""
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         sockaddr = (socket.inet_ntop(family, ip.packed), port)
-        if sockaddr not in self.reply_headers:
-            self._remember(sockaddr, ip)
+        self.routes.add_remote(sockaddr, ip)
         key = (ip.version, ip.is_loopback)
         outbound = self.outbound.get(key)
         if outbound is None:
@@ -381,51 +364,13 @@ class Association(asyncio.DatagramProtocol):
             self.outbound[key] = outbound
         return _Route(header, outbound, sockaddr)
 
-    def _remember(self, sockaddr: tuple[str, int], ip: IPAddress) -> bytes:
-        if len(self.reply_headers) >= MAX_DESTINATIONS:
-            del self.reply_headers[next(iter(self.reply_headers))]
-            self.routes.clear()  # a cached route must never outlive its remote's reply header
-        header = build_udp_header(Address(ip, sockaddr[1]))
-        self.reply_headers[sockaddr] = header
-        return header
-
     def _send(self, route: _Route, payload: memoryview) -> None:
-        if self.limiters and not self._paced(Direction.UP, len(payload), self._transmit, route, payload):
-            return
-        self._transmit(route, payload)
-
-    def _paced(self, direction: Direction, size: int, send: Callable[..., None], *args: Any) -> bool:
-        """Whether a datagram may go now; if not, it is sent when the limiters allow, or dropped.
-
-        Datagrams over the rate wait their turn, in order, up to MAX_PACED_BYTES per direction
-        (like a TCP tunnel's buffer); beyond that they are dropped, as UDP may.
-        """
-        up = direction is Direction.UP
-        if (self._waiting_up if up else self._waiting_down) + size > MAX_PACED_BYTES:
-            self._drop(f"bandwidth limit ({direction.value}): {MAX_PACED_BYTES} bytes already wait")
-            return False
-        wait = 0.0
-        for limiter in self.limiters:
-            delay = limiter.delay(direction, size)
-            if delay > wait:
-                wait = delay
-        if wait <= 0:
-            return True
-        self._hold(up, size)
-
-        def release() -> None:
-            self._hold(up, -size)
-            if not self._closed:
-                send(*args)
-
-        self.loop.call_later(wait, release)
-        return False
-
-    def _hold(self, up: bool, size: int) -> None:
-        if up:
-            self._waiting_up += size
-        else:
-            self._waiting_down += size
+        if self.pacer is None:
+            self._transmit(route, payload)
+        elif (
+            refusal := self.pacer.admit(Direction.UP, len(payload), self._transmit, route, payload)
+        ) is not None:
+            self._drop(refusal)
 
     def _transmit(self, route: _Route, payload: memoryview) -> None:
         outbound = route.outbound
@@ -445,18 +390,21 @@ class Association(asyncio.DatagramProtocol):
     def reply(self, data: bytes, addr: tuple) -> None:
         """A datagram from a remote host: wrap it with the host's address and pass it to the client."""
         sockaddr = addr[:2]
-        header = self.reply_headers.get(sockaddr)
+        header = self.routes.reply_header(sockaddr)
         if header is None:
             if not self.any_reply:
                 self._drop(f"reply from {sockaddr[0]}:{sockaddr[1]}, to which the client has not sent")
                 return
-            header = self._remember(sockaddr, ipaddress.ip_address(sockaddr[0].partition("%")[0]))
+            header = self.routes.add_remote(sockaddr, ipaddress.ip_address(sockaddr[0].partition("%")[0]))
         if self.client_addr is None:
             self._drop("reply before the client's port is known")
             return
-        if self.limiters and not self._paced(Direction.DOWN, len(data), self._deliver, header, data):
-            return
-        self._deliver(header, data)
+        if self.pacer is None:
+            self._deliver(header, data)
+        elif (
+            refusal := self.pacer.admit(Direction.DOWN, len(data), self._deliver, header, data)
+        ) is not None:
+            self._drop(refusal)
 
     def _deliver(self, header: bytes, data: bytes) -> None:
         if self.relay_paused:

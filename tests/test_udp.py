@@ -17,7 +17,7 @@ import pytest
 import socks
 from socksflow_plugins import limits as limits_plugin
 
-from socksflow import Address, Verdict, hookimpl
+from socksflow import Address, Direction, Verdict, hookimpl
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.protocol import Command, Reply, build_udp_header
@@ -503,7 +503,10 @@ def test_datagrams_beyond_what_may_wait_for_the_limit_are_dropped(socksflow_serv
 
         def accounted() -> int:  # sent + waiting + dropped: all 20 read from the relay socket
             associations = [s.association for s in server.server.sessions if s.association is not None]
-            return sum(a.datagrams_up + a._waiting_up // 1000 + a.datagrams_dropped for a in associations)
+            return sum(
+                a.datagrams_up + a.pacer.waiting(Direction.UP) // 1000 + a.datagrams_dropped
+                for a in associations
+            )
 
         assert wait_until(lambda: server.call(accounted) == 20)  # before the close ends the association
     control.close()
