@@ -31,7 +31,7 @@ import inspect
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from socksflow.datagrams import NameParking, Pacer, RouteCache
@@ -367,9 +367,12 @@ class Association(asyncio.DatagramProtocol):
     def _send(self, route: _Route, payload: memoryview) -> None:
         if self.pacer is None:
             self._transmit(route, payload)
-        elif (
-            refusal := self.pacer.admit(Direction.UP, len(payload), self._transmit, route, payload)
-        ) is not None:
+        else:
+            self._paced(Direction.UP, len(payload), self._transmit, route, payload)
+
+    def _paced(self, direction: Direction, size: int, send: Callable[..., None], *args: Any) -> None:
+        refusal = self.pacer.admit(direction, size, send, *args)  # type: ignore[union-attr]
+        if refusal is not None:
             self._drop(refusal)
 
     def _transmit(self, route: _Route, payload: memoryview) -> None:
@@ -401,10 +404,8 @@ class Association(asyncio.DatagramProtocol):
             return
         if self.pacer is None:
             self._deliver(header, data)
-        elif (
-            refusal := self.pacer.admit(Direction.DOWN, len(data), self._deliver, header, data)
-        ) is not None:
-            self._drop(refusal)
+        else:
+            self._paced(Direction.DOWN, len(data), self._deliver, header, data)
 
     def _deliver(self, header: bytes, data: bytes) -> None:
         if self.relay_paused:
