@@ -207,7 +207,6 @@ def record(session: Any) -> dict[str, Any]:
     """The access log fields of a finished session."""
     request = session.request
     verdict = session.verdict
-    denied = verdict is not None and not verdict.allowed
     return {
         "time": timestamp(session.started),
         "session": session.id,
@@ -216,7 +215,7 @@ def record(session: Any) -> dict[str, Any]:
         "command": request.command.name.lower() if request else None,
         "destination": str(request.destination) if request else None,
         "remote": str(session.remote) if session.remote else None,
-        "verdict": "deny" if denied else "allow" if request else None,
+        "verdict": session.outcome,
         "rule": (verdict.rule or None) if verdict else None,
         "plugin": (session.decided_by or None) if verdict else None,
         "reply": int(session.reply) if session.reply is not None else None,

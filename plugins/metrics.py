@@ -103,8 +103,7 @@ class Metrics:
     def observe(self, session: Any) -> None:
         """Account a finished session."""
         request, verdict = session.request, session.verdict
-        denied = verdict is not None and not verdict.allowed
-        verdict_label = "deny" if denied else "allow" if request else "none"
+        verdict_label = session.outcome or "none"
         self.sessions.labels(request.command.name.lower() if request else "none", verdict_label).inc()
         self.bytes.labels("up").inc(session.bytes_up)
         self.bytes.labels("down").inc(session.bytes_down)
@@ -113,7 +112,7 @@ class Metrics:
                 self.timings[phase].observe(seconds)
         if verdict is not None and verdict.rule:
             self.rule_hits.labels(verdict.rule, verdict_label).inc()
-        if denied:
+        if verdict_label == "deny":
             stage = "request" if request else "auth" if session.method is not None else "accept"
             self.denials.labels(session.decided_by or "-", stage).inc()
 

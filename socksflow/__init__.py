@@ -5,6 +5,7 @@ The public API for plugin authors is what this module exports.
 
 from socksflow.config import Config, Node
 from socksflow.decisions import ANONYMOUS, Identity, Verdict
+from socksflow.dial import interleave
 from socksflow.errors import ConfigError, PluginError, ResolveError
 from socksflow.explain import ExplainQuery
 from socksflow.interfaces import Server, Session
@@ -53,6 +54,7 @@ __all__ = [
     "Verdict",
     "__version__",
     "hookimpl",
+    "interleave",
     "parse_host",
     "resolve_error",
 ]

@@ -22,6 +22,7 @@ from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError
 from socksflow.protocol import Address, IPAddress, Reply
+from socksflow.sockets import bound_socket
 
 if TYPE_CHECKING:
     from socksflow.config import BindSettings
@@ -37,7 +38,7 @@ async def handle(runner: Runner) -> None:
     listen = await _listen_address(runner)
     expected = await _expected_peer(runner, settings)
     try:
-        listener = _listening_socket(listen)
+        listener = bound_socket(listen.host, listen.port, socket.SOCK_STREAM, listen=1)  # type: ignore[arg-type]
     except OSError as exc:
         await runner.fail(reply_for_error(exc), f"cannot listen on {listen}: {exc.strerror or exc}")
     try:
@@ -83,19 +84,6 @@ async def _expected_peer(runner: Runner, settings: BindSettings) -> tuple[frozen
     ips = await runner.addresses_to_use()  # a name is resolved once, as for CONNECT
     port = destination.port if settings.peer_check == "strict" else 0
     return frozenset(ips), port
-
-
-def _listening_socket(address: Address) -> socket.socket:
-    family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.bind((str(address.host), address.port))
-        sock.listen(1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def _wait_for_peer(

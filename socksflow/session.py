@@ -154,6 +154,13 @@ class Session:
     def duration(self) -> float:
         return (self.ended or time.time()) - self.started
 
+    @property
+    def outcome(self) -> str | None:
+        """``"deny"`` if a plugin refused the session, else ``"allow"`` once it made a request, else ``None``."""
+        if self.verdict is not None and not self.verdict.allowed:
+            return "deny"
+        return "allow" if self.request is not None else None
+
     async def resolve(self, host: str | None = None, port: int | None = None) -> tuple[IPAddress, ...]:
         """The addresses ``host`` (default: the destination) resolves to, looked up once per session.
 

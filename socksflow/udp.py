@@ -48,6 +48,7 @@ from socksflow.protocol import (
     parse_udp_header,
 )
 from socksflow.relay import Direction, Limiter
+from socksflow.sockets import bound_socket, ip_text
 
 if TYPE_CHECKING:
     from socksflow.config import UdpSettings
@@ -112,8 +113,7 @@ class Association(asyncio.DatagramProtocol):
         self.loop = asyncio.get_running_loop()
         client = session.client.host
         assert not isinstance(client, str) and session.request is not None
-        family = socket.AF_INET6 if client.version == 6 else socket.AF_INET
-        self.client_ip = socket.inet_ntop(family, client.packed)  # as recvfrom spells it
+        self.client_ip = ip_text(client)  # as recvfrom spells it
         self.client_port = session.request.destination.port  # 0 until the first datagram
         self.client_addr: tuple[str, int] | None = None  # where replies go, once the port is known
         if self.client_port:
@@ -142,7 +142,9 @@ class Association(asyncio.DatagramProtocol):
     async def open(self) -> None:
         """Bind the relay socket next to the control connection and start the idle clock."""
         local = self.session.local.host
-        self.relay, _ = await self.loop.create_datagram_endpoint(lambda: self, sock=_bound_socket(local, 0))
+        self.relay, _ = await self.loop.create_datagram_endpoint(
+            lambda: self, sock=bound_socket(local, 0, socket.SOCK_DGRAM)
+        )
         port = self.relay.get_extra_info("sockname")[1]
         self.bound = Address(self.settings.advertise or local, port)
         if self.settings.idle:
@@ -353,13 +355,12 @@ class Association(asyncio.DatagramProtocol):
 
     async def _route(self, header: UdpHeader, ip: IPAddress, port: int) -> _Route:
         """The socket and address to send to ``ip``:``port``; registers the remote for replies."""
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        sockaddr = (socket.inet_ntop(family, ip.packed), port)
+        sockaddr = (ip_text(ip), port)
         self.routes.add_remote(sockaddr, ip)
         key = (ip.version, ip.is_loopback)
         outbound = self.outbound.get(key)
         if outbound is None:
-            outbound = _Outbound(self, _bound_socket(_SOURCES[key], 0))
+            outbound = _Outbound(self, bound_socket(_SOURCES[key], 0, socket.SOCK_DGRAM))
             await self.loop.create_datagram_endpoint(lambda: outbound, sock=outbound.sock)
             self.outbound[key] = outbound
         return _Route(header, outbound, sockaddr)
@@ -497,14 +498,3 @@ def _discard(answer: Answer) -> None:
     """Close a pending hook answer that will never be awaited (no "never awaited" warning)."""
     if inspect.iscoroutine(answer):
         answer.close()
-
-
-def _bound_socket(ip: IPAddress, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.bind((str(ip), port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock

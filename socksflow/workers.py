@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from socksflow import sockets
 from socksflow.config import Config
 from socksflow.protocol import Address
 
@@ -36,8 +37,7 @@ def reserve_ports(config: Config) -> list[socket.socket]:
     reserved = []
     addresses = []
     for address in config.listen:
-        family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(sockets.family(address), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:

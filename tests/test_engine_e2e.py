@@ -384,7 +384,9 @@ def test_proxychains4_with_remote_dns(socksflow_server, http_target, tmp_path):
 
     server = socksflow_server(plugins=[Recorder()])
     conf = tmp_path / "proxychains.conf"
-    conf.write_text(f"strict_chain\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 {server.host} {server.port}\n")
+    conf.write_text(
+        f"strict_chain\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 {server.host} {server.port}\n"
+    )
     result = subprocess.run(
         [proxychains, "-q", "-f", str(conf), require_tool("curl"), "--silent", "--max-time", "20",
          http_target.url("/blob", "target.socksflow.test")],
