@@ -409,10 +409,6 @@ class Config:
             raise ConfigErrors([ConfigError(f"cannot read: {exc.strerror}", str(path))]) from None
         return cls.from_text(text, str(path))
 
-    @property
-    def base_dir(self) -> Path:
-        return Path(self.file).parent
-
     def section(self, name: str) -> Node | None:
         """Claim the top-level section ``name`` and return it (``None`` if absent)."""
         self._claimed.add(name)
