@@ -42,7 +42,11 @@ Answer = tuple[T | None, str]
 
 
 class Hooks:
-    """Every hook the core calls, typed, for one configuration (its plugins, its hook timeout)."""
+    """Every hook the core calls, typed, for one configuration (its plugins, its hook timeout).
+
+    The methods of the hooks that may be async return the caller's awaitable as it is (no
+    coroutine of their own: they run several times per session).
+    """
 
     __slots__ = ("caller", "timeout")
 
@@ -76,11 +80,11 @@ class Hooks:
     def exposure(self, config: Config) -> list[str]:
         return self.caller.call_all_sync("socksflow_exposure", config=config)
 
-    async def startup(self, server: Server) -> None:
-        await self.caller.call_all("socksflow_startup", None, server=server)
+    def startup(self, server: Server) -> Awaitable[None]:
+        return self.caller.call_all("socksflow_startup", None, server=server)  # type: ignore[return-value]
 
-    async def shutdown(self, server: Server) -> None:
-        await self.caller.notify("socksflow_shutdown", self.timeout, server=server)
+    def shutdown(self, server: Server) -> Awaitable[None]:
+        return self.caller.notify("socksflow_shutdown", self.timeout, server=server)
 
     async def check(self, config: Config, resolve: Resolver) -> list[ConfigError]:
         results = await self.caller.call_all("socksflow_check", None, config=config, resolve=resolve)
@@ -94,40 +98,38 @@ class Hooks:
 
     # ------------------------------------------------------------------ handshake
 
-    async def client_connected(self, session: Session) -> Answer[Verdict]:
-        return await self.caller.call_first("socksflow_client_connected", self.timeout, session=session)
+    def client_connected(self, session: Session) -> Awaitable[Answer[Verdict]]:
+        return self.caller.call_first("socksflow_client_connected", self.timeout, session=session)
 
-    async def select_method(self, session: Session, offered: tuple[int, ...]) -> Answer[int]:
-        return await self.caller.call_first(
+    def select_method(self, session: Session, offered: tuple[int, ...]) -> Awaitable[Answer[int]]:
+        return self.caller.call_first(
             "socksflow_select_method", self.timeout, session=session, offered=offered
         )
 
-    async def authenticate(
+    def authenticate(
         self, session: Session, username: bytes, password: bytes
-    ) -> Answer[Identity | Verdict]:
-        return await self.caller.call_first(
+    ) -> Awaitable[Answer[Identity | Verdict]]:
+        return self.caller.call_first(
             "socksflow_authenticate", self.timeout, session=session, username=username, password=password
         )
 
-    async def subnegotiate(
+    def subnegotiate(
         self, session: Session, method: int, channel: AuthChannel, *, timeout: float | None
-    ) -> Answer[Identity | Verdict]:
+    ) -> Awaitable[Answer[Identity | Verdict]]:
         """A multi-round exchange: bounded by ``timeout`` (the handshake's), not the hook timeout."""
-        return await self.caller.call_first(
+        return self.caller.call_first(
             "socksflow_subnegotiate", timeout, session=session, method=method, channel=channel
         )
 
     # ------------------------------------------------------------------ decisions
 
-    async def request(
+    def request(
         self, session: Session, request: Request, *, after: str | None = None
-    ) -> Answer[Verdict]:
+    ) -> Awaitable[Answer[Verdict]]:
         """The first answer; with ``after``, only from the plugins after that one (a rewrite's judges)."""
         if after is None:
-            return await self.caller.call_first(
-                "socksflow_request", self.timeout, session=session, request=request
-            )
-        return await self.caller.call_first_after(
+            return self.caller.call_first("socksflow_request", self.timeout, session=session, request=request)
+        return self.caller.call_first_after(
             "socksflow_request", self.timeout, after, session=session, request=request
         )
 
@@ -152,24 +154,24 @@ class Hooks:
             payload=payload,
         )
 
-    async def bind(self, session: Session) -> Answer[Address | Verdict]:
-        return await self.caller.call_first("socksflow_bind", self.timeout, session=session)
+    def bind(self, session: Session) -> Awaitable[Answer[Address | Verdict]]:
+        return self.caller.call_first("socksflow_bind", self.timeout, session=session)
 
-    async def bind_peer(self, session: Session, peer: Address) -> Answer[Verdict]:
-        return await self.caller.call_first("socksflow_bind_peer", self.timeout, session=session, peer=peer)
+    def bind_peer(self, session: Session, peer: Address) -> Awaitable[Answer[Verdict]]:
+        return self.caller.call_first("socksflow_bind_peer", self.timeout, session=session, peer=peer)
 
-    async def resolve(
+    def resolve(
         self, session: Session | None, host: str, port: int, config: Config
-    ) -> Answer[list[IPAddress]]:
-        return await self.caller.call_first(
+    ) -> Awaitable[Answer[list[IPAddress]]]:
+        return self.caller.call_first(
             "socksflow_resolve", self.timeout, session=session, host=host, port=port, config=config
         )
 
-    async def open_connection(
+    def open_connection(
         self, session: Session, addresses: tuple[Address, ...], *, timeout: float | None
-    ) -> Answer[socket.socket]:
+    ) -> Awaitable[Answer[socket.socket]]:
         """Bounded by ``timeout`` (the connect timeout)."""
-        return await self.caller.call_first(
+        return self.caller.call_first(
             "socksflow_open_connection", timeout, session=session, addresses=addresses
         )
 
@@ -188,8 +190,8 @@ class Hooks:
         """Notify the observers; an awaitable only if some are async (see ``HookCaller.notify_nowait``)."""
         return self.caller.notify_nowait("socksflow_session_end", self.timeout, session=session)
 
-    async def session_error(self, session: Session, error: Exception) -> None:
-        await self.caller.notify("socksflow_session_error", self.timeout, session=session, error=error)
+    def session_error(self, session: Session, error: Exception) -> Awaitable[None]:
+        return self.caller.notify("socksflow_session_error", self.timeout, session=session, error=error)
 
 
 class TracingCaller(HookCaller):

@@ -46,7 +46,7 @@ def chunk_transform(hooks: Hooks, session: Session) -> Transform | None:
     Each implementation gets the chunk as the previous one left it.  A plugin that raises
     ends the tunnel (see :meth:`Tunnel.fault`).
     """
-    if not hooks.implementations("relay_data"):
+    if not hooks.implementations("socksflow_relay_data"):
         return None
     return functools.partial(hooks.relay_data, session)
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from socksflow import protocol
-from socksflow.decide import decide
+from socksflow.decide import decide, final
 from socksflow.decisions import Identity, Verdict
 from socksflow.dial import dial, reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -442,7 +442,9 @@ class Runner:
             return self.hooks.request(session, replace(request, destination=destination), after=after)
 
         try:
-            decision = await decide(ask, request.destination)
+            answer = await self.hooks.request(session, request)
+            # Most answers decide on their own; a rewrite is judged by the plugins after it.
+            decision = final(answer, request.destination) or await decide(ask, request.destination, answer)
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)

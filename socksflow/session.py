@@ -127,7 +127,7 @@ class Session:
         self.ended: float | None = None
         self.tunnel: Tunnel | None = None  # CONNECT, BIND: where the byte counts come from
         self.association: Association | None = None  # UDP ASSOCIATE: likewise
-        self._resolved: dict[str, tuple[IPAddress, ...]] = {}
+        self._resolved: dict[str, tuple[IPAddress, ...]] | None = None  # made on the first look-up
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.client} -> {self.destination}>"
@@ -171,6 +171,8 @@ class Session:
             if not self.destination.is_domain:
                 return (self.destination.host,)  # type: ignore[return-value]
             host, port = self.destination.host, self.destination.port  # type: ignore[assignment]
+        if self._resolved is None:
+            self._resolved = {}
         cached = self._resolved.get(host)
         if cached is None:
             began = time.monotonic()
@@ -185,7 +187,7 @@ class Session:
 
     def resolved(self, host: str) -> tuple[IPAddress, ...] | None:
         """What ``host`` resolved to in this session, if it was looked up already (no waiting)."""
-        return self._resolved.get(host)
+        return self._resolved.get(host) if self._resolved is not None else None
 
 
 __all__ = ["AuthChannel", "Direction", "Session"]

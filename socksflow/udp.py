@@ -126,7 +126,7 @@ class Association(asyncio.DatagramProtocol):
         self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
         self.parking: NameParking[_Parked] = NameParking(self.loop, self._look_up, MAX_LOOKUPS, MAX_BACKLOG)
-        self.hooked = bool(self.hooks.implementations("udp_datagram"))
+        self.hooked = bool(self.hooks.implementations("socksflow_udp_datagram"))
         self.pacer: Pacer | None = None  # with limiters from socksflow_relay_start (bandwidth)
         self.any_reply = settings.replies_from == "any"
         self.bytes_up = self.bytes_down = 0
