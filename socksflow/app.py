@@ -47,7 +47,12 @@ def configure(pm: PluginManager, config: Config) -> None:
             )
     config.check_unclaimed()
     config.raise_errors()
-    config.hooks = pm.configured(frozenset(plugin for plugin, answer in answers.items() if answer is False))
+    dormant = {
+        plugin: frozenset() if answer is False else frozenset(answer)  # type: ignore[arg-type]
+        for plugin, answer in answers.items()
+        if answer is False or isinstance(answer, (set, frozenset))
+    }
+    config.hooks = pm.configured(dormant)
 
 
 def prepare(path: str | Path | None, disabled: Iterable[str] = ()) -> tuple[Config, PluginManager]:

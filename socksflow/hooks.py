@@ -62,13 +62,15 @@ class Hooks:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def configure(self, config: Config) -> tuple[dict[str, bool | None], dict[str, Exception]]:
+    def configure(
+        self, config: Config
+    ) -> tuple[dict[str, bool | frozenset[str] | None], dict[str, Exception]]:
         """Each plugin's answer to ``socksflow_configure`` (``False``: dormant), and each one's error.
 
         Called by plugin, not as a chain: every plugin validates its sections even when another
         one's are wrong, so one run reports every mistake.
         """
-        answers: dict[str, bool | None] = {}
+        answers: dict[str, bool | frozenset[str] | None] = {}
         errors: dict[str, Exception] = {}
         for impl in self.caller.impls("socksflow_configure"):
             try:

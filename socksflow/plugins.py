@@ -199,9 +199,11 @@ class ConfiguredHooks(HookCaller):
 
     A plugin is dormant under a configuration when its ``socksflow_configure`` returned
     ``False`` (nothing configured for it): its per-session hooks are then not called at all.
+    ``dormant`` maps each such plugin to the session hooks still called (a configure answer
+    that is a set of hook names).
     """
 
-    def __init__(self, pm: PluginManager, dormant: frozenset[str]) -> None:
+    def __init__(self, pm: PluginManager, dormant: dict[str, frozenset[str]]) -> None:
         self._pm = pm
         self.dormant = dormant
         self._impls: dict[str, tuple[Impl, ...]] = {}
@@ -215,7 +217,11 @@ class ConfiguredHooks(HookCaller):
         if cached is None:
             cached = self._pm.impls(hook)
             if hook in hookspecs.SESSION_HOOKS:
-                cached = tuple(impl for impl in cached if impl.plugin not in self.dormant)
+                cached = tuple(
+                    impl
+                    for impl in cached
+                    if impl.plugin not in self.dormant or hook in self.dormant[impl.plugin]
+                )
             self._impls[hook] = cached
         return cached
 
@@ -369,8 +375,13 @@ class PluginManager(HookCaller, pluggy.PluginManager):
             self._impls[hook] = cached
         return cached
 
-    def configured(self, dormant: frozenset[str]) -> HookCaller:
-        """The hooks to call under a configuration whose ``dormant`` plugins have nothing to do."""
+    def configured(self, dormant: Iterable[str] | dict[str, frozenset[str]]) -> HookCaller:
+        """The hooks to call under a configuration whose ``dormant`` plugins have nothing to do.
+
+        ``dormant`` names the plugins, or maps each to the session hooks it still needs.
+        """
+        if not isinstance(dormant, dict):
+            dormant = dict.fromkeys(dormant, frozenset())
         return ConfiguredHooks(self, dormant) if dormant else self
 
     def plugin_info(self) -> list[PluginInfo]:

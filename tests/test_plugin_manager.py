@@ -512,6 +512,23 @@ def test_a_plugin_with_nothing_configured_is_not_asked_about_sessions(socksflow_
     assert sleepy.calls == ["client_connected", "session_end"]
 
 
+def test_a_plugin_may_stay_awake_for_some_session_hooks_only(socksflow_server, echo):
+    from socksflow.testing import socks5_handshake
+
+    class Drowsy(Sleepy):
+        @hookimpl
+        def socksflow_configure(self, config):
+            return frozenset({"socksflow_session_end"})  # e.g. a default limit still to count
+
+    drowsy = Drowsy()
+    server = socksflow_server("listen: [127.0.0.1:0]\n", plugins=[drowsy], autoload=False)
+    code, client = socks5_handshake(server.address, echo)
+    client.close()
+    assert code == 0
+    server.stop()
+    assert drowsy.calls == ["session_end"]
+
+
 def test_a_dormant_view_follows_plugins_registered_later():
     pm = PluginManager()
     view = pm.configured(frozenset({"sleepy"}))

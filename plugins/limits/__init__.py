@@ -59,11 +59,15 @@ STATE = StashKey[State]("limits.state")
 COUNTED = StashKey[set[Hashable]]("limits.counted")  # per session: the concurrency keys it holds
 
 
+# Without a limits section, only the UDP association cap (udp.max_per_client) is left to keep.
+UDP_CAP_HOOKS = frozenset({"socksflow_request", "socksflow_session_end"})
+
+
 @hookimpl
-def socksflow_configure(config: Config) -> bool | None:
+def socksflow_configure(config: Config) -> bool | frozenset[str] | None:
     node = config.section("limits")
     if node is None:
-        return None  # no limits section; udp.max_per_client still applies
+        return UDP_CAP_HOOKS
     entries = []
     for item in node.as_list(scalar_ok=False):
         with config.errors.capture():
