@@ -29,25 +29,22 @@ class RouteCache(Generic[Route]):
     they start over (each is found again by the worker on its next datagram).
     """
 
-    __slots__ = ("_headers", "_routes", "limit")
+    __slots__ = ("_headers", "_routes", "limit", "reply_header", "route")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._routes: dict[bytes, Route] = {}
         self._headers: dict[SockAddr, bytes] = {}
-
-    def route(self, key: bytes) -> Route | None:
-        """The route of a datagram whose header bytes are ``key``, if one is cached."""
-        return self._routes.get(key)
+        # Asked per datagram: the dicts' own look-ups, without a Python call around them.
+        self.route: Callable[[bytes], Route | None] = self._routes.get
+        """The route of a datagram whose header bytes are the key, if one is cached."""
+        self.reply_header: Callable[[SockAddr], bytes | None] = self._headers.get
+        """The header for replies from a remote's address, if the association knows it."""
 
     def add_route(self, key: bytes, route: Route) -> None:
         if len(self._routes) >= self.limit:
             self._routes.clear()
         self._routes[key] = route
-
-    def reply_header(self, sockaddr: SockAddr) -> bytes | None:
-        """The header for replies from ``sockaddr``, if the association knows that remote."""
-        return self._headers.get(sockaddr)
 
     def add_remote(self, sockaddr: SockAddr, ip: IPAddress) -> bytes:
         """Know the remote at ``sockaddr`` (``ip`` parsed); the header its replies get."""
