@@ -6,6 +6,7 @@ satisfy them, and anything else a plugin is handed (a test double) may too.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -69,4 +70,6 @@ class Server(Protocol):
     addresses: list[Address]
 
     @property
-    def sessions(self) -> set[Session]: ...  # type: ignore[override]
+    def sessions(self) -> Collection[Session]:
+        """The sessions open now (iterate, count, test membership; copy it to keep it)."""
+        ...
