@@ -32,7 +32,7 @@ class Server:
     def __init__(self, config: Config, pm: PluginManager, *, worker: int | None = None) -> None:
         self.config = config
         self.pm = pm
-        self.hooks = Hooks(config.hooks or pm, config.timeouts.hook)  # for sessions under this config
+        self._hooks: tuple[Config, Hooks] | None = None  # the hooks of the configuration in force
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
@@ -98,6 +98,14 @@ class Server:
             self._spare.release()
 
     @property
+    def hooks(self) -> Hooks:
+        """The typed hooks of the configuration in force (follows reloads: new sessions use the new one)."""
+        config = self.config
+        if self._hooks is None or self._hooks[0] is not config:
+            self._hooks = (config, Hooks(config.hooks or self.pm, config.timeouts.hook))
+        return self._hooks[1]
+
+    @property
     def sessions(self) -> KeysView[Session]:
         """The sessions open now (a live view: copy it to keep it across awaits)."""
         return self._runners.keys()
@@ -123,7 +131,6 @@ class Server:
         if config.listen != self.config.listen:
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         self.config = config
-        self.hooks = Hooks(config.hooks or self.pm, config.timeouts.hook)
         log.info("configuration reloaded from %s", config.file)
         return True
 
