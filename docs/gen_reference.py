@@ -60,7 +60,7 @@ TYPES = {
     "Resolver": ("socksflow.explain.Resolver", "`await resolve(host, port)` → addresses, through the hooks"),
     "socket.socket": ("socket.socket", "a connected, non-blocking socket"),
 }
-BUILTINS = {"None", "bool", "bytes", "int", "str", "list", "tuple", "Exception"}
+BUILTINS = {"None", "bool", "bytes", "int", "str", "list", "tuple", "frozenset", "Exception"}
 
 
 # ---------------------------------------------------------------------------- hooks

@@ -39,8 +39,18 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from socksflow import Command, Config, Identity, Node, Protected, Reply, StashKey, Verdict, hookimpl
-from socksflow.protocol import ProtocolError
+from socksflow import (
+    Command,
+    Config,
+    Identity,
+    Node,
+    Protected,
+    ProtocolError,
+    Reply,
+    StashKey,
+    Verdict,
+    hookimpl,
+)
 
 try:
     import gssapi

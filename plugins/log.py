@@ -38,9 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from socksflow import Config, StashKey, hookimpl
-from socksflow.logs import timestamp
-from socksflow.outbound import ROUTE
+from socksflow import ROUTE, Config, StashKey, hookimpl, timestamp
 
 log = logging.getLogger("socksflow.log")
 
@@ -212,7 +210,6 @@ def record(session: Any) -> dict[str, Any]:
     """The access log fields of a finished session."""
     request = session.request
     verdict = session.verdict
-    denied = verdict is not None and not verdict.allowed
     fields = {
         "time": timestamp(session.started),
         "session": session.id,
@@ -222,7 +219,7 @@ def record(session: Any) -> dict[str, Any]:
         "command": request.command.name.lower() if request else None,
         "destination": str(request.destination) if request else None,
         "remote": str(session.remote) if session.remote else None,
-        "verdict": "deny" if denied else "allow" if request else None,
+        "verdict": session.outcome,
         "rule": (verdict.rule or None) if verdict else None,
         "plugin": (session.decided_by or None) if verdict else None,
         "reply": int(session.reply) if session.reply is not None else None,

@@ -55,8 +55,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from socksflow import Address, Config, PluginError, StashKey, hookimpl
-from socksflow.outbound import OUTBOUNDS, ROUTE
+from socksflow import OUTBOUNDS, ROUTE, Address, Config, PluginError, StashKey, hookimpl
 
 log = logging.getLogger("socksflow.metrics")
 
@@ -101,9 +100,13 @@ class _GroupHealth:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         labels = ["outbound", "member"]
-        up = GaugeMetricFamily("socksflow_outbound_member_up", "Group members up (1) or down (0)", labels=labels)
+        up = GaugeMetricFamily(
+            "socksflow_outbound_member_up", "Group members up (1) or down (0)", labels=labels
+        )
         latency = GaugeMetricFamily(
-            "socksflow_outbound_member_latency_seconds", "Latency of a member's last passing check", labels=labels
+            "socksflow_outbound_member_latency_seconds",
+            "Latency of a member's last passing check",
+            labels=labels,
         )
         registry = self.server.config.stash.get(OUTBOUNDS)
         for name in registry.names if registry is not None else ():
@@ -145,9 +148,15 @@ class Metrics:
         self.plugin_errors = counter("plugin_errors", "Plugin faults, by plugin and hook", "plugin", "hook")
         registry.register(_DescriptorCollector(server))
         self.outbound_sessions = counter(
-            "outbound_sessions", "Sessions routed through an outbound, by member and reply", "outbound", "member", "reply"
+            "outbound_sessions",
+            "Sessions routed through an outbound, by member and reply",
+            "outbound",
+            "member",
+            "reply",
         )
-        self.outbound_bytes = counter("outbound_bytes", "Bytes relayed through an outbound", "outbound", "direction")
+        self.outbound_bytes = counter(
+            "outbound_bytes", "Bytes relayed through an outbound", "outbound", "direction"
+        )
         registry.register(_GroupHealth(server))
         self.listener: asyncio.Server | None = None
         self.address: Address | None = None
@@ -155,8 +164,7 @@ class Metrics:
     def observe(self, session: Any) -> None:
         """Account a finished session."""
         request, verdict = session.request, session.verdict
-        denied = verdict is not None and not verdict.allowed
-        verdict_label = "deny" if denied else "allow" if request else "none"
+        verdict_label = session.outcome or "none"
         command = request.command.name.lower() if request else "none"
         self.sessions.labels(command, verdict_label, session.protocol or "none").inc()
         self.bytes.labels("up").inc(session.bytes_up)
@@ -166,7 +174,7 @@ class Metrics:
                 self.timings[phase].observe(seconds)
         if verdict is not None and verdict.rule:
             self.rule_hits.labels(verdict.rule, verdict_label).inc()
-        if denied:
+        if verdict_label == "deny":
             stage = "request" if request else "auth" if session.method is not None else "accept"
             self.denials.labels(session.decided_by or "-", stage).inc()
         route = session.stash.get(ROUTE)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from socksflow.config import Config, default_config
 from socksflow.errors import ConfigError
+from socksflow.hooks import Hooks
 from socksflow.plugins import PluginManager
 
 DEFAULT_CONFIG_FILE = "rules.yaml"
@@ -36,22 +37,23 @@ def build_plugin_manager(config: Config, disabled: Iterable[str] = ()) -> Plugin
 
 def configure(pm: PluginManager, config: Config) -> None:
     """Let every plugin validate its sections; raise ConfigErrors listing everything wrong."""
-    dormant = set()
-    for impl in pm.impls("socksflow_configure"):
-        try:
-            with config.errors.collecting():
-                configured = impl.function(*[{"config": config}[arg] for arg in impl.argnames])
-            if configured is False:
-                dormant.add(impl.plugin)
-        except ConfigError as exc:
-            config.errors.add(exc)
-        except Exception as exc:  # a plugin bug must not pass for a valid config
+    with config.errors.collecting():  # unknown keys are recorded, every plugin gets to report
+        answers, errors = Hooks(pm, config.timeouts.hook).configure(config)
+    for plugin, error in errors.items():
+        if isinstance(error, ConfigError):
+            config.errors.add(error)
+        else:  # a plugin bug must not pass for a valid config
             config.errors.add(
-                ConfigError(f"plugin {impl.plugin!r} failed: {type(exc).__name__}: {exc}", config.file)
+                ConfigError(f"plugin {plugin!r} failed: {type(error).__name__}: {error}", config.file)
             )
     config.check_unclaimed()
     config.raise_errors()
-    config.hooks = pm.configured(frozenset(dormant))
+    dormant = {
+        plugin: frozenset() if answer is False else frozenset(answer)  # type: ignore[arg-type]
+        for plugin, answer in answers.items()
+        if answer is False or isinstance(answer, (set, frozenset))
+    }
+    config.hooks = pm.configured(dormant)
 
 
 def prepare(path: str | Path | None, disabled: Iterable[str] = ()) -> tuple[Config, PluginManager]:

@@ -24,52 +24,55 @@ from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError
 from socksflow.outbound import BindOutbound, OutboundError, open_bind
 from socksflow.protocol import Address, IPAddress, Reply
+from socksflow.sockets import bound_socket
 
 if TYPE_CHECKING:
     from socksflow.config import BindSettings
-    from socksflow.session import Session
+    from socksflow.runner import Runner
 
 log = logging.getLogger("socksflow.bind")
 
 
-async def handle(session: Session) -> None:
+async def handle(runner: Runner) -> None:
     """Serve a BIND request: listen, first reply, accept the expected peer, second reply, relay."""
+    session = runner.session
     settings = session.config.bind
     try:
         async with asyncio.timeout(session.config.timeouts.connect):
             upstream = await open_bind(session)
     except OutboundError as exc:
-        await session.fail(exc.reply, f"BIND through the outbound failed: {exc}")
+        await runner.fail(exc.reply, f"BIND through the outbound failed: {exc}")
     except (OSError, TimeoutError) as exc:
-        await session.fail(reply_for_error(exc), f"BIND through the outbound failed: {exc}")
+        await runner.fail(reply_for_error(exc), f"BIND through the outbound failed: {exc}")
     if upstream is not None:
-        await _through_upstream(session, upstream, settings)
+        await _through_upstream(runner, upstream, settings)
         return
-    listen = await _listen_address(session)
-    expected = await _expected_peer(session, settings)
+    listen = await _listen_address(runner)
+    expected = await _expected_peer(runner, settings)
     try:
-        listener = _listening_socket(listen)
+        listener = bound_socket(listen.host, listen.port, socket.SOCK_STREAM, listen=1)  # type: ignore[arg-type]
     except OSError as exc:
-        await session.fail(reply_for_error(exc), f"cannot listen on {listen}: {exc.strerror or exc}")
+        await runner.fail(reply_for_error(exc), f"cannot listen on {listen}: {exc.strerror or exc}")
     try:
         port = listener.getsockname()[1]
         host = session.local.host if listen.host.is_unspecified else listen.host  # type: ignore[union-attr]
         session.bound = Address(settings.advertise or host, port)
-        session.send_reply(Reply.SUCCEEDED, session.bound)
-        peer = await _wait_for_peer(session, _accept_peer(session, listener, expected), settings.timeout)
+        runner.send_reply(Reply.SUCCEEDED, session.bound)
+        peer = await _wait_for_peer(runner, _accept_peer(runner, listener, expected), settings.timeout)
     finally:
         listener.close()
     if peer is not None:
         sock, address = peer
-        await session.start_relay(sock, bound=address)
+        await runner.start_relay(sock, bound=address)
 
 
-async def _through_upstream(session: Session, upstream: BindOutbound, settings: BindSettings) -> None:
+async def _through_upstream(runner: Runner, upstream: BindOutbound, settings: BindSettings) -> None:
     """BIND on the route's upstream: its first reply's address, its second reply's peer."""
+    session = runner.session
     try:
         session.bound = upstream.bound
-        session.send_reply(Reply.SUCCEEDED, upstream.bound)
-        peer = await _wait_for_peer(session, upstream.peer(), settings.timeout)
+        runner.send_reply(Reply.SUCCEEDED, upstream.bound)
+        peer = await _wait_for_peer(runner, upstream.peer(), settings.timeout)
     except BaseException:
         upstream.close()
         raise
@@ -77,64 +80,51 @@ async def _through_upstream(session: Session, upstream: BindOutbound, settings: 
         upstream.close()
         return
     sock, address = peer
-    refusal = _check_peer(address, await _expected_peer(session, settings))
+    refusal = _check_peer(address, await _expected_peer(runner, settings))
     if refusal is not None:  # the upstream accepted it already: no waiting for another
         sock.close()
-        await session.fail(Reply.NOT_ALLOWED, f"BIND peer {address} refused ({refusal})")
-    await session.start_relay(sock, bound=address)
+        await runner.fail(Reply.NOT_ALLOWED, f"BIND peer {address} refused ({refusal})")
+    await runner.start_relay(sock, bound=address)
 
 
-async def _listen_address(session: Session) -> Address:
+async def _listen_address(runner: Runner) -> Address:
     """Where to listen: the ``socksflow_bind`` answer, else the control connection's local IP."""
+    session = runner.session
     try:
-        answer, plugin = await session.pm.call_first(
-            "socksflow_bind", session.config.timeouts.hook, session=session
-        )
+        answer, plugin = await runner.hooks.bind(session)
     except PluginError as exc:
-        await session.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", exc)
+        await runner.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", exc)
     if isinstance(answer, Verdict):
         if not answer.allowed:
             session.verdict, session.decided_by = answer, plugin
-            await session.fail(answer.reply, f"BIND refused by {plugin}: {answer.reason or answer.rule}")
+            await runner.fail(answer.reply, f"BIND refused by {plugin}: {answer.reason or answer.rule}")
         answer = None
     if answer is None:
         return Address(session.local.host, 0)
     if not isinstance(answer, Address) or answer.is_domain:
         error = PluginError(plugin, "socksflow_bind", f"answered {answer!r}, not an IP address")
-        await session.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", error)
+        await runner.fail(Reply.GENERAL_FAILURE, "BIND refused: plugin error", error)
     return answer
 
 
-async def _expected_peer(session: Session, settings: BindSettings) -> tuple[frozenset[IPAddress], int] | None:
+async def _expected_peer(runner: Runner, settings: BindSettings) -> tuple[frozenset[IPAddress], int] | None:
     """The IPs (and port, 0 for any) a peer must come from; ``None`` accepts any peer."""
+    session = runner.session
     destination = session.destination
     assert destination is not None
     if settings.peer_check == "any" or (not destination.is_domain and destination.host.is_unspecified):  # type: ignore[union-attr]
         return None
-    ips = await session.addresses_to_use()  # a name is resolved once, as for CONNECT
+    ips = await runner.addresses_to_use()  # a name is resolved once, as for CONNECT
     port = destination.port if settings.peer_check == "strict" else 0
     return frozenset(ips), port
 
 
-def _listening_socket(address: Address) -> socket.socket:
-    family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.bind((str(address.host), address.port))
-        sock.listen(1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 async def _wait_for_peer(
-    session: Session, accept: Awaitable[tuple[socket.socket, Address]], timeout: float
+    runner: Runner, accept: Awaitable[tuple[socket.socket, Address]], timeout: float
 ) -> tuple[socket.socket, Address] | None:
     """The accepted peer; ``None`` if the client went away.  Fails the session on timeout."""
     accepting = asyncio.ensure_future(accept)
-    closed = asyncio.ensure_future(session.wait_client_closed())
+    closed = asyncio.ensure_future(runner.wait_client_closed())
     try:
         await asyncio.wait((accepting, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -144,27 +134,28 @@ async def _wait_for_peer(
         await asyncio.wait((accepting, closed))
     if accepting.cancelled():
         if closed.done() and not closed.cancelled():
-            session.close_reason = "client closed the connection while waiting for the BIND peer"
+            runner.set_reason("client closed the connection while waiting for the BIND peer")
             return None
-        await session.fail(Reply.TTL_EXPIRED, f"no acceptable peer connected within {timeout:g}s")
+        await runner.fail(Reply.TTL_EXPIRED, f"no acceptable peer connected within {timeout:g}s")
     error = accepting.exception()
     if isinstance(error, PluginError):
-        await session.fail(Reply.GENERAL_FAILURE, "BIND peer check failed: plugin error", error)
+        await runner.fail(Reply.GENERAL_FAILURE, "BIND peer check failed: plugin error", error)
     if error is not None:
         reply = error.reply if isinstance(error, OutboundError) else reply_for_error(error)
-        await session.fail(reply, f"accepting the BIND peer failed: {error}")
+        await runner.fail(reply, f"accepting the BIND peer failed: {error}")
     peer = accepting.result()
     if closed.done() and not closed.cancelled():  # both at once: nobody is left to relay to
         peer[0].close()
-        session.close_reason = "client closed the connection while waiting for the BIND peer"
+        runner.set_reason("client closed the connection while waiting for the BIND peer")
         return None
     return peer
 
 
 async def _accept_peer(
-    session: Session, listener: socket.socket, expected: tuple[frozenset[IPAddress], int] | None
+    runner: Runner, listener: socket.socket, expected: tuple[frozenset[IPAddress], int] | None
 ) -> tuple[socket.socket, Address]:
     """Accept connections until one passes the checks; the refused ones are closed."""
+    session = runner.session
     loop = asyncio.get_running_loop()
     while True:
         sock, sockaddr = await loop.sock_accept(listener)
@@ -172,9 +163,7 @@ async def _accept_peer(
             peer = Address.from_sockaddr(sockaddr)
             refusal = _check_peer(peer, expected)
             if refusal is None:
-                verdict, plugin = await session.pm.call_first(
-                    "socksflow_bind_peer", session.config.timeouts.hook, session=session, peer=peer
-                )
+                verdict, plugin = await runner.hooks.bind_peer(session, peer)
                 if verdict is not None and not verdict.allowed:
                     refusal = f"refused by {plugin}: {verdict.reason or verdict.rule or 'no reason given'}"
         except BaseException:

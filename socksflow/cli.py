@@ -13,9 +13,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import socksflow
-from socksflow import admincli, app, detect, exposure, logs
+from socksflow import admincli, app, detect, exposure, hookspecs, logs
 from socksflow.errors import ConfigErrors
 from socksflow.explain import ExplainQuery, explain, run_checks
+from socksflow.hooks import Hooks
 from socksflow.plugins import PluginLoadError
 from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
@@ -103,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", help="list the loaded plugins and their hooks")
     _config_options(plugins)
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument(
+        "--hook", metavar="NAME", help="only the implementations of this hook, in the order they are called"
+    )
     plugins.set_defaults(handler=_plugins)
     admincli.add_commands(commands)
     return parser
@@ -304,7 +308,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    _, pm = app.prepare(args.config, args.disable_plugin)
+    config, pm = app.prepare(args.config, args.disable_plugin)
+    if args.hook:
+        return _hook_implementations(Hooks(config.hooks or pm, None), args.hook, args.json)
     infos = pm.plugin_info()
     if args.json:
         print(json.dumps([_as_dict(info) for info in infos], indent=2))
@@ -315,6 +321,19 @@ def _plugins(args: argparse.Namespace) -> int:
             print(f"    dormant: {info.unavailable}")
         for hook in info.hooks:
             print(f"    {hook}")
+    return 0
+
+
+def _hook_implementations(hooks: Hooks, hook: str, as_json: bool) -> int:
+    name = hook if hook.startswith("socksflow_") else f"socksflow_{hook}"
+    if name not in hookspecs.ALL_HOOKS:
+        raise SystemExit(f"socksflow: no hook named {hook!r} (see docs/reference/hooks.md)")
+    impls = hooks.implementations(name)
+    if as_json:
+        print(json.dumps([impl.plugin for impl in impls]))
+        return 0
+    for impl in impls:
+        print(impl.plugin)
     return 0
 
 

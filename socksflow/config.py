@@ -433,7 +433,9 @@ class Config:
         self.file = file
         self.errors = ErrorCollector()
         self._disabled_at: dict[str, Node] = {}
-        self._path_nodes: dict[Path, Node] = {}  # plugins.paths: each path and where it was given  # plugins.disable: each name and where it was given
+        self._path_nodes: dict[
+            Path, Node
+        ] = {}  # plugins.paths: each path and where it was given  # plugins.disable: each name and where it was given
         self.hooks: HookCaller | None = None  # the plugins' hooks for sessions under this configuration
         self.warnings: list[ConfigError] = []  # lints: the file works, but probably not as meant
         self.checks_run = 0  # socksflow check: tests the plugins' socksflow_check hooks ran
@@ -468,10 +470,6 @@ class Config:
         except OSError as exc:
             raise ConfigErrors([ConfigError(f"cannot read: {exc.strerror}", str(path))]) from None
         return cls.from_text(text, str(path))
-
-    @property
-    def base_dir(self) -> Path:
-        return Path(self.file).parent
 
     def section(self, name: str) -> Node | None:
         """Claim the top-level section ``name`` and return it (``None`` if absent)."""
@@ -533,7 +531,6 @@ class Config:
                     self.plugins.disable = list(self._disabled_at)
                 if "autoload" in items:
                     self.plugins.autoload = items["autoload"].as_bool()
-
 
     def existing_plugin_paths(self) -> list[Path]:
         """``plugins.paths`` that exist; each missing one is a located error, and the rest still load."""

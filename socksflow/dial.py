@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
 from collections.abc import Sequence
+from typing import TypeVar
 
 from socksflow.protocol import Address, Reply
+from socksflow.sockets import closed_on_error, family
 
+T = TypeVar("T")
 HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305 §5 recommends 250 ms between attempts
 
 _REPLY_FOR_ERRNO = {
@@ -36,28 +38,27 @@ def reply_for_error(error: BaseException) -> Reply:
     return Reply.GENERAL_FAILURE
 
 
-def interleave(addresses: Sequence[Address]) -> list[Address]:
-    """Alternate address families, keeping the resolver's order within each (RFC 8305 §4)."""
-    first = addresses[0].atyp
-    same = [a for a in addresses if a.atyp == first]
-    other = [a for a in addresses if a.atyp != first]
-    result: list[Address] = []
-    for i in range(max(len(same), len(other))):
-        result.extend(group[i] for group in (same, other) if i < len(group))
+def interleave(*groups: Sequence[T]) -> list[T]:
+    """One item of each group in turn, keeping each group's order (RFC 8305 §4 alternates families)."""
+    result: list[T] = []
+    for i in range(max(map(len, groups), default=0)):
+        result.extend(group[i] for group in groups if i < len(group))
     return result
+
+
+def by_family(addresses: Sequence[Address]) -> list[Address]:
+    """Alternate address families from the first address's, keeping the resolver's order within each."""
+    first = addresses[0].atyp
+    return interleave([a for a in addresses if a.atyp == first], [a for a in addresses if a.atyp != first])
 
 
 async def connect_one(address: Address) -> socket.socket:
     """A connected, non-blocking TCP socket to one IP address."""
-    family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+    sock = socket.socket(family(address), socket.SOCK_STREAM)
+    with closed_on_error(sock):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         await asyncio.get_running_loop().sock_connect(sock, (str(address.host), address.port))
-    except BaseException:
-        sock.close()
-        raise
     return sock
 
 
@@ -73,7 +74,7 @@ async def dial(addresses: Sequence[Address], delay: float = HAPPY_EYEBALLS_DELAY
     pending: set[asyncio.Task[socket.socket]] = set()
     errors: list[BaseException] = []
     try:
-        for address in interleave(addresses):
+        for address in by_family(addresses):
             pending.add(asyncio.ensure_future(connect_one(address)))
             winner = await _first_success(pending, errors, delay)
             if winner is not None:
@@ -83,11 +84,14 @@ async def dial(addresses: Sequence[Address], delay: float = HAPPY_EYEBALLS_DELAY
             if winner is not None:
                 return winner
     finally:
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(BaseException):
-                (await task).close()  # a loser that connected anyway
+        if pending:
+            for task in pending:
+                task.cancel()
+            # A cancellation of this call arriving here propagates (asyncio.wait raises it).
+            done, _ = await asyncio.wait(pending)
+            for task in done:
+                if not task.cancelled() and task.exception() is None:
+                    task.result().close()  # a loser that connected anyway
     raise min(errors, key=lambda e: _rank(reply_for_error(e)))
 
 

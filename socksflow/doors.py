@@ -26,7 +26,8 @@ from socksflow.protocol import Address, Greeting, Method, Phase, ProtocolError, 
 from socksflow.socks4 import Socks4Connection, Socks4Reply, Socks4Request, build_reply
 
 if TYPE_CHECKING:
-    from socksflow.session import ClientProtocol, Session
+    from socksflow.runner import ClientProtocol
+    from socksflow.session import Session
 
 log = logging.getLogger("socksflow.session")
 
@@ -91,7 +92,7 @@ def open_door(client: ClientProtocol, first_byte: int) -> None:
     """Choose the protocol of ``client`` from its first byte and give it that protocol's connection."""
     name = detect.protocol_of(first_byte)
     client.door = name
-    session = client.session
+    session = client.runner.session
     session.protocol = name
     if name == detect.GARBAGE:
         client.conn = Refused(f"first byte 0x{first_byte:02x}: no protocol", b"")  # type: ignore[assignment]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from socksflow.config import Config
 from socksflow.errors import ConfigError
+from socksflow.hooks import Hooks
 from socksflow.plugins import PluginManager
-from socksflow.protocol import Address, Command, IPAddress
+from socksflow.protocol import Address, Command
+from socksflow.resolution import Resolver, resolver
 
-Resolver = Callable[[str, int], Awaitable[tuple[IPAddress, ...]]]
+__all__ = ["ExplainQuery", "Resolver", "explain", "run_checks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,23 +27,12 @@ class ExplainQuery:
     protocol: str = "socks5"  # the front door: socks5, socks4, http
 
 
-def _resolver(config: Config, pm: PluginManager) -> Resolver:
-    from socksflow.server import Server  # the server's resolution path, without listening
-
-    server = Server(config, pm)
-
-    async def resolve(host: str, port: int) -> tuple[IPAddress, ...]:
-        return await server.resolve(None, host, port)
-
-    return resolve
-
-
 def run_checks(config: Config, pm: PluginManager) -> list[ConfigError]:
     """Every failure the plugins' ``socksflow_check`` hooks report."""
 
     async def main() -> list[ConfigError]:
-        results = await pm.call_all("socksflow_check", None, config=config, resolve=_resolver(config, pm))
-        return [error for result in results for error in result]
+        hooks = Hooks(pm, config.timeouts.hook)
+        return await hooks.check(config, resolver(hooks, config))
 
     return asyncio.run(main())
 
@@ -51,9 +41,7 @@ def explain(config: Config, pm: PluginManager, query: ExplainQuery) -> list[str]
     """The explanation lines of every plugin that takes part in deciding ``query``."""
 
     async def main() -> list[str]:
-        results = await pm.call_all(
-            "socksflow_explain", None, config=config, query=query, resolve=_resolver(config, pm)
-        )
-        return [line for result in results for line in result]
+        hooks = Hooks(pm, config.timeouts.hook)
+        return await hooks.explain(config, query, resolver(hooks, config))
 
     return asyncio.run(main())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from socksflow.config import Config
 from socksflow.errors import PluginError
+from socksflow.hooks import Hooks
 from socksflow.plugins import PluginManager
 from socksflow.protocol import Address
 
@@ -45,7 +46,7 @@ def assess(config: Config, pm: PluginManager, allow_open_proxy: bool = False) ->
     if not exposed:
         return Exposure(exposed, ())
     try:
-        guards = tuple(pm.call_all_sync("socksflow_exposure", config=config))
+        guards = tuple(Hooks(pm, config.timeouts.hook).exposure(config))
     except PluginError as exc:  # fail closed: a plugin that cannot tell protects nothing
         return Exposure(exposed, (), f"socksflow: cannot tell who may use the proxy: {exc}")
     if guards or allow_open_proxy or config.open_proxy:

@@ -40,7 +40,7 @@ hookspec = pluggy.HookspecMarker("socksflow")
 
 
 @hookspec
-def socksflow_configure(config: Config) -> bool | None:
+def socksflow_configure(config: Config) -> bool | frozenset[str] | None:
     """Read and validate this plugin's section(s) of the configuration.
 
     When: each time a configuration is loaded — at start-up, on ``socksflow check``, and on
@@ -55,7 +55,9 @@ def socksflow_configure(config: Config) -> bool | None:
     Returns ``False`` when this configuration gives the plugin nothing to do (its section
     is absent): the plugin is then *dormant* for the sessions under this configuration, and
     none of its session hooks (those with a ``session`` argument) is called, so an
-    unconfigured plugin costs nothing per session.  Otherwise ``None``.  Must be sync.
+    unconfigured plugin costs nothing per session.  A set of hook names instead keeps only
+    those session hooks called (a plugin with one duty left, such as a default limit).
+    Otherwise ``None``.  Must be sync.
     Raising :class:`~socksflow.errors.ConfigError` reports a located error (use
     ``config.errors.capture()`` to report several); any other exception refuses the
     configuration naming this plugin.  Called once per load.
@@ -232,7 +234,7 @@ def socksflow_auth_result(session: Session, method: int, user: str | None, accep
 
     When: every login path — RFC 1929 username/password, a sub-negotiated method (GSSAPI,
     private methods), and any other front door that checks credentials — calls it through
-    :meth:`~socksflow.session.Session.login_result` as soon as the credentials were judged,
+    :meth:`~socksflow.runner.Runner.login_result` as soon as the credentials were judged,
     before the client is told.  Not at session end: a client that keeps its connections open
     has its failures counted all the same (brute-force throttling belongs here).
 

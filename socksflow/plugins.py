@@ -150,6 +150,20 @@ class HookCaller:
                 results.append(result)
         return results
 
+    def call_chain_sync(self, hook: str, argname: str, value: Any, /, **kwargs: Any) -> Any:
+        """Pass ``value`` through every implementation in call order, each getting the previous result.
+
+        ``value`` goes in as the argument ``argname``; an implementation that answers ``None``
+        passes it on unchanged.  Returns the last value.  For sync-only hooks
+        (``socksflow_relay_data``); the first failure raises PluginError.
+        """
+        for impl in self.impls(hook):
+            kwargs[argname] = value
+            result = _invoke(impl, hook, kwargs)
+            if result is not None:
+                value = result
+        return value
+
     async def notify(self, hook: str, timeout: float | None, /, **kwargs: Any) -> None:
         """Call every observer; failures are logged, never raised."""
         pending = self.notify_nowait(hook, timeout, **kwargs)
@@ -192,9 +206,11 @@ class ConfiguredHooks(HookCaller):
 
     A plugin is dormant under a configuration when its ``socksflow_configure`` returned
     ``False`` (nothing configured for it): its per-session hooks are then not called at all.
+    ``dormant`` maps each such plugin to the session hooks still called (a configure answer
+    that is a set of hook names).
     """
 
-    def __init__(self, pm: PluginManager, dormant: frozenset[str]) -> None:
+    def __init__(self, pm: PluginManager, dormant: dict[str, frozenset[str]]) -> None:
         self._pm = pm
         self.dormant = dormant
         self._impls: dict[str, tuple[Impl, ...]] = {}
@@ -208,7 +224,11 @@ class ConfiguredHooks(HookCaller):
         if cached is None:
             cached = self._pm.impls(hook)
             if hook in hookspecs.SESSION_HOOKS:
-                cached = tuple(impl for impl in cached if impl.plugin not in self.dormant)
+                cached = tuple(
+                    impl
+                    for impl in cached
+                    if impl.plugin not in self.dormant or hook in self.dormant[impl.plugin]
+                )
             self._impls[hook] = cached
         return cached
 
@@ -362,8 +382,13 @@ class PluginManager(HookCaller, pluggy.PluginManager):
             self._impls[hook] = cached
         return cached
 
-    def configured(self, dormant: frozenset[str]) -> HookCaller:
-        """The hooks to call under a configuration whose ``dormant`` plugins have nothing to do."""
+    def configured(self, dormant: Iterable[str] | dict[str, frozenset[str]]) -> HookCaller:
+        """The hooks to call under a configuration whose ``dormant`` plugins have nothing to do.
+
+        ``dormant`` names the plugins, or maps each to the session hooks it still needs.
+        """
+        if not isinstance(dormant, dict):
+            dormant = dict.fromkeys(dormant, frozenset())
         return ConfiguredHooks(self, dormant) if dormant else self
 
     def plugin_info(self) -> list[PluginInfo]:

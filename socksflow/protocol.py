@@ -474,12 +474,11 @@ class ServerConnection:
     :attr:`trailing_data` holds bytes the client sent ahead (optimistic data).
     """
 
-    __slots__ = ("_buffer", "method", "phase")
+    __slots__ = ("_buffer", "phase")
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self.phase = Phase.GREETING
-        self.method: int | None = None
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -514,7 +513,6 @@ class ServerConnection:
     def send_method(self, method: int) -> bytes:
         """Answer the greeting.  NO_ACCEPTABLE closes the handshake."""
         self._expect(Phase.METHOD)
-        self.method = method
         if method == Method.NO_ACCEPTABLE:
             self.phase = Phase.CLOSED
         elif method == Method.NO_AUTH:

@@ -12,10 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import socket
 import struct
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from socksflow.hooks import Hooks
+    from socksflow.session import Session
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -36,7 +41,18 @@ class Limiter(Protocol):
         """Account ``nbytes`` moved in ``direction``; return seconds to pause that direction."""
 
 
-Transform = Callable[[Direction, bytes], bytes | None]
+Transform = Callable[[Direction, bytes], bytes]
+
+
+def chunk_transform(hooks: Hooks, session: Session) -> Transform | None:
+    """The ``socksflow_relay_data`` chain for a tunnel, or ``None`` (the fast path) when no plugin has one.
+
+    Each implementation gets the chunk as the previous one left it.  A plugin that raises
+    ends the tunnel (see :meth:`Tunnel.fault`).
+    """
+    if not hooks.implementations("socksflow_relay_data"):
+        return None
+    return functools.partial(hooks.relay_data, session)
 
 
 class Half(asyncio.Protocol):
@@ -124,9 +140,11 @@ class TransformingHalf(Half):
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
         self.active = True
-        out = self.tunnel.transform(self.direction, data)
-        if out is None:
-            out = data
+        try:
+            out = self.tunnel.transform(self.direction, data)  # type: ignore[misc]
+        except Exception as exc:  # a plugin fault: fail closed, this tunnel ends
+            self.tunnel.fault(exc)
+            return
         if out:
             self.peer.transport.write(out)
 
@@ -169,7 +187,17 @@ def half_class(transform: Transform | None, limiters: Sequence[Limiter]) -> type
 class Tunnel:
     """Two halves relaying between a client transport and an upstream transport."""
 
-    __slots__ = ("_lost", "client", "error", "idle_polls", "limiters", "on_close", "transform", "upstream")
+    __slots__ = (
+        "_lost",
+        "client",
+        "error",
+        "failure",
+        "idle_polls",
+        "limiters",
+        "on_close",
+        "transform",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -186,7 +214,8 @@ class Tunnel:
         self.limiters = tuple(limiters)
         self.on_close = on_close
         self._lost = 0
-        self.error: Exception | None = None
+        self.error: Exception | None = None  # the error a connection was lost with
+        self.failure: Exception | None = None  # the transform's, which ended the tunnel
         self.idle_polls = 0
 
     @property
@@ -245,6 +274,12 @@ class Tunnel:
     def abort(self) -> None:
         self.client.transport.abort()
         self.upstream.transport.abort()
+
+    def fault(self, error: Exception) -> None:
+        """The per-chunk transform raised: remember why and close both sides now (fail closed)."""
+        if self.failure is None:
+            self.failure = error
+        self.abort()
 
     def poll_idle(self) -> int:
         """How many polls in a row saw no byte move (the idle sweeper calls this)."""

@@ -7,19 +7,20 @@ import contextlib
 import functools
 import logging
 import os
-import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, KeysView
 from typing import TYPE_CHECKING
 
-from socksflow import app, bind, tor, udp
+from socksflow import app, bind, resolution, tor, udp
 from socksflow.accept import Acceptor, SpareDescriptor, backlog, listening_socket
 from socksflow.config import Config
-from socksflow.errors import ConfigErrors, PluginError, ResolveError
+from socksflow.errors import ConfigErrors
+from socksflow.hooks import Hooks
 from socksflow.peers import Peers
-from socksflow.protocol import Address, Command, IPAddress, parse_host
-from socksflow.relay import Direction, Transform
-from socksflow.session import ClientProtocol, Session
+from socksflow.protocol import Address, Command
+from socksflow.resolution import Resolver
+from socksflow.runner import ClientProtocol, CommandHandler, Runner
+from socksflow.session import Session
 from socksflow.sharedstate import SharedTable
 from socksflow.stash import Stash
 from socksflow.workers import Group
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
     from socksflow.plugins import PluginManager
 
 log = logging.getLogger("socksflow.server")
-
-CommandHandler = Callable[[Session], Awaitable[None]]
 
 
 class Server:
@@ -40,6 +39,7 @@ class Server:
     ) -> None:
         self.config = config
         self.pm = pm
+        self._hooks: tuple[Config, Hooks] | None = None  # the hooks of the configuration in force
         self.worker = worker  # with --workers N: this process's number, 0 to N-1
         # With --workers N: the other workers (to ask for their share of the whole server's view),
         # and limit state shared with them; otherwise this process's own.
@@ -54,7 +54,7 @@ class Server:
         self.shadow: Config | None = None
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
-        self.sessions: set[Session] = set()
+        self._runners: dict[Session, Runner] = {}
         self.addresses: list[Address] = []
         self._listeners: list[Acceptor | asyncio.Server] = []
         self._spare: SpareDescriptor | None = None
@@ -78,7 +78,9 @@ class Server:
         """Bind every listener, then run the plugins' start-up hooks."""
         self.loop = loop = asyncio.get_running_loop()
         self._spare = SpareDescriptor()
-        own_accept = isinstance(loop, asyncio.SelectorEventLoop)  # its own accept loop spins out of descriptors
+        own_accept = isinstance(
+            loop, asyncio.SelectorEventLoop
+        )  # its own accept loop spins out of descriptors
         try:
             for index, address in enumerate(self.config.listen):
                 sock = listening_socket(address, reuse_port=self.worker is not None)
@@ -100,7 +102,7 @@ class Server:
             self._spare.watch(loop)
         if self.peers is not None:
             await self.peers.start()
-        await self.pm.call_all("socksflow_startup", None, server=self)
+        await self.hooks.startup(self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
 
@@ -121,17 +123,49 @@ class Server:
             self._sweeper.cancel()
         if self._background:  # session_end observers (the access log) run before the plugins shut down
             await asyncio.wait(self._background, timeout=self.config.timeouts.hook)
-        await self.pm.notify("socksflow_shutdown", self.config.timeouts.hook, server=self)
+        await self.hooks.shutdown(self)
         if self.peers is not None:
             await self.peers.close()
         if self._spare is not None:
             self._spare.close()
 
+    @property
+    def hooks(self) -> Hooks:
+        """The typed hooks of the configuration in force (follows reloads: new sessions use the new one)."""
+        config = self.config
+        if self._hooks is None or self._hooks[0] is not config:
+            self._hooks = (config, Hooks(config.hooks or self.pm, config.timeouts.hook))
+        return self._hooks[1]
+
+    def resolver(self, config: Config | None = None) -> Resolver:
+        """Name resolution outside any session, under ``config`` (default: the one in force).
+
+        For what judges a configuration before it is applied (the admin API's check and replay).
+        """
+        if config is None or config is self.config:
+            return resolution.resolver(self.hooks, self.config)
+        return resolution.resolver(Hooks(config.hooks or self.pm, config.timeouts.hook), config)
+
+    @property
+    def sessions(self) -> KeysView[Session]:
+        """The sessions open now (a live view: copy it to keep it across awaits)."""
+        return self._runners.keys()
+
+    def end_session(self, session: Session, reason: str) -> bool:
+        """End an open session now, whatever its phase, recording ``reason`` unless one was first.
+
+        Returns whether the session was open (the admin API closes sessions by id).
+        """
+        runner = self._runners.get(session)
+        if runner is None:
+            return False
+        runner.end(reason, now=True)
+        return True
+
     def abort_all(self) -> None:
         """Close every session now."""
-        for session in list(self.sessions):
-            session.close_reason = session.close_reason or "server shutdown"
-            session.abort()
+        for runner in list(self._runners.values()):
+            runner.end("server shutdown", now=True)
 
     async def _close_listeners(self) -> None:
         for listener in self._listeners:
@@ -150,7 +184,8 @@ class Server:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             return False
         if self.config.listen_override is None and (config.listen_in_file, config.listen_protocols) != (
-            self.config.listen_in_file, self.config.listen_protocols
+            self.config.listen_in_file,
+            self.config.listen_protocols,
         ):
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         self.config = config
@@ -159,26 +194,21 @@ class Server:
 
     # ------------------------------------------------------------------ sessions
 
-    def session_started(self, session: Session) -> None:
-        self.sessions.add(session)
+    def session_started(self, runner: Runner) -> None:
+        self._runners[runner.session] = runner
         self._drained.clear()
-        session.start()
+        runner.start()
 
-    def session_ended(self, session: Session) -> None:
-        if session not in self.sessions:
+    def session_ended(self, runner: Runner) -> None:
+        session = runner.session
+        if self._runners.pop(session, None) is None:
             return
-        self.sessions.discard(session)
         session.ended = time.time()
-        pending = session.pm.notify_nowait(
-            "socksflow_session_end", self.config.timeouts.hook, session=session
-        )
+        pending = runner.hooks.session_end(session)
         if pending is not None:  # only async observers cost a task
             self.spawn(pending)
-        if not self.sessions:
+        if not self._runners:
             self._drained.set()
-
-    def tunnel_started(self, session: Session) -> None:
-        """Called once a session's bytes are relayed (the handshake task has ended)."""
 
     def spawn(self, coroutine: Awaitable[None]) -> None:
         """Run a background coroutine the server waits for on shutdown."""
@@ -192,64 +222,12 @@ class Server:
     def command_handler(self, command: Command) -> CommandHandler | None:
         return self._commands.get(command)
 
-    def transform_for(self, session: Session) -> Transform | None:
-        """The per-chunk hook chain for a tunnel, or None (the fast path) when no plugin has one."""
-        pm = session.pm
-        if not pm.impls("socksflow_relay_data"):
-            return None
-
-        def transform(direction: Direction, data: bytes) -> bytes | None:
-            try:
-                results = pm.call_all_sync(
-                    "socksflow_relay_data", session=session, direction=direction, data=data
-                )
-            except PluginError as exc:  # fail closed: this tunnel ends, the server goes on
-                log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
-                session.close_reason = str(exc)
-                if session.tunnel is not None:
-                    session.tunnel.abort()
-                return b""
-            for result in results:
-                data = result
-            return data
-
-        return transform
-
-    async def resolve(self, session: Session | None, host: str, port: int) -> tuple[IPAddress, ...]:
-        """Resolve through the plugins' hook, else the system resolver (off the event loop)."""
-        config = session.config if session is not None else self.config
-        hooks = session.pm if session is not None else self.pm
-        try:
-            answer, _ = await hooks.call_first(
-                "socksflow_resolve", config.timeouts.hook,
-                session=session, host=host, port=port, config=config,
-            )  # fmt: skip
-        except PluginError as exc:
-            if isinstance(exc.__cause__, ResolveError):  # the hook's documented "no such name", not a fault
-                raise exc.__cause__ from None
-            raise
-        if answer is not None:
-            return tuple(answer)
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.config.timeouts.hook):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ResolveError(exc.strerror or str(exc)) from None
-        except TimeoutError:
-            raise ResolveError("the system resolver did not answer in time") from None
-        seen: dict[IPAddress, None] = {}
-        for info in infos:
-            seen.setdefault(parse_host(info[4][0].partition("%")[0]), None)  # type: ignore[arg-type]
-        return tuple(seen)
-
     async def _sweep_idle(self) -> None:
         """Close tunnels in which no byte moved for the idle timeout (checked in quarters)."""
         interval = self.config.timeouts.idle / 4
         while True:
             await asyncio.sleep(interval)
-            for session in list(self.sessions):
-                tunnel = session.tunnel
+            for runner in list(self._runners.values()):
+                tunnel = runner.session.tunnel
                 if tunnel is not None and tunnel.poll_idle() >= 4:
-                    session.close_reason = "idle timeout"
-                    tunnel.close()
+                    runner.end("idle timeout")

@@ -29,7 +29,8 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Generator, Iterator, Sequence
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,11 +47,13 @@ __all__ = [
     "AsyncServer",
     "AsyncSocks5Client",
     "RunningServer",
+    "SessionRecorder",
     "Socks5Client",
     "StaticResolver",
     "sockaddr",
     "socks5_handshake",
     "unwrap_datagram",
+    "wait_until",
     "wrap_datagram",
 ]
 
@@ -283,6 +286,44 @@ class StaticResolver:
         if host not in self.table:
             raise ResolveError(f"{host}: NXDOMAIN")
         return [ipaddress.ip_address(address) for address in self.table[host]]
+
+
+# ---------------------------------------------------------------------------- waiting on state
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes; whether it held.
+
+    Wait for the state a test depends on, never for a guessed time.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())
+
+
+class SessionRecorder:
+    """A plugin that records every session as it ends (``socksflow_session_end``).
+
+    ``sessions`` holds the session objects; ``outcomes`` their ``(reply, close_reason)``
+    as the access log sees them.
+    """
+
+    def __init__(self) -> None:
+        self.sessions: list[Any] = []
+        self.outcomes: list[tuple[Reply | None, str]] = []
+
+    @hookimpl
+    def socksflow_session_end(self, session: Any) -> None:
+        self.sessions.append(session)
+        self.outcomes.append((session.reply, session.close_reason))
+
+    def wait(self, count: int = 1, timeout: float = 10.0) -> list[tuple[Reply | None, str]]:
+        """The outcomes, once ``count`` sessions have ended (or ``timeout`` passed)."""
+        wait_until(lambda: len(self.outcomes) >= count, timeout)
+        return self.outcomes
 
 
 # ---------------------------------------------------------------------------- the exchanges

@@ -17,26 +17,28 @@ from typing import TYPE_CHECKING
 from socksflow.protocol import Address, Command, InvalidAddress, Reply, parse_host
 
 if TYPE_CHECKING:
+    from socksflow.runner import Runner
     from socksflow.session import Session
 
 COMMANDS = (Command.RESOLVE, Command.RESOLVE_PTR)
 
 
-async def handle(session: Session) -> None:
+async def handle(runner: Runner) -> None:
     """Answer a RESOLVE or RESOLVE_PTR request with the address or name, then close."""
+    session = runner.session
     assert session.request is not None and session.destination is not None
     if session.request.command == Command.RESOLVE:
-        ips = await session.addresses_to_use()  # a name that does not resolve fails the request
+        ips = await runner.addresses_to_use()  # a name that does not resolve fails the request
         ipv4 = [ip for ip in ips if ip.version == 4]
-        session.send_reply(Reply.SUCCEEDED, Address((ipv4 or list(ips))[0], 0))
+        runner.send_reply(Reply.SUCCEEDED, Address((ipv4 or list(ips))[0], 0))
         return
     host = session.destination.host
     if isinstance(host, str):
-        await session.fail(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "RESOLVE_PTR needs an IP address")
+        await runner.fail(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "RESOLVE_PTR needs an IP address")
     name = await _reverse(session, host)  # type: ignore[arg-type]
     if name is None:
-        await session.fail(Reply.HOST_UNREACHABLE, f"{host} has no name")
-    session.send_reply(Reply.SUCCEEDED, Address(name, 0))  # type: ignore[arg-type]
+        await runner.fail(Reply.HOST_UNREACHABLE, f"{host} has no name")
+    runner.send_reply(Reply.SUCCEEDED, Address(name, 0))  # type: ignore[arg-type]
 
 
 async def _reverse(session: Session, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:

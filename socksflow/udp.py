@@ -31,10 +31,11 @@ import inspect
 import ipaddress
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from socksflow.datagrams import NameParking, Pacer, RouteCache
+from socksflow.decide import Decision, decide, final
 from socksflow.decisions import Verdict
 from socksflow.dial import reply_for_error
 from socksflow.errors import PluginError, ResolveError
@@ -45,15 +46,14 @@ from socksflow.protocol import (
     ProtocolError,
     Reply,
     UdpHeader,
-    build_udp_header,
     parse_udp_header,
 )
 from socksflow.relay import Direction, Limiter
-from socksflow.stash import StashKey
+from socksflow.sockets import bound_socket, ip_text
 
 if TYPE_CHECKING:
     from socksflow.config import UdpSettings
-    from socksflow.session import Session
+    from socksflow.runner import Runner
 
 log = logging.getLogger("socksflow.udp")
 
@@ -73,45 +73,34 @@ _SOURCES: dict[tuple[int, bool], IPAddress] = {
     (6, False): ipaddress.IPv6Address("::"),
 }
 
-ASSOCIATIONS = StashKey[collections.Counter[str]]("UDP associations per client IP")
-
 # What the worker gets with a datagram: nothing yet, the hook's pending answer, or its answer.
 Answer = tuple[Verdict | None, str] | Awaitable[tuple[Verdict | None, str]] | None
 
 
-async def handle(session: Session) -> None:
+async def handle(runner: Runner) -> None:
     """Serve a UDP ASSOCIATE request until its control connection closes or it goes idle."""
-    settings = session.config.udp
-    counts = session.server.stash.setdefault(ASSOCIATIONS, collections.Counter())
-    client_ip = str(session.client.host)
-    if counts[client_ip] >= settings.max_per_client:
-        reason = f"{client_ip} already holds {counts[client_ip]} UDP associations (udp.max_per_client)"
-        await session.fail(Reply.GENERAL_FAILURE, reason)
-    counts[client_ip] += 1
-    association = Association(session, settings)
+    session = runner.session
+    association = Association(runner, session.config.udp)
     try:
         try:
             await association.open()
             async with asyncio.timeout(session.config.timeouts.connect):
                 association.upstream = await open_udp(session, association.from_upstream)
         except OutboundError as exc:
-            await session.fail(exc.reply, f"UDP through the outbound failed: {exc}")
+            await runner.fail(exc.reply, f"UDP through the outbound failed: {exc}")
         except (OSError, TimeoutError) as exc:
-            await session.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
+            await runner.fail(reply_for_error(exc), f"cannot open the UDP relay: {exc.strerror or exc}")
         try:
-            association.limiters = tuple(session.pm.call_all_sync("socksflow_relay_start", session=session))
+            association.pace(runner.hooks.relay_start(session))
         except PluginError as exc:
-            await session.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
+            await runner.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
         session.association = association
         session.bound = association.bound
-        session.send_reply(Reply.SUCCEEDED, association.bound)
-        await session.wait_client_closed()
-        session.close_reason = session.close_reason or "control connection closed"
+        runner.send_reply(Reply.SUCCEEDED, association.bound)
+        await runner.wait_client_closed()
+        runner.set_reason("control connection closed")
     finally:
         association.close()
-        counts[client_ip] -= 1
-        if not counts[client_ip]:
-            del counts[client_ip]
 
 
 class Association(asyncio.DatagramProtocol):
@@ -121,14 +110,15 @@ class Association(asyncio.DatagramProtocol):
     ``datagrams_up``/``datagrams_down``, ``datagrams_dropped``.
     """
 
-    def __init__(self, session: Session, settings: UdpSettings) -> None:
-        self.session = session
+    def __init__(self, runner: Runner, settings: UdpSettings) -> None:
+        self.runner = runner
+        self.session = session = runner.session
+        self.hooks = runner.hooks
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         client = session.client.host
         assert not isinstance(client, str) and session.request is not None
-        family = socket.AF_INET6 if client.version == 6 else socket.AF_INET
-        self.client_ip = socket.inet_ntop(family, client.packed)  # as recvfrom spells it
+        self.client_ip = ip_text(client)  # as recvfrom spells it
         self.client_port = session.request.destination.port  # 0 until the first datagram
         self.client_addr: tuple[str, int] | None = None  # where replies go, once the port is known
         if self.client_port:
@@ -138,15 +128,12 @@ class Association(asyncio.DatagramProtocol):
         self.relay_paused = False
         self.outbound: dict[tuple[int, bool], _Outbound] = {}
         self.upstream: UdpOutbound | None = None  # the route's association, when it is not direct
-        self.routes: dict[bytes, _Route] = {}  # header bytes → where its datagrams go (fast path)
-        self.reply_headers: dict[tuple[str, int], bytes] = {}  # remote → header for its replies
+        self.routes: RouteCache[_Route] = RouteCache(MAX_DESTINATIONS)
         self.backlog: collections.deque[tuple[UdpHeader, bytes, Answer]] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
-        self.lookups: dict[str, collections.deque[_Parked]] = {}  # name → datagrams waiting for it
-        self.lookup_tasks: set[asyncio.Task[None]] = set()
-        self.hooked = bool(session.pm.impls("socksflow_udp_datagram"))
-        self.limiters: tuple[Limiter, ...] = ()  # from socksflow_relay_start: bandwidth
-        self._waiting_up = self._waiting_down = 0  # bytes held back by the limiters
+        self.parking: NameParking[_Parked] = NameParking(self.loop, self._look_up, MAX_LOOKUPS, MAX_BACKLOG)
+        self.hooked = bool(self.hooks.implementations("socksflow_udp_datagram"))
+        self.pacer: Pacer | None = None  # with limiters from socksflow_relay_start (bandwidth)
         self.any_reply = settings.replies_from == "any"
         self.bytes_up = self.bytes_down = 0
         self.datagrams_up = self.datagrams_down = self.datagrams_dropped = 0
@@ -161,7 +148,9 @@ class Association(asyncio.DatagramProtocol):
     async def open(self) -> None:
         """Bind the relay socket next to the control connection and start the idle clock."""
         local = self.session.local.host
-        self.relay, _ = await self.loop.create_datagram_endpoint(lambda: self, sock=_bound_socket(local, 0))
+        self.relay, _ = await self.loop.create_datagram_endpoint(
+            lambda: self, sock=bound_socket(local, 0, socket.SOCK_DGRAM)
+        )
         port = self.relay.get_extra_info("sockname")[1]
         self.bound = Address(self.settings.advertise or local, port)
         if self.settings.idle:
@@ -176,9 +165,9 @@ class Association(asyncio.DatagramProtocol):
             self._timer.cancel()
         if self.worker is not None:
             self.worker.cancel()
-        for task in self.lookup_tasks:
-            task.cancel()
-        self.lookups.clear()
+        self.parking.close()
+        if self.pacer is not None:
+            self.pacer.close()
         for _, _, answer in self.backlog:
             _discard(answer)
         self.backlog.clear()
@@ -191,6 +180,10 @@ class Association(asyncio.DatagramProtocol):
             self.upstream.close()
         self.routes.clear()
 
+    def pace(self, limiters: Sequence[Limiter]) -> None:
+        """Pace datagrams both ways by these limiters (from ``socksflow_relay_start``)."""
+        self.pacer = Pacer(self.loop, limiters, MAX_PACED_BYTES) if limiters else None
+
     def _poll_idle(self) -> None:
         """Checked in quarters of ``udp.idle``: four silent quarters end the association."""
         if self.active:
@@ -199,8 +192,7 @@ class Association(asyncio.DatagramProtocol):
         else:
             self._idle_polls += 1
         if self._idle_polls >= 4:
-            self.session.close_reason = "idle timeout"
-            self.session.client_transport.close()  # wait_client_closed() returns, handle() cleans up
+            self.runner.end("idle timeout")  # wait_client_closed() returns, handle() cleans up
         else:
             self._timer = self.loop.call_later(self.settings.idle / 4, self._poll_idle)
 
@@ -213,7 +205,7 @@ class Association(asyncio.DatagramProtocol):
             atyp = data[3] if len(data) > 4 else 0
             length = _HEADER_LENGTH.get(atyp) or (7 + data[4] if atyp == 0x03 else 0)
             # A known key is a header that parsed before: right RSV, FRAG 0, and data is long enough.
-            route = self.routes.get(data[:length])
+            route = self.routes.route(data[:length])
             if route is not None:
                 if not self.hooked:
                     self._send(route, memoryview(data)[length:])
@@ -237,24 +229,23 @@ class Association(asyncio.DatagramProtocol):
     def _decide_now(self, route: _Route, data: bytes) -> None:
         """A datagram to a known destination: ask the hook without a task while it answers synchronously."""
         header = route.header
+        session = self.session
         try:
-            answer = self.session.pm.call_first_nowait(
-                "socksflow_udp_datagram", self.session.config.timeouts.hook,
-                session=self.session, destination=header.destination, payload=data[header.offset :],
-            )  # fmt: skip
+            answer = self.hooks.udp_datagram(session, header.destination, data[header.offset :])
         except PluginError as exc:
             self._plugin_failed(header.destination, exc)
             return
         if inspect.isawaitable(answer):
             self._enqueue(header, data, answer)
             return
-        decided = self._apply(header.destination, answer)
-        if decided is None:
-            return
-        if decided[0] is header.destination and decided[1] is None:
-            self._send(route, memoryview(data)[header.offset :])
-        else:  # redirected: resolving and routing are the worker's
+        decision = final(answer, header.destination)
+        if decision is None:  # a rewrite: its judges, resolving and routing are the worker's
             self._enqueue(header, data, answer)
+        elif self._allowed(header.destination, decision):
+            if decision.as_asked:
+                self._send(route, memoryview(data)[header.offset :])
+            else:  # restricted to some addresses: the worker routes it
+                self._enqueue(header, data, answer)
 
     def _queue(self, data: bytes) -> None:
         try:
@@ -291,24 +282,23 @@ class Association(asyncio.DatagramProtocol):
         session = self.session
         destination = header.destination
         addresses: tuple[IPAddress, ...] | None = None
+        as_asked = True
         if self.hooked:
+            payload = data[header.offset :]
+
+            def ask(where: Address, after: str | None) -> Any:
+                return self.hooks.udp_datagram(session, where, payload, after=after)
+
             try:
-                if answer is None:
-                    answer = await session.pm.call_first(
-                        "socksflow_udp_datagram", session.config.timeouts.hook,
-                        session=session, destination=destination, payload=data[header.offset :],
-                    )  # fmt: skip
-                elif inspect.isawaitable(answer):
+                if inspect.isawaitable(answer):
                     answer = await answer
-                answer = await self._judge_rewrites(answer, data[header.offset :])  # type: ignore[arg-type]
+                decision = await decide(ask, destination, answer)  # type: ignore[arg-type]
             except PluginError as exc:
                 self._plugin_failed(destination, exc)
                 return
-            decided = self._apply(destination, answer)  # type: ignore[arg-type]
-            if decided is None:
+            if not self._allowed(destination, decision):
                 return
-            destination, addresses = decided
-        as_asked = destination is header.destination and addresses is None
+            destination, addresses, as_asked = decision.destination, decision.addresses, decision.as_asked
         if destination.port == 0:
             self._drop(f"to {destination}: port 0")
             return
@@ -317,9 +307,13 @@ class Association(asyncio.DatagramProtocol):
                 addresses = (destination.host,)  # type: ignore[assignment]
             else:
                 name: str = destination.host  # type: ignore[assignment]
-                addresses = None if name in self.lookups else session.resolved(name)
+                addresses = None if name in self.parking else session.resolved(name)
                 if addresses is None:  # the worker goes on; the datagram waits for its name
-                    self._wait_for_name(name, _Parked(header, data, destination, as_asked))
+                    refusal = self.parking.park(
+                        name, destination.port, _Parked(header, data, destination, as_asked)
+                    )
+                    if refusal is not None:
+                        self._drop(refusal)
                     return
         await self._deliver_to(_Parked(header, data, destination, as_asked), addresses)
 
@@ -331,41 +325,20 @@ class Association(asyncio.DatagramProtocol):
             return
         route = await self._route(header, addresses[0], destination.port)
         if parked.as_asked:
-            if len(self.routes) >= MAX_DESTINATIONS:
-                self.routes.clear()
-            self.routes[data[: header.offset]] = route
+            self.routes.add_route(data[: header.offset], route)
         self._send(route, memoryview(data)[header.offset :])
 
-    def _wait_for_name(self, name: str, parked: _Parked) -> None:
-        """Hold a datagram until ``name`` is resolved, so a slow look-up delays only its own datagrams."""
-        waiting = self.lookups.get(name)
-        if waiting is None:
-            if len(self.lookups) >= MAX_LOOKUPS:
-                self._drop(f"to {parked.destination}: {MAX_LOOKUPS} names are being looked up already")
-                return
-            waiting = self.lookups[name] = collections.deque()
-            self.lookup_tasks.add(task := self.loop.create_task(self._look_up(name, parked.destination.port)))
-            task.add_done_callback(self.lookup_tasks.discard)
-        if sum(map(len, self.lookups.values())) >= MAX_BACKLOG:
-            self._drop("backlog full")
-            return
-        waiting.append(parked)
-
-    async def _look_up(self, name: str, port: int) -> None:
+    async def _look_up(self, name: str, port: int, waiting: collections.deque[_Parked]) -> None:
         """Resolve ``name``, then send what waited for it, in order (new arrivals join the queue)."""
-        waiting = self.lookups[name]
         try:
-            try:
-                addresses = await self.session.resolve(name, port)
-            except (ResolveError, PluginError) as exc:
-                while waiting:
-                    self._drop(f"to {waiting.popleft().destination}: cannot resolve: {exc}")
-                return
-            while waiting and not self._closed:
-                parked = waiting.popleft()
-                await self._guarded(parked.destination, self._deliver_to(parked, addresses))
-        finally:
-            self.lookups.pop(name, None)
+            addresses = await self.session.resolve(name, port)
+        except (ResolveError, PluginError) as exc:
+            while waiting:
+                self._drop(f"to {waiting.popleft().destination}: cannot resolve: {exc}")
+            return
+        while waiting and not self._closed:
+            parked = waiting.popleft()
+            await self._guarded(parked.destination, self._deliver_to(parked, addresses))
 
     async def _guarded(self, destination: Address, forwarding: Awaitable[None]) -> None:
         """Forward one datagram; a failure drops it, and the association goes on."""
@@ -375,107 +348,43 @@ class Association(asyncio.DatagramProtocol):
             log.exception("session %s: UDP datagram to %s", self.session.id, destination)
             self._drop(f"internal error: {exc!r}")
 
-    async def _judge_rewrites(
-        self, answer: tuple[Verdict | None, str], payload: bytes
-    ) -> tuple[Verdict | None, str]:
-        """Ask the plugins after a rewriting one about the rewritten destination (as for requests)."""
-        verdict, plugin = answer
-        while verdict is not None and verdict.allowed and verdict.destination is not None:
-            following = await self.session.pm.call_first_after(
-                "socksflow_udp_datagram", self.session.config.timeouts.hook, plugin,
-                session=self.session, destination=verdict.destination, payload=payload,
-            )  # fmt: skip
-            if following[0] is None:
-                break
-            if following[0].allowed and following[0].destination is None:  # allowed where it now goes
-                return replace(following[0], destination=verdict.destination), following[1]
-            verdict, plugin = following
-        return verdict, plugin
-
-    def _apply(
-        self, destination: Address, answer: tuple[Verdict | None, str]
-    ) -> tuple[Address, tuple[IPAddress, ...] | None] | None:
-        """Where a hook's answer sends a datagram (and to which addresses); ``None`` if denied."""
-        verdict, plugin = answer
-        if verdict is None:
-            return destination, None
-        if not verdict.allowed:
-            why = verdict.reason or verdict.rule or "no reason given"
-            self._drop(f"to {destination} denied by {plugin}: {why}")
-            return None
-        return verdict.destination or destination, verdict.addresses
+    def _allowed(self, destination: Address, decision: Decision) -> bool:
+        """Whether a datagram to ``destination`` may go on; a denied one is dropped."""
+        if decision.allowed:
+            return True
+        self._drop(f"to {destination} denied by {decision.decided_by}: {decision.why() or 'no reason given'}")
+        return False
 
     def _plugin_failed(self, destination: Address, error: PluginError) -> None:
         """A plugin raised on a datagram: that datagram is dropped (fail closed), the association goes on."""
         self._drop(f"to {destination}: {error}", error)
         session = self.session
-        session.server.spawn(
-            session.pm.notify(
-                "socksflow_session_error", session.config.timeouts.hook, session=session, error=error
-            )
-        )
+        session.server.spawn(self.hooks.session_error(session, error))
 
     async def _route(self, header: UdpHeader, ip: IPAddress, port: int) -> _Route:
         """The socket and address to send to ``ip``:``port``; registers the remote for replies."""
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        sockaddr = (socket.inet_ntop(family, ip.packed), port)
-        if sockaddr not in self.reply_headers:
-            self._remember(sockaddr, ip)
+        sockaddr = (ip_text(ip), port)
+        self.routes.add_remote(sockaddr, ip)
         if self.upstream is not None:
             return _Route(header, _ViaUpstream(self.upstream), sockaddr)  # type: ignore[arg-type]
         key = (ip.version, ip.is_loopback)
         outbound = self.outbound.get(key)
         if outbound is None:
-            outbound = _Outbound(self, _bound_socket(_SOURCES[key], 0))
+            outbound = _Outbound(self, bound_socket(_SOURCES[key], 0, socket.SOCK_DGRAM))
             await self.loop.create_datagram_endpoint(lambda: outbound, sock=outbound.sock)
             self.outbound[key] = outbound
         return _Route(header, outbound, sockaddr)
 
-    def _remember(self, sockaddr: tuple[str, int], ip: IPAddress) -> bytes:
-        if len(self.reply_headers) >= MAX_DESTINATIONS:
-            del self.reply_headers[next(iter(self.reply_headers))]
-            self.routes.clear()  # a cached route must never outlive its remote's reply header
-        header = build_udp_header(Address(ip, sockaddr[1]))
-        self.reply_headers[sockaddr] = header
-        return header
-
     def _send(self, route: _Route, payload: memoryview) -> None:
-        if self.limiters and not self._paced(Direction.UP, len(payload), self._transmit, route, payload):
-            return
-        self._transmit(route, payload)
-
-    def _paced(self, direction: Direction, size: int, send: Callable[..., None], *args: Any) -> bool:
-        """Whether a datagram may go now; if not, it is sent when the limiters allow, or dropped.
-
-        Datagrams over the rate wait their turn, in order, up to MAX_PACED_BYTES per direction
-        (like a TCP tunnel's buffer); beyond that they are dropped, as UDP may.
-        """
-        up = direction is Direction.UP
-        if (self._waiting_up if up else self._waiting_down) + size > MAX_PACED_BYTES:
-            self._drop(f"bandwidth limit ({direction.value}): {MAX_PACED_BYTES} bytes already wait")
-            return False
-        wait = 0.0
-        for limiter in self.limiters:
-            delay = limiter.delay(direction, size)
-            if delay > wait:
-                wait = delay
-        if wait <= 0:
-            return True
-        self._hold(up, size)
-
-        def release() -> None:
-            self._hold(up, -size)
-            if not self._closed:
-                send(*args)
-
-        self.loop.call_later(wait, release)
-        return False
-
-    def _hold(self, up: bool, size: int) -> None:
-        if up:
-            self._waiting_up += size
+        if self.pacer is None:
+            self._transmit(route, payload)
         else:
-            self._waiting_down += size
+            self._paced(Direction.UP, len(payload), self._transmit, route, payload)
+
+    def _paced(self, direction: Direction, size: int, send: Callable[..., None], *args: Any) -> None:
+        refusal = self.pacer.admit(direction, size, send, *args)  # type: ignore[union-attr]
+        if refusal is not None:
+            self._drop(refusal)
 
     def _transmit(self, route: _Route, payload: memoryview) -> None:
         outbound = route.outbound
@@ -499,18 +408,19 @@ class Association(asyncio.DatagramProtocol):
     def reply(self, data: bytes, addr: tuple) -> None:
         """A datagram from a remote host: wrap it with the host's address and pass it to the client."""
         sockaddr = addr[:2]
-        header = self.reply_headers.get(sockaddr)
+        header = self.routes.reply_header(sockaddr)
         if header is None:
             if not self.any_reply:
                 self._drop(f"reply from {sockaddr[0]}:{sockaddr[1]}, to which the client has not sent")
                 return
-            header = self._remember(sockaddr, ipaddress.ip_address(sockaddr[0].partition("%")[0]))
+            header = self.routes.add_remote(sockaddr, ipaddress.ip_address(sockaddr[0].partition("%")[0]))
         if self.client_addr is None:
             self._drop("reply before the client's port is known")
             return
-        if self.limiters and not self._paced(Direction.DOWN, len(data), self._deliver, header, data):
-            return
-        self._deliver(header, data)
+        if self.pacer is None:
+            self._deliver(header, data)
+        else:
+            self._paced(Direction.DOWN, len(data), self._deliver, header, data)
 
     def _deliver(self, header: bytes, data: bytes) -> None:
         if self.relay_paused:
@@ -619,14 +529,3 @@ def _discard(answer: Answer) -> None:
     """Close a pending hook answer that will never be awaited (no "never awaited" warning)."""
     if inspect.iscoroutine(answer):
         answer.close()
-
-
-def _bound_socket(ip: IPAddress, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.bind((str(ip), port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock

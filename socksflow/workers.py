@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from socksflow import sockets
 from socksflow.config import Config
 from socksflow.protocol import Address
 from socksflow.sharedstate import SharedTable
@@ -49,8 +50,7 @@ def reserve_ports(config: Config) -> list[socket.socket]:
     reserved = []
     addresses = []
     for address in config.listen:
-        family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(sockets.family(address), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:

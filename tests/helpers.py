@@ -8,8 +8,7 @@ import shutil
 import socket
 import socketserver
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,10 @@ def write_htpasswd(path: Path, passwords: dict[str, str]) -> Path:
     """An ``htpasswd -B`` file (bcrypt at cost 4, to keep tests fast), readable by its owner only."""
     import bcrypt
 
-    lines = [f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n" for user, pw in passwords.items()]
+    lines = [
+        f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+        for user, pw in passwords.items()
+    ]
     path.write_text("".join(lines), encoding="utf-8")
     path.chmod(0o600)
     return path
@@ -74,13 +76,3 @@ def serve_tcp(handler: type[socketserver.BaseRequestHandler]) -> Iterator[tuple[
     finally:
         server.shutdown()
         server.server_close()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return bool(condition())

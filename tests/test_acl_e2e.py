@@ -214,7 +214,11 @@ rules:
 
 @pytest.mark.parametrize("name", ["outside.example", "lan.example", "meta.example", "localhost"])
 def test_curl_names_that_resolve_inside_are_denied(socksflow_server, target, name):
-    table = {"outside.example": ["127.0.0.1"], "lan.example": ["10.255.255.1"], "meta.example": ["169.254.169.254"]}
+    table = {
+        "outside.example": ["127.0.0.1"],
+        "lan.example": ["10.255.255.1"],
+        "meta.example": ["169.254.169.254"],
+    }
     names = StaticResolver(table, pass_unknown=True)  # localhost: through /etc/hosts
     server = socksflow_server(REBINDING, [acl, names], autoload=False)
     result = curl(server, f"http://{name}:{target.port}/", hostname=True)
@@ -243,7 +247,9 @@ def test_raw_ipv6_forms_of_local_addresses_are_denied(socksflow_server, target, 
 
 
 def test_only_the_checked_addresses_are_dialled(socksflow_server, target):
-    names = StaticResolver({"mixed.example": ["10.255.255.1", "127.0.0.1", "192.168.255.1"]}, pass_unknown=True)
+    names = StaticResolver(
+        {"mixed.example": ["10.255.255.1", "127.0.0.1", "192.168.255.1"]}, pass_unknown=True
+    )
     dialled = Dialled()
     rules = "rules:\n  - deny: {to: special:private}\n  - allow: all\n"
     server = socksflow_server(rules, [acl, names, dialled], autoload=False)
@@ -273,7 +279,9 @@ rules:
 
 @pytest.fixture
 def htpasswd(tmp_path: Path) -> Path:
-    return write_htpasswd(tmp_path / "users.htpasswd", {u: f"secret-{u}" for u in ("alice", "bob", "carol", "dave")})
+    return write_htpasswd(
+        tmp_path / "users.htpasswd", {u: f"secret-{u}" for u in ("alice", "bob", "carol", "dave")}
+    )
 
 
 @pytest.mark.parametrize(
@@ -348,7 +356,9 @@ def association(server) -> Iterator[tuple[socket.socket, tuple[str, int]]]:
 
 def test_udp_association_and_each_datagram(socksflow_server):
     echo, hidden = Echo("127.0.0.1"), Echo("127.0.0.2")
-    names = StaticResolver({"hidden.example": ["127.0.0.2"], "echo.example": ["127.0.0.1"]}, pass_unknown=True)
+    names = StaticResolver(
+        {"hidden.example": ["127.0.0.2"], "echo.example": ["127.0.0.1"]}, pass_unknown=True
+    )
     rules = "rules:\n  - deny: {to: [special:unspecified, 127.0.0.2]}\n  - allow: all\n"
     server = socksflow_server(rules, [acl, names], autoload=False)
     try:
@@ -386,7 +396,9 @@ def test_a_datagram_rewrite_is_judged_by_the_rules_where_it_now_goes(socksflow_s
     server = socksflow_server(rules, [acl, DatagramRedirect(hidden.address, echo.address)], autoload=False)
     try:
         with association(server) as (sock, relay):
-            sock.sendto(build_udp_header(Address.parse("192.0.2.1:1")) + b"secret", relay)  # to hidden: denied
+            sock.sendto(
+                build_udp_header(Address.parse("192.0.2.1:1")) + b"secret", relay
+            )  # to hidden: denied
             sock.sendto(build_udp_header(Address.parse("192.0.2.1:2")) + b"hello", relay)  # to echo: allowed
             data, _ = sock.recvfrom(65535)
             assert data == build_udp_header(echo.address) + b"hello"

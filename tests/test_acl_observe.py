@@ -26,7 +26,7 @@ class Session:
     def __init__(self, config: Config, server: SimpleNamespace, answers: dict[str, list[str]]) -> None:
         self.config, self.server, self.id = config, server, "7"
         self.client, self.local = Address.parse("10.1.1.1:5000"), Address.parse("127.0.0.1:1080")
-        self.identity, self.stash = Identity("alice"), Stash()
+        self.identity, self.stash, self.protocol = Identity("alice"), Stash(), "socks5"
         self._answers, self._resolved = answers, {}
 
     async def resolve(self, host=None, port=None):
@@ -64,7 +64,7 @@ def test_hits_replay_with_recorded_answers_and_one_lookup_per_unrecorded_name():
         lookups.append(host)
         raise ResolveError("must not be asked: the answers were recorded")
 
-    server.resolve = lambda _session, host, port: resolve(host, port)
+    server.resolver = lambda config=None: resolve  # the Server API: resolution outside a session
     report = asyncio.run(acl.replay_decisions(server, new))
     flips = {(f["destination"], f["before"], f["after"]) for f in report["flips"]}
     assert flips == {

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import require_tool, serve_tcp, wait_until
+from helpers import require_tool, serve_tcp
 from socksflow_plugins.admin import LISTENER
 
-from socksflow.testing import socks5_handshake
+from socksflow.testing import socks5_handshake, wait_until
 
 TOKEN = "s3cret-token-for-tests"
 

@@ -8,13 +8,12 @@ import socket
 import time
 
 import pytest
-from helpers import wait_until
 
 from socksflow import Address, Verdict, hookimpl
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.protocol import Command, Reply
-from socksflow.testing import Socks5Client, StaticResolver
+from socksflow.testing import Socks5Client, StaticResolver, wait_until
 
 WAIT = 3.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -212,12 +213,31 @@ def test_plugins_lists_the_standard_plugins(tmp_path):
 
 
 @pytest.mark.smoke
+def test_plugins_hook_lists_the_implementations_in_call_order(tmp_path):
+    (tmp_path / "first.py").write_text("def socksflow_request(request):\n    return None\n")
+    (tmp_path / "second.py").write_text("def socksflow_request(request):\n    return None\n")
+    (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nplugins: {paths: [first.py, second.py]}\n")
+    env = dict(os.environ, SOCKSFLOW_DISABLE_PLUGIN_AUTOLOAD="1")
+    result = socksflow_cmd("plugins", "--hook", "request", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "second\nfirst\n"  # pluggy calls the plugin registered last first
+    result = socksflow_cmd("plugins", "--hook", "socksflow_request", "--json", cwd=tmp_path, env=env)
+    assert json.loads(result.stdout) == ["second", "first"]
+    result = socksflow_cmd("plugins", "--hook", "requests", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "no hook named 'requests'" in result.stderr
+
+
+@pytest.mark.smoke
 def test_disabling_a_plugin_that_does_not_exist_is_an_error(tmp_path):
     # A misspelt name would otherwise leave the plugin it meant running, unnoticed.
     (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nplugins:\n  disable: [log, acll]\n")
     result = socksflow_cmd("check", cwd=tmp_path)
     assert result.returncode == 1
-    assert "rules.yaml:3: plugins.disable[1]: no plugin named 'acll' to disable (found: acl, admin, auth, " in result.stderr
+    assert (
+        "rules.yaml:3: plugins.disable[1]: no plugin named 'acll' to disable (found: acl, admin, auth, "
+        in result.stderr
+    )
     (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\nplugins:\n  disable: [log]\n")
     assert socksflow_cmd("check", cwd=tmp_path).returncode == 0
     result = socksflow_cmd("run", "--disable-plugin", "metrix", cwd=tmp_path)
@@ -310,7 +330,9 @@ def shipped_rules(tmp_path: Path, test_server_port: int = 8000) -> Path:
     root = README.parent
     text = (root / "rules.yaml").read_text()
     assert "servers: [system]" in text and "port: 8000" in text
-    text = text.replace("servers: [system]", "servers: [127.0.0.1:9]").replace("port: 8000", f"port: {test_server_port}")
+    text = text.replace("servers: [system]", "servers: [127.0.0.1:9]").replace(
+        "port: 8000", f"port: {test_server_port}"
+    )
     (tmp_path / "rules.yaml").write_text(text)
     (tmp_path / "blocklist.txt").write_text((root / "blocklist.txt").read_text())
     return tmp_path / "rules.yaml"

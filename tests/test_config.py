@@ -204,7 +204,6 @@ def test_from_file(tmp_path: Path) -> None:
     path.write_text("listen: ['[::1]:0']\nplugins:\n  paths: [local.py, /opt/p]\n", encoding="utf-8")
     config = Config.from_file(path)
     assert config.file == str(path)
-    assert config.base_dir == tmp_path
     assert config.listen == (Address.parse("[::1]:0"),)
     # Relative plugin paths are relative to the configuration file, not to the working directory.
     assert config.plugins.paths == [tmp_path / "local.py", Path("/opt/p")]

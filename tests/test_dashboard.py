@@ -25,10 +25,10 @@ from pathlib import Path
 import aiohttp
 import httpx
 import pytest
-from helpers import require_tool, wait_until, write_htpasswd
+from helpers import require_tool, write_htpasswd
 from test_admin import Curl, access_lines, admin_url, sessions, trickle  # noqa: F401
 
-from socksflow.testing import socks5_handshake
+from socksflow.testing import socks5_handshake, wait_until
 
 PASSWORD = "correct horse"
 WIDTH, HEIGHT = 1280, 860

@@ -18,10 +18,10 @@ from socksflow_plugins.dns import settings as dns_settings
 from socksflow_plugins.dns.cache import AnswerCache, CacheSettings, Lookup
 from socksflow_plugins.dns.resolver import DnsResolver
 
-from socksflow import Config, ResolveError
+from socksflow import Config, ResolveError, resolution
 from socksflow.errors import ConfigErrors
+from socksflow.hooks import Hooks
 from socksflow.plugins import PluginManager
-from socksflow.server import Server
 
 ip = ipaddress.ip_address
 pytest_plugins = ["dns_servers"]
@@ -447,5 +447,6 @@ def test_core_resolves_through_the_plugin_outside_sessions(dnsmasq):
     config = load(f"dns:\n  servers: ['{server.address}']\n")
     pm = PluginManager()
     pm.register(dns_plugin, "dns")
-    assert asyncio.run(Server(config, pm).resolve(None, "dual.test", 80)) == (ip("127.0.0.1"), ip("::1"))
+    resolve = resolution.resolver(Hooks(pm, config.timeouts.hook), config)
+    assert asyncio.run(resolve("dual.test", 80)) == (ip("127.0.0.1"), ip("::1"))
     assert server.queries("dual.test", "A") == 1

@@ -15,38 +15,21 @@ import pytest
 from helpers import require_tool
 from socksflow_plugins import dns as dns_plugin
 
-from socksflow import Command, Reply, hookimpl
+from socksflow import Command, Reply
 from socksflow.protocol import Address, build_request
-from socksflow.testing import Socks5Client
+from socksflow.testing import SessionRecorder, Socks5Client
 
 pytest_plugins = ["dns_servers"]
 
 HOST_UNREACHABLE = b"\x05\x04\x00\x01\x00\x00\x00\x00\x00\x00"  # REP 0x04, BND 0.0.0.0:0
 
 
-class SessionLog:
-    """Records how each session ended (reply, reason), as the access log would."""
-
-    def __init__(self) -> None:
-        self.ended: list[tuple[Reply | None, str]] = []
-
-    @hookimpl
-    def socksflow_session_end(self, session: Any) -> None:
-        self.ended.append((session.reply, session.close_reason))
-
-    def wait(self, count: int = 1) -> list[tuple[Reply | None, str]]:
-        deadline = time.monotonic() + 5
-        while len(self.ended) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.ended
-
-
 @pytest.fixture
 def proxy(socksflow_server) -> Any:
     """``proxy(dns_section) -> (server, session_log)``: socksflow with only the DNS plugin."""
 
-    def start(section: str) -> tuple[Any, SessionLog]:
-        log = SessionLog()
+    def start(section: str) -> tuple[Any, SessionRecorder]:
+        log = SessionRecorder()
         server = socksflow_server(f"dns:\n{section}", plugins=[dns_plugin, log], autoload=False)
         return server, log
 

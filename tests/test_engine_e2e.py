@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import recv_all, require_tool, serve_tcp, wait_until
+from helpers import recv_all, require_tool, serve_tcp
 
 import socksflow
 from socksflow import Reply, ResolveError, Verdict
 from socksflow.protocol import Address, Method
-from socksflow.testing import Socks5Client, socks5_handshake
+from socksflow.testing import Socks5Client, socks5_handshake, wait_until
 
 
 def reply_bytes(code: int, bound: bytes = b"\x01\x00\x00\x00\x00\x00\x00") -> bytes:
@@ -395,7 +395,9 @@ def test_proxychains4_with_remote_dns(socksflow_server, http_target, tmp_path):
 
     server = socksflow_server(plugins=[Recorder()])
     conf = tmp_path / "proxychains.conf"
-    conf.write_text(f"strict_chain\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 {server.host} {server.port}\n")
+    conf.write_text(
+        f"strict_chain\nproxy_dns\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n[ProxyList]\nsocks5 {server.host} {server.port}\n"
+    )
     result = subprocess.run(
         [proxychains, "-q", "-f", str(conf), require_tool("curl"), "--silent", "--max-time", "20",
          http_target.url("/blob", "target.socksflow.test")],
@@ -481,6 +483,8 @@ def test_the_listen_queue_is_as_long_as_the_kernel_allows(socksflow_server):
     ss = require_tool("ss")
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
     server = socksflow_server()
-    shown = subprocess.run([ss, "-ltnH", f"sport = :{server.port}"], capture_output=True, text=True, timeout=10)
+    shown = subprocess.run(
+        [ss, "-ltnH", f"sport = :{server.port}"], capture_output=True, text=True, timeout=10
+    )
     (line,) = shown.stdout.splitlines()
     assert int(line.split()[2]) == max(1024, somaxconn)  # a listener's Send-Q is its backlog

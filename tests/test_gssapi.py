@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 from gssclient import GssClient, frame
-from helpers import recv_all, require_tool, serve_tcp, wait_until
+from helpers import recv_all, require_tool, serve_tcp
 from kdc import OTHER_SERVICE, REALM, SERVICE, Kdc
 
 import socksflow
 from socksflow import protocol
 from socksflow.protocol import Address, Command, Method, Reply
-from socksflow.testing import Socks5Client
+from socksflow.testing import Socks5Client, wait_until
 
 try:
     import gssapi

@@ -13,7 +13,6 @@ import struct
 import threading
 import time
 import urllib.request
-from typing import Any
 
 import pytest
 from hardening import firehose_fixture, report, server_process_fixture  # noqa: F401 - fixtures
@@ -21,26 +20,9 @@ from helpers import connect_marked, recv_all, write_htpasswd
 
 from socksflow import hookimpl
 from socksflow.protocol import Address, Command, build_request
-from socksflow.testing import Socks5Client, sockaddr, socks5_handshake, wrap_datagram
+from socksflow.testing import SessionRecorder, Socks5Client, sockaddr, socks5_handshake, wrap_datagram
 
 pytest_plugins = ["dns_servers"]
-
-
-class Ends:
-    """Records how each session ended, as the access log sees it."""
-
-    def __init__(self) -> None:
-        self.sessions: list[tuple[Any, str]] = []
-
-    @hookimpl
-    def socksflow_session_end(self, session) -> None:
-        self.sessions.append((session.reply, session.close_reason))
-
-    def wait(self, count: int = 1, timeout: float = 10) -> list[tuple[Any, str]]:
-        deadline = time.monotonic() + timeout
-        while len(self.sessions) < count and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.sessions
 
 
 class OneShotTarget:
@@ -76,14 +58,14 @@ def test_upstream_reset_mid_transfer(socksflow_server):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
 
     target = OneShotTarget(send_then_reset)
-    ends = Ends()
+    ends = SessionRecorder()
     server = socksflow_server(plugins=[ends])
     code, client = socks5_handshake(server.address, f"127.0.0.1:{target.port}")
     assert code == 0
     with client:
         received = recv_all(client.sock)
     assert sent.startswith(received) and len(received) > 0  # whatever arrived is intact; then a close
-    assert ends.wait() and ends.sessions[0][1] in ("relay error: Connection reset by peer", "closed")
+    assert ends.wait() and ends.outcomes[0][1] in ("relay error: Connection reset by peer", "closed")
     target.close()
 
 
@@ -97,7 +79,7 @@ def test_upstream_that_never_answers_is_closed_by_the_idle_timeout(socksflow_ser
         return data  # ends when the proxy closes the connection
 
     target = OneShotTarget(swallow)
-    ends = Ends()
+    ends = SessionRecorder()
     server = socksflow_server("timeouts: {idle: 1s}\n", plugins=[ends])
     code, client = socks5_handshake(server.address, f"127.0.0.1:{target.port}")
     assert code == 0
@@ -113,7 +95,7 @@ def test_upstream_that_never_answers_is_closed_by_the_idle_timeout(socksflow_ser
 
 
 def test_client_vanishing_mid_transfer_releases_the_target(socksflow_server, firehose):
-    ends = Ends()
+    ends = SessionRecorder()
     server = socksflow_server(plugins=[ends])
     code, client = socks5_handshake(server.address, f"127.0.0.1:{firehose.port}")
     assert code == 0
@@ -125,7 +107,7 @@ def test_client_vanishing_mid_transfer_releases_the_target(socksflow_server, fir
     assert firehose.ended[0].wait(10), "the target kept sending into a dead tunnel"
     assert isinstance(firehose.errors[0], ConnectionError)
     assert firehose.sent[0] < firehose.size
-    assert ends.wait() and ends.sessions[0][0] == 0
+    assert ends.wait() and ends.outcomes[0][0] == 0
 
 
 # ---------------------------------------------------------------------------- DNS

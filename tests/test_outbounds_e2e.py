@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import require_tool, wait_until
+from helpers import require_tool
 from upstreams import (
     DANTED_SOURCE,
     MICROSOCKS_SOURCE,
@@ -28,7 +28,7 @@ from upstreams import (
 )
 
 from socksflow import Address, hookimpl
-from socksflow.testing import Socks5Client
+from socksflow.testing import Socks5Client, wait_until
 
 
 def routed(outbounds: str, via: str) -> str:

@@ -214,6 +214,26 @@ def test_call_all_sync_names_the_plugin() -> None:
         pm.call_all_sync("socksflow_relay_data", session=None, direction=None, data=b"x")
 
 
+def test_call_chain_sync_passes_each_result_to_the_next() -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    def step(name: str, result: bytes | None) -> Callable[..., bytes | None]:
+        def socksflow_relay_data(data: bytes) -> bytes | None:
+            seen.append((name, data))
+            return result
+
+        return socksflow_relay_data
+
+    pm = PluginManager()
+    # pluggy calls the plugin registered last first.
+    pm.register(plugin(socksflow_relay_data=step("third", b"3")), "third")
+    pm.register(plugin(socksflow_relay_data=step("second", None)), "second")
+    pm.register(plugin(socksflow_relay_data=step("first", b"1")), "first")
+    result = pm.call_chain_sync("socksflow_relay_data", "data", b"0", session=None, direction=None)
+    assert result == b"3"
+    assert seen == [("first", b"0"), ("second", b"1"), ("third", b"1")]
+
+
 # ============================================================================ validation
 
 MARKER = "from socksflow import hookimpl\n\n@hookimpl\n"
@@ -490,6 +510,23 @@ def test_a_plugin_with_nothing_configured_is_not_asked_about_sessions(socksflow_
     client.close()
     server.stop()
     assert sleepy.calls == ["client_connected", "session_end"]
+
+
+def test_a_plugin_may_stay_awake_for_some_session_hooks_only(socksflow_server, echo):
+    from socksflow.testing import socks5_handshake
+
+    class Drowsy(Sleepy):
+        @hookimpl
+        def socksflow_configure(self, config):
+            return frozenset({"socksflow_session_end"})  # e.g. a default limit still to count
+
+    drowsy = Drowsy()
+    server = socksflow_server("listen: [127.0.0.1:0]\n", plugins=[drowsy], autoload=False)
+    code, client = socks5_handshake(server.address, echo)
+    client.close()
+    assert code == 0
+    server.stop()
+    assert drowsy.calls == ["session_end"]
 
 
 def test_a_dormant_view_follows_plugins_registered_later():

@@ -15,13 +15,13 @@ import dns.message
 import dns.rrset
 import pytest
 import socks
-from helpers import wait_until
+from socksflow_plugins import limits as limits_plugin
 
-from socksflow import Address, Verdict, hookimpl
+from socksflow import Address, Direction, Verdict, hookimpl
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.protocol import Command, Reply, build_udp_header
-from socksflow.testing import Socks5Client, StaticResolver
+from socksflow.testing import SessionRecorder, Socks5Client, StaticResolver, wait_until
 
 WAIT = 3.0  # seconds to wait for a datagram that must arrive
 
@@ -188,20 +188,13 @@ def test_names_remembered_per_association_are_bounded(socksflow_server, echo, mo
 
 
 class SlowNames:
-    """Resolves ``slow*.test`` after a second and ``fast.test`` at once, all to 127.0.0.1; records the ended."""
-
-    def __init__(self) -> None:
-        self.ended = []
+    """Resolves ``slow*.test`` after a second and ``fast.test`` at once, all to 127.0.0.1."""
 
     @hookimpl
     async def socksflow_resolve(self, host):
         if host.startswith("slow"):
             await asyncio.sleep(1.0)
         return [Address.parse("127.0.0.1:0").host] if host.endswith(".test") else None
-
-    @hookimpl
-    def socksflow_session_end(self, session):
-        self.ended.append(session)
 
 
 def test_a_slow_look_up_delays_only_the_datagrams_to_its_name(socksflow_server, echo):
@@ -227,16 +220,16 @@ def test_a_slow_look_up_delays_only_the_datagrams_to_its_name(socksflow_server, 
 
 def test_names_looked_up_at_once_per_association_are_bounded(socksflow_server, echo, monkeypatch):
     monkeypatch.setattr("socksflow.udp.MAX_LOOKUPS", 2)
-    names = SlowNames()
-    server = socksflow_server("timeouts: {hook: 5s}\n", plugins=[names], autoload=False)
+    ended = SessionRecorder()
+    server = socksflow_server("timeouts: {hook: 5s}\n", plugins=[SlowNames(), ended], autoload=False)
     control, bound = associate(server)
     with udp_socket() as sock:
         for name in ("slow1.test", "slow2.test", "slow3.test"):
             sock.sendto(build_udp_header(Address(name, echo.address.port)) + name.encode(), relay_of(bound))
         assert sorted(sock.recvfrom(65535)[0][10:] for _ in range(2)) == [b"slow1.test", b"slow2.test"]
     control.close()
-    assert wait_until(lambda: len(names.ended) == 1)
-    assert names.ended[0].association.datagrams_dropped == 1  # slow3.test: two look-ups were under way
+    assert len(ended.wait(1)) == 1
+    assert ended.sessions[0].association.datagrams_dropped == 1  # slow3.test: two look-ups were under way
 
 
 def test_pysocks_remote_dns(socksflow_server, echo):
@@ -487,14 +480,8 @@ def test_a_bandwidth_limit_paces_datagrams_both_ways_and_loses_none(socksflow_se
 
 def test_datagrams_beyond_what_may_wait_for_the_limit_are_dropped(socksflow_server, echo, monkeypatch):
     monkeypatch.setattr("socksflow.udp.MAX_PACED_BYTES", 5000)
-    ended = []
-
-    class Ended:
-        @hookimpl
-        def socksflow_session_end(self, session):
-            ended.append(session)
-
-    server = socksflow_server(limited("1KiB/s"), plugins=[Ended()])
+    ended = SessionRecorder()
+    server = socksflow_server(limited("1KiB/s"), plugins=[ended])
     control, bound = associate(server)
     with udp_socket() as sock:
         for i in range(20):
@@ -503,13 +490,16 @@ def test_datagrams_beyond_what_may_wait_for_the_limit_are_dropped(socksflow_serv
 
         def accounted() -> int:  # sent + waiting + dropped: all 20 read from the relay socket
             associations = [s.association for s in server.server.sessions if s.association is not None]
-            return sum(a.datagrams_up + a._waiting_up // 1000 + a.datagrams_dropped for a in associations)
+            return sum(
+                a.datagrams_up + a.pacer.waiting(Direction.UP) // 1000 + a.datagrams_dropped
+                for a in associations
+            )
 
         assert wait_until(lambda: server.call(accounted) == 20)  # before the close ends the association
     control.close()
-    assert wait_until(lambda: len(ended) == 1)
+    assert len(ended.wait(1)) == 1
     # The first went at once, five waited (5000 bytes), fourteen were dropped.
-    assert ended[0].association.datagrams_dropped == 14
+    assert ended.sessions[0].association.datagrams_dropped == 14
     assert echo.payloads() == [bytes([0]) * 1000]  # the waiting ones die with the association
 
 
@@ -580,12 +570,17 @@ def test_idle_association_closes_its_control_connection(socksflow_server, echo):
     assert wait_until(lambda: server_sessions(server) == 0)
 
 
-def test_associations_per_client_are_capped(socksflow_server):
-    server = socksflow_server("udp: {max_per_client: 1}\n", autoload=False)
+def test_associations_per_client_are_capped(socksflow_server, refusing_port):
+    # The cap is policy, kept by the limits plugin (with or without a limits section); a
+    # refusal is REP 0x02, not allowed by ruleset.
+    server = socksflow_server("udp: {max_per_client: 1}\n", plugins=[limits_plugin], autoload=False)
     first, _ = associate(server)
     with Socks5Client(server.address) as second:
         second.greet()
-        assert second.request(Command.UDP_ASSOCIATE, "0.0.0.0:0")[0] == Reply.GENERAL_FAILURE
+        assert second.request(Command.UDP_ASSOCIATE, "0.0.0.0:0")[0] == Reply.NOT_ALLOWED
+    with Socks5Client(server.address) as tcp:  # the cap counts associations only
+        tcp.greet()
+        assert tcp.request(Command.CONNECT, f"127.0.0.1:{refusing_port}")[0] == Reply.CONNECTION_REFUSED
     first.close()
     assert wait_until(lambda: server_sessions(server) == 0)
     third, _ = associate(server)  # the slot is free again
@@ -593,14 +588,8 @@ def test_associations_per_client_are_capped(socksflow_server):
 
 
 def test_counters_reach_the_session_end_hook(socksflow_server, echo):
-    ended = []
-
-    class Log:
-        @hookimpl
-        def socksflow_session_end(self, session):
-            ended.append(session)
-
-    server = socksflow_server(plugins=[Log()], autoload=False)
+    ended = SessionRecorder()
+    server = socksflow_server(plugins=[ended], autoload=False)
     control, bound = associate(server)
     with udp_socket() as sock:
         for payload in (b"12345", b"678"):
@@ -608,8 +597,8 @@ def test_counters_reach_the_session_end_hook(socksflow_server, echo):
         sock.sendto(build_udp_header(echo.address, frag=1), relay_of(bound))
         exchange(sock, bound, echo.address, b"")  # zero-length payloads are datagrams too
     control.close()
-    assert wait_until(lambda: len(ended) == 1)
-    session = ended[0]
+    assert len(ended.wait(1)) == 1
+    session = ended.sessions[0]
     assert (session.bytes_up, session.bytes_down) == (8, 8)
     assert (session.datagrams_up, session.datagrams_down) == (3, 3)
     assert session.association.datagrams_dropped == 1

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dns_servers import stop
-from helpers import require_tool, wait_until
+from helpers import require_tool
+
+from socksflow.testing import wait_until
 
 MICROSOCKS_SOURCE = "127.0.0.2"
 TINYPROXY_SOURCE = "127.0.0.3"

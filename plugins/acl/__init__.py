@@ -34,9 +34,18 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any
 
-from socksflow import Address, Config, ConfigError, Request, StashKey, Verdict, hookimpl
-from socksflow.explain import ExplainQuery, Resolver
-from socksflow.outbound import OUTBOUNDS
+from socksflow import (
+    OUTBOUNDS,
+    Address,
+    Config,
+    ConfigError,
+    ExplainQuery,
+    Request,
+    Resolver,
+    StashKey,
+    Verdict,
+    hookimpl,
+)
 
 from .explain import explain
 from .exposure import client_restriction
@@ -135,7 +144,7 @@ async def replay_decisions(server: Any, config: Config) -> dict[str, Any] | None
         return None
     return await replay(
         decisions.decided(), old or _no_rules(server.config), new or _no_rules(config),
-        lambda host, port: server.resolve(None, host, port),
+        server.resolver(),
     )  # fmt: skip
 
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from socksflow import Address, Command, PluginError, Reply, ResolveError, Verdict
-from socksflow.protocol import IPAddress
+from socksflow import Address, Command, IPAddress, PluginError, Reply, ResolveError, Verdict, resolve_error
 
 from .rules import COMMAND_NAMES, Rule, RuleSet
 
@@ -197,10 +196,10 @@ async def decide(ruleset: RuleSet, query: Query, resolve: Resolve, trace: Trace 
     try:
         answers = tuple(await resolve())
     except (ResolveError, PluginError) as exc:
-        if isinstance(exc, PluginError) and isinstance(exc.__cause__, ResolveError):
-            exc = exc.__cause__  # a resolver plugin's own answer: NXDOMAIN, SERVFAIL…
-        reply = exc.reply if isinstance(exc, ResolveError) else Reply.HOST_UNREACHABLE
-        return _unresolved(ruleset, query, trace, f"cannot resolve {host}: {exc}", reply, needed_by)
+        answer = resolve_error(exc)  # a resolver plugin's own answer: NXDOMAIN, SERVFAIL…
+        reply = answer.reply if answer is not None else Reply.HOST_UNREACHABLE
+        why = answer if answer is not None else exc
+        return _unresolved(ruleset, query, trace, f"cannot resolve {host}: {why}", reply, needed_by)
     if not answers:
         return _unresolved(ruleset, query, trace, f"{host} has no address", Reply.HOST_UNREACHABLE, needed_by)
     if trace is not None:

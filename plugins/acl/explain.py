@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from socksflow import Command, Reply, detect
-from socksflow.explain import ExplainQuery, Resolver
-from socksflow.httpproxy import status_for
-from socksflow.outbound import Registry
-from socksflow.protocol import IPAddress
-from socksflow.socks4 import reply_code
+from socksflow import (
+    Command,
+    ExplainQuery,
+    IPAddress,
+    Registry,
+    Reply,
+    Resolver,
+    detect,
+    http_status_for,
+    socks4_reply_code,
+)
 
 from .evaluate import Query, decide
 from .rules import COMMAND_NAMES, RuleSet
@@ -47,7 +52,9 @@ async def explain(
     name = decision.verdict().outbound if decision.allowed else None
     if decision.allowed and (outbounds is not None or name is not None):  # a configuration that routes
         outbound = (outbounds or Registry()).get(name)
-        lines.append(f"outbound: {outbound.name}" + (f" ({outbound.describe()})" if outbound.kind != "direct" else ""))
+        lines.append(
+            f"outbound: {outbound.name}" + (f" ({outbound.describe()})" if outbound.kind != "direct" else "")
+        )
     if udp:
         fate = "it is relayed" if decision.allowed else "it is dropped"
         lines.append(f"reply: none, UDP has no per-datagram reply: {fate}")
@@ -61,8 +68,8 @@ async def explain(
 def _code(reply: Reply, protocol: str = detect.SOCKS5) -> str:
     """The answer as the client's protocol says it (HTTP: a status; SOCKS4: granted or rejected)."""
     if protocol == detect.HTTP:
-        return "200 Connection established" if reply == Reply.SUCCEEDED else f"HTTP {status_for(reply)}"
+        return "200 Connection established" if reply == Reply.SUCCEEDED else f"HTTP {http_status_for(reply)}"
     if protocol == detect.SOCKS4:
-        code = reply_code(reply)
+        code = socks4_reply_code(reply)
         return f"0x{code:02x} {code.name}"
     return f"0x{reply:02x} {reply.name}"

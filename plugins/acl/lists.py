@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from socksflow.protocol import InvalidAddress, parse_host, parse_ip
-from socksflow.protocol import parse_network as parse_ip_network
+from socksflow import InvalidAddress, parse_host, parse_ip
+from socksflow import parse_network as parse_ip_network
 
 from .matchers import DomainSet, Network, NetworkSet, normalize_network
 

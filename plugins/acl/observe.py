@@ -20,8 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from socksflow import ResolveError, StashKey
-from socksflow.protocol import IPAddress
+from socksflow import IPAddress, ResolveError, StashKey
 
 from .evaluate import Decision, NeedAnswers, Query, decide, evaluate
 from .rules import COMMAND_NAMES, RuleSet

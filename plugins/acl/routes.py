@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from socksflow import Command, ConfigError, Reply, Verdict
-from socksflow.outbound import Registry, carries
+from socksflow import Command, ConfigError, Registry, Reply, Verdict, carries
 
 from .rules import COMMAND_NAMES, Rule
 

@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from socksflow import Command, Config, ConfigError, Node, Reply, detect
-from socksflow.outbound import OUTBOUNDS
-from socksflow.protocol import IPAddress
+from socksflow import OUTBOUNDS, Command, Config, ConfigError, IPAddress, Node, Reply, detect
 
 from .lists import (
     EntryError,

@@ -20,9 +20,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from socksflow import Address, Command, Config, ConfigError, Node, detect
-from socksflow.explain import Resolver
-from socksflow.protocol import IPAddress, parse_host
+from socksflow import Address, Command, Config, ConfigError, IPAddress, Node, Resolver, detect, parse_host
 
 from .evaluate import Query, decide
 from .rules import COMMANDS, RuleSet

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from socksflow import Address, Command, StashKey, Verdict
-from socksflow.outbound import OUTBOUNDS, Registry
+from socksflow import OUTBOUNDS, Address, Command, Registry, StashKey, Verdict
 
 from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
@@ -45,7 +44,9 @@ def decide_request(ruleset: RuleSet, session, request) -> Verdict | Awaitable[Ve
     if isinstance(result, Decision):
         observe(session, ruleset, query, result)
         return carried(result.verdict(), request.command, outbounds)
-    return _routed(_resolve_and_decide(ruleset, session, query, session.resolve, None), request.command, outbounds)
+    return _routed(
+        _resolve_and_decide(ruleset, session, query, session.resolve, None), request.command, outbounds
+    )
 
 
 async def _routed(verdict: Awaitable[Verdict], command: Command, outbounds: Registry | None) -> Verdict:

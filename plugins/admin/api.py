@@ -18,8 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from socksflow import __version__, app
-from socksflow.errors import ConfigErrors
+from socksflow import ConfigErrors, __version__, app
 
 from .settings import SETTINGS as SETTINGS_KEY
 from .settings import AdminSettings
@@ -141,9 +140,7 @@ async def _sessions(request: web.Request) -> web.Response:
 def _close(server: Any, ids: set[str]) -> list[str]:
     closed = []
     for session in list(server.sessions):
-        if session.id in ids:
-            session.close_reason = session.close_reason or CLOSED_BY_ADMIN
-            session.abort()
+        if session.id in ids and server.end_session(session, CLOSED_BY_ADMIN):
             closed.append(session.id)
     return closed
 
@@ -264,8 +261,7 @@ async def validated(server: Any, path: str) -> tuple[Any, list[str]]:
         app.configure(server.pm, config)
     except ConfigErrors as exc:
         return None, [str(e) for e in exc.errors]
-    resolve = lambda host, port: server.resolve(None, host, port)  # noqa: E731
-    results = await server.pm.call_all("socksflow_check", None, config=config, resolve=resolve)
+    results = await server.pm.call_all("socksflow_check", None, config=config, resolve=server.resolver())
     failures = [str(e) for result in results for e in result]
     return (None, failures) if failures else (config, [])
 

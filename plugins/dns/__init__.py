@@ -35,8 +35,7 @@ from .resolver import DnsResolver
 from .settings import read_settings
 
 if TYPE_CHECKING:
-    from socksflow.protocol import IPAddress
-    from socksflow.server import Server
+    from socksflow import IPAddress, Server
 
 RESOLVER = StashKey[DnsResolver]("dns")
 

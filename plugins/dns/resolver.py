@@ -15,7 +15,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.ttl
 
-from socksflow import ResolveError
+from socksflow import ResolveError, interleave
 
 from .cache import AnswerCache, IPAddress, Lookup
 from .settings import DnsSettings, Servers, name_is_valid
@@ -153,10 +153,7 @@ class DnsResolver:
             return v4 + v6
         if prefer == "ipv6":
             return v6 + v4
-        mixed: list[IPAddress] = []
-        for i in range(max(len(v4), len(v6))):
-            mixed.extend(group[i] for group in (v6, v4) if i < len(group))
-        return mixed
+        return interleave(v6, v4)
 
 
 async def _collect(

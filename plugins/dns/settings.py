@@ -11,8 +11,7 @@ import dns.nameserver
 import dns.query
 import dns.resolver
 
-from socksflow import ConfigError, Node
-from socksflow.protocol import parse_ip
+from socksflow import ConfigError, Node, parse_ip
 
 from .cache import CacheSettings, IPAddress
 

@@ -41,6 +41,8 @@ When each limit is checked:
   the account is the user name the client gave.  The block is logged once when it starts; the
   connections it refuses are counted by the metrics plugin (``socksflow_denials_total``
   with ``plugin="limits"``, ``stage`` ``accept`` or ``auth``), not logged one by one.
+* UDP associations per client IP are capped by ``udp.max_per_client`` (default 16), with or
+  without a ``limits`` section: over it, UDP ASSOCIATE gets REP 0x02 (not allowed).
 
 Counters, buckets and failure records live in ``server.stash`` and so survive reloads; each
 session remembers what it counted and gives it back in ``socksflow_session_end``, which the
@@ -53,8 +55,9 @@ import logging
 import time
 from collections.abc import Hashable
 
-from socksflow import Config, StashKey, Verdict, hookimpl
+from socksflow import Command, Config, StashKey, Verdict, hookimpl
 
+from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
@@ -68,11 +71,15 @@ COUNTED = StashKey[set[Hashable]]("limits.counted")  # per session: the concurre
 HANDSHAKING = StashKey[list[Hashable]]("limits.handshaking")  # per session, until its request
 
 
+# Without a limits section, only the UDP association cap (udp.max_per_client) is left to keep.
+UDP_CAP_HOOKS = frozenset({"socksflow_request", "socksflow_session_end"})
+
+
 @hookimpl
-def socksflow_configure(config: Config) -> bool | None:
+def socksflow_configure(config: Config) -> bool | frozenset[str] | None:
     node = config.section("limits")
     if node is None:
-        return False  # dormant: no limits
+        return UDP_CAP_HOOKS
     entries = []
     for item in node.as_list(scalar_ok=False):
         with config.errors.capture():
@@ -238,6 +245,8 @@ def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict 
 def socksflow_request(session) -> Verdict | None:
     if HANDSHAKING in session.stash:
         _end_handshake(session, _state(session))
+    if session.request.command is Command.UDP_ASSOCIATE and (refusal := associations.admit(session)):
+        return refusal
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.at_request:
         return None
@@ -278,6 +287,7 @@ def socksflow_explain(config: Config, query) -> list[str] | None:
 
 @hookimpl
 def socksflow_session_end(session) -> None:
+    associations.release(session)
     counted = session.stash.get(COUNTED)
     state = session.server.stash.get(STATE)
     if HANDSHAKING in session.stash and state is not None:

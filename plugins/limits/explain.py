@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from socksflow import Address, Config, Identity
-from socksflow.explain import ExplainQuery
+from socksflow import Address, Config, ExplainQuery, Identity
 
 from .settings import Entry, Limits, Rate
 
@@ -46,11 +45,17 @@ def _limits_of(entry: Entry) -> str:
     if entry.max_handshakes is not None:
         parts.append(f"at most {entry.max_handshakes} connections in their handshake, then refused")
     if entry.up is not None or entry.down is not None:
-        ways = [f"{way} {_bytes_per_second(rate)}" for way, rate in (("up", entry.up), ("down", entry.down)) if rate]
+        ways = [
+            f"{way} {_bytes_per_second(rate)}"
+            for way, rate in (("up", entry.up), ("down", entry.down))
+            if rate
+        ]
         parts.append(f"bandwidth {', '.join(ways)} (paced, never refused)")
     if entry.auth is not None:
         auth = entry.auth
-        parts.append(f"after {auth.failures} failed logins within {auth.within:g}s, refused for {auth.block:g}s")
+        parts.append(
+            f"after {auth.failures} failed logins within {auth.within:g}s, refused for {auth.block:g}s"
+        )
     return "; ".join(parts)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 from socksflow import Node
-from socksflow.protocol import parse_network as parse_ip_network
+from socksflow import parse_network as parse_ip_network
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENTRY_KEYS = frozenset(

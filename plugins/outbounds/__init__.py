@@ -27,8 +27,21 @@ is dormant and every session goes direct.
 
 from __future__ import annotations
 
-from socksflow import Address, Command, Config, hookimpl
-from socksflow.outbound import OUTBOUNDS, ROUTE, Outbound, Stream, direct_connect
+from socksflow import (
+    OUTBOUNDS,
+    ROUTE,
+    Address,
+    Command,
+    Config,
+    IPAddress,
+    Outbound,
+    OutboundError,
+    Reply,
+    ResolveError,
+    Stream,
+    direct_connect,
+    hookimpl,
+)
 
 from .groups import ROUTE as CHOICES
 from .groups import stop_checkers
@@ -62,8 +75,7 @@ async def _open(session, name: str, outbound: Outbound, addresses: tuple[Address
     if destination.is_domain and addresses:
         destination = addresses[0]  # rules checked the name's addresses: the upstream must not pick others
     elif destination.is_domain and not getattr(outbound, "remote_dns", True):
-        ips = await session.addresses_to_use()  # dns: local (the core leaves resolving to routed sessions)
-        destination = Address(ips[0], destination.port)
+        destination = Address(await _resolved(session), destination.port)
     choices: list[str] = []
     token = CHOICES.set(choices)
     try:
@@ -71,6 +83,18 @@ async def _open(session, name: str, outbound: Outbound, addresses: tuple[Address
     finally:
         CHOICES.reset(token)
         session.stash[ROUTE] = ",".join([name, *choices])
+
+
+async def _resolved(session) -> IPAddress:
+    """The destination's first address (dns: local: the core leaves resolving to routed sessions)."""
+    try:
+        ips = await session.resolve()
+    except ResolveError as exc:
+        raise OutboundError(f"cannot resolve {session.destination.host}: {exc}", exc.reply) from None
+    if not ips:
+        raise OutboundError(f"{session.destination.host} has no address", Reply.HOST_UNREACHABLE)
+    session.addresses = ips
+    return ips[0]
 
 
 @hookimpl

@@ -14,17 +14,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from socksflow.outbound import (
+from socksflow import (
     UNSPECIFIED,
+    Address,
     Connector,
     Outbound,
     OutboundError,
     Receiver,
+    Reply,
     Stream,
     carries,
     direct_connect,
 )
-from socksflow.protocol import Address, Reply
 
 log = logging.getLogger("socksflow.outbounds")
 

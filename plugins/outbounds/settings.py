@@ -1,6 +1,6 @@
 """The ``outbounds:`` section: one entry per name, each with exactly one kind key.
 
-Every kind is registered with :func:`socksflow.outbound.register_kind`; this module registers
+Every kind is registered with :func:`socksflow.register_outbound_kind`; this module registers
 the standard ones.  References (chain hops, group members) are checked once all entries are
 read: a name that is not defined, a loop, an empty group are located errors.
 """
@@ -11,10 +11,21 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
-from socksflow import Config, ConfigError, Node
-from socksflow.clients import basic_authorization
-from socksflow.outbound import BuildContext, Direct, Outbound, Registry, Reject, kinds, register_kind
-from socksflow.protocol import Address, Reply
+from socksflow import (
+    Address,
+    BuildContext,
+    Config,
+    ConfigError,
+    Direct,
+    Node,
+    Outbound,
+    Registry,
+    Reject,
+    Reply,
+    clients,
+    outbound_kinds,
+    register_outbound_kind,
+)
 
 from .groups import Chain, Group, Health
 from .upstreams import HttpUpstream, Socks4Upstream, Socks5Upstream, SshUpstream
@@ -53,19 +64,19 @@ def build(name: str, item: Node, context: BuildContext) -> Outbound:
     if name == "direct":
         raise item.error("'direct' is built in: pick another name")
     if not item.is_map:
-        raise item.error(f"expected a mapping with one of: {', '.join(kinds())}")
+        raise item.error(f"expected a mapping with one of: {', '.join(outbound_kinds())}")
     fields = item.as_map()
-    found = [key for key in fields if key in kinds()]
+    found = [key for key in fields if key in outbound_kinds()]
     if len(found) != 1:
-        raise item.error(f"an outbound needs exactly one kind: {', '.join(kinds())}")
+        raise item.error(f"an outbound needs exactly one kind: {', '.join(outbound_kinds())}")
     kind = found[0]
     rest = {key: value for key, value in fields.items() if key != kind}
-    return kinds()[kind](name, fields[kind], rest, context)
+    return outbound_kinds()[kind](name, fields[kind], rest, context)
 
 
 def check_references(name: str, item: Node, built: dict[str, Outbound]) -> None:
     """Every hop defined, no loop through ``name``."""
-    kind_node = next((child for key, child in item.as_map().items() if key in kinds()), item)
+    kind_node = next((child for key, child in item.as_map().items() if key in outbound_kinds()), item)
     for hop in built[name].hops():
         if hop not in built:
             raise kind_node.error(f"no outbound named {hop!r} (defined: {', '.join(sorted(built))})")
@@ -159,7 +170,7 @@ def _http(name: str, node: Node, fields: dict[str, Node], context: BuildContext)
     password = _secret(fields, "password")
     if password is None and url.password is not None:
         password = unquote(url.password)
-    authorization = basic_authorization(username, password or "") if username is not None else None
+    authorization = clients.basic_authorization(username, password or "") if username is not None else None
     tls = None
     if url.scheme == "https":
         tls = ssl.create_default_context(cafile=str(fields["ca"].as_path()) if "ca" in fields else None)
@@ -247,7 +258,7 @@ def register_standard_kinds() -> None:
         "chain": _chain,
         **{kind: _group(kind) for kind in GROUP_KINDS},
     }.items():
-        register_kind(kind, factory)
+        register_outbound_kind(kind, factory)
 
 
 __all__ = ["ConfigError", "read_outbounds", "register_standard_kinds"]

@@ -19,9 +19,17 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from socksflow.clients import socks5
-from socksflow.outbound import UNSPECIFIED, Connector, direct_connect
-from socksflow.protocol import Address, Command, ProtocolError, build_udp_header, parse_udp_header
+from socksflow import (
+    UNSPECIFIED,
+    Address,
+    Command,
+    Connector,
+    ProtocolError,
+    build_udp_header,
+    clients,
+    direct_connect,
+    parse_udp_header,
+)
 
 from .wire import SocketChannel, run
 
@@ -100,7 +108,9 @@ async def associate(
     try:
         local = Address.from_sockaddr(control.getsockname())
         expected = Address(local.host, 0) if carrier is None else UNSPECIFIED  # a chain's: not known here
-        bound = await run(socks5(Command.UDP_ASSOCIATE, expected, *credentials), SocketChannel(control), name)
+        bound = await run(
+            clients.socks5(Command.UDP_ASSOCIATE, expected, *credentials), SocketChannel(control), name
+        )
         relay = bound
         if bound.is_domain or bound.host.is_unspecified:  # type: ignore[union-attr]
             # "0.0.0.0": the relay listens where the control connection went (common practice)

@@ -12,10 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from socksflow.clients import Handshake, http_connect, socks4, socks5, socks5_reply
-from socksflow.dial import reply_for_error
-from socksflow.outbound import UNSPECIFIED, Connector, OutboundError, Stream, direct_connect
-from socksflow.protocol import Address, Command, Reply
+from socksflow import (
+    UNSPECIFIED,
+    Address,
+    Command,
+    Connector,
+    OutboundError,
+    Reply,
+    Stream,
+    clients,
+    direct_connect,
+    reply_for_error,
+)
 
 from .wire import SocketChannel, StreamChannel, bridge, run
 
@@ -61,7 +69,7 @@ class _Single:
     def describe(self) -> str:
         return f"{self.kind} upstream {self.server}"
 
-    async def over_socket(self, handshake: Handshake, connect: Connector) -> Stream:
+    async def over_socket(self, handshake: clients.Handshake, connect: Connector) -> Stream:
         """Reach the upstream and run ``handshake`` on the plain socket, which the relay then takes."""
         sock = await reach(self.name, self.server, connect)
         try:
@@ -85,7 +93,7 @@ class UpstreamBind:
 
     async def peer(self) -> tuple[socket.socket, Address]:
         """The upstream's second reply: the socket, now relaying to the peer, and the peer's address."""
-        address = await run(socks5_reply(), SocketChannel(self.sock), self.name)
+        address = await run(clients.socks5_reply(), SocketChannel(self.sock), self.name)
         return self.sock, address
 
     def close(self) -> None:
@@ -104,12 +112,12 @@ class Socks5Upstream(_Single):
     async def open_stream(
         self, destination: Address, connect: Connector = direct_connect, user: str = ""
     ) -> Stream:
-        handshake = socks5(Command.CONNECT, destination, self.username, self.password)
+        handshake = clients.socks5(Command.CONNECT, destination, self.username, self.password)
         return await self.over_socket(handshake, connect)
 
     async def open_bind(self, destination: Address, connect: Connector = direct_connect) -> UpstreamBind:
         """BIND on this upstream: ``destination`` is the expected peer (see :class:`UpstreamBind`)."""
-        handshake = socks5(Command.BIND, destination, self.username, self.password)
+        handshake = clients.socks5(Command.BIND, destination, self.username, self.password)
         sock, bound = await self.over_socket(handshake, connect)
         if not bound.is_domain and bound.host.is_unspecified:  # type: ignore[union-attr]
             bound = Address(self.server.host, bound.port)  # "anywhere": where we reached the upstream
@@ -140,7 +148,7 @@ class Socks4Upstream(_Single):
     async def open_stream(
         self, destination: Address, connect: Connector = direct_connect, user: str = ""
     ) -> Stream:
-        return await self.over_socket(socks4(destination, self.user_id), connect)
+        return await self.over_socket(clients.socks4(destination, self.user_id), connect)
 
 
 @dataclass
@@ -156,7 +164,7 @@ class HttpUpstream(_Single):
     async def open_stream(
         self, destination: Address, connect: Connector = direct_connect, user: str = ""
     ) -> Stream:
-        handshake = http_connect(destination, self.authorization)
+        handshake = clients.http_connect(destination, self.authorization)
         if self.tls is None:
             return await self.over_socket(handshake, connect)
         sock = await reach(self.name, self.server, connect)

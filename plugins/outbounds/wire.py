@@ -12,9 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from socksflow.clients import Handshake, Receive, Send
-from socksflow.outbound import OutboundError
-from socksflow.protocol import Address, Reply
+from socksflow import Address, OutboundError, Reply, clients
 
 CHUNK = 256 * 1024
 
@@ -98,15 +96,15 @@ class StreamChannel:
             ) from None
 
 
-async def run(handshake: Handshake, channel: Channel, name: str) -> Address:
+async def run(handshake: clients.Handshake, channel: Channel, name: str) -> Address:
     """Drive ``handshake`` over ``channel``; the bound address the proxy reported."""
     try:
         step = next(handshake)
         while True:
-            if isinstance(step, Send):
+            if isinstance(step, clients.Send):
                 await channel.send(step.data)
                 answer = b""
-            elif isinstance(step, Receive):
+            elif isinstance(step, clients.Receive):
                 answer = await channel.receive(step.size)
             else:
                 answer = await channel.receive_head(step.limit)
