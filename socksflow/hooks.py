@@ -119,7 +119,7 @@ class Hooks:
     def subnegotiate(
         self, session: Session, method: int, channel: AuthChannel, *, timeout: float | None
     ) -> Awaitable[Answer[Identity | Protected | Verdict]]:
-        """A multi-round exchange: bounded by ``timeout`` (the handshake's), not the hook timeout."""
+        """A multi-round exchange: bounded by ``timeout`` (``None``: the caller's deadline), not the hook timeout."""
         return self.caller.call_first(
             "socksflow_subnegotiate", timeout, session=session, method=method, channel=channel
         )
@@ -128,14 +128,8 @@ class Hooks:
         self, session: Session, method: int, user: str | None, accepted: bool
     ) -> Awaitable[list[tuple[Verdict, str]]]:
         """Every plugin's answer to a login's outcome, each with the plugin that gave it."""
-        return self.caller.call_all_named(
-            "socksflow_auth_result",
-            self.timeout,
-            session=session,
-            method=method,
-            user=user,
-            accepted=accepted,
-        )
+        kwargs = {"session": session, "method": method, "user": user, "accepted": accepted}
+        return self.caller.call_all_named("socksflow_auth_result", self.timeout, **kwargs)
 
     # ------------------------------------------------------------------ decisions
 

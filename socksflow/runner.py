@@ -468,10 +468,10 @@ class Runner:
         assert client is not None
         session = self.session
         conn = client.conn
-        try:  # a multi-round exchange: bounded by the handshake deadline, not the hook timeout
-            answer = await self.hooks.subnegotiate(
-                session, method, AuthChannel(client), timeout=self.config.timeouts.handshake
-            )
+        # A multi-round exchange: bounded by the handshake deadline (_within), not a timer of its
+        # own, which would end it as a plugin fault just before the (spread) deadline does.
+        try:
+            answer = await self.hooks.subnegotiate(session, method, AuthChannel(client), timeout=None)
             result = self._decided(answer)
         except PluginError as exc:
             conn.finish_subnegotiation(False)
