@@ -570,7 +570,7 @@ class Session:
         conn = self._client.conn
         try:  # a multi-round exchange: bounded by the handshake deadline, not the hook timeout
             result = await self._decide(
-                "socksflow_subnegotiate", self.config.timeouts.handshake,
+                "socksflow_subnegotiate", None,
                 session=self, method=method, channel=AuthChannel(self._client),
             )  # fmt: skip
         except PluginError as exc:

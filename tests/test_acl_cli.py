@@ -218,7 +218,7 @@ def test_explain_and_tests_with_a_protocol(workdir):
     rules += '  - {from: 192.0.2.1, user: alice, protocol: http, to: "192.0.2.80:22", expect: deny}\n'
     (workdir / "rules.yaml").write_text(rules)
     result = socksflow(workdir, "check", "rules.yaml")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK, 5 tests passed\n", "")
     args = ("explain", "-c", "rules.yaml", "--from", "192.0.2.1", "--user", "alice", "192.0.2.80:22")
     lines = socksflow(workdir, *args, "--protocol", "http").stdout.splitlines()
     assert lines[0] == "rules.yaml: connect 192.0.2.80:22 from 192.0.2.1 (user alice) over http"

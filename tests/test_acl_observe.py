@@ -26,7 +26,7 @@ class Session:
     def __init__(self, config: Config, server: SimpleNamespace, answers: dict[str, list[str]]) -> None:
         self.config, self.server, self.id = config, server, "7"
         self.client, self.local = Address.parse("10.1.1.1:5000"), Address.parse("127.0.0.1:1080")
-        self.identity, self.stash = Identity("alice"), Stash()
+        self.identity, self.stash, self.protocol = Identity("alice"), Stash(), "socks5"
         self._answers, self._resolved = answers, {}
 
     async def resolve(self, host=None, port=None):

@@ -306,7 +306,7 @@ def test_local_front_rule_tests_pass(tmp_path):
         [sys.executable, "-m", "socksflow", "check", "front.yaml"],
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )  # fmt: skip
-    assert (result.returncode, result.stdout, result.stderr) == (0, "front.yaml: OK\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "front.yaml: OK, 2 tests passed\n", "")
 
 
 def test_kerberos_logins(socksflow_server, tmp_path, kdc, http_target):

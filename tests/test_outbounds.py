@@ -233,13 +233,14 @@ tests:
 
 def test_rule_tests_check_the_route(tmp_path: Path) -> None:
     result = check(tmp_path, ROUTES, "check", "rules.yaml")
-    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "rules.yaml: OK, 3 tests passed\n", "")
     wrong = ROUTES + '  - {to: "192.0.2.1:443", expect: allow, via: corp}\n'
     result = check(tmp_path, wrong, "check", "rules.yaml")
     assert result.returncode == 1
     assert (
         result.stderr
         == "rules.yaml:16: tests[3]: expected allow via corp, got allow by rules.yaml:11 (via direct)\n"
+        "rules.yaml: 1 of 4 tests failed\n"
     )
 
 
