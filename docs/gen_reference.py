@@ -32,7 +32,11 @@ TYPES = {
         "socksflow.ConfigError",
         "a located configuration error (`node.error(message)` makes one)",
     ),
-    "Server": ("socksflow.server.Server", "the running server: `config`, `stash`, `addresses`, `sessions`"),
+    "Server": (
+        "socksflow.server.Server",
+        "the running server: `config`, `stash`, `addresses`, `sessions`, `resolver(config=None)`, "
+        "`end_session(session, reason)`",
+    ),
     "Session": ("socksflow.session.Session", "one client connection (see [Sessions](#sessions))"),
     "AuthChannel": (
         "socksflow.session.AuthChannel",
