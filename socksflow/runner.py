@@ -597,9 +597,7 @@ class Runner:
                     sock = await self._within(timeout, dial(targets))
         except PluginError as exc:
             cause = exc.__cause__
-            if isinstance(
-                cause, OutboundError
-            ):  # an upstream's own code, or why it was unreachable: no fault
+            if isinstance(cause, OutboundError):  # an upstream's own code, or why it failed: no fault
                 await self.fail(cause.reply, f"connect failed: {cause}")
             reply = reply_for_error(cause) if isinstance(cause, OSError) else Reply.GENERAL_FAILURE
             await self.fail(reply, f"connect failed: {exc}", exc)

@@ -63,10 +63,9 @@ class Session:
 
     Stable attributes: ``id``, ``client``, ``local``, ``config``, ``stash``, ``protocol`` (the
     front door: ``"socks5"``, ``"socks4"``, ``"http"``, ``"unknown"``; ``""`` before the first
-    byte), ``method``,
-    ``identity``, ``request``, ``destination`` (after rewrites), ``addresses`` (what the
-    destination resolved to), ``remote`` (the address actually connected to), ``bound``,
-    ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down`` (payload bytes, TCP
+    byte), ``method``, ``identity``, ``request``, ``destination`` (after rewrites),
+    ``addresses`` (what the destination resolved to), ``remote`` (the address actually
+    connected to), ``bound``, ``verdict``, ``decided_by``, ``reply``, ``bytes_up``, ``bytes_down`` (payload bytes, TCP
     or UDP), ``datagrams_up``, ``datagrams_down`` (UDP ASSOCIATE), ``started``,
     ``duration``, ``close_reason``, ``authenticated`` (``None`` when no credentials were
     checked, else whether they were accepted) and ``timings`` (seconds spent in the phases
