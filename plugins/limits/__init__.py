@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Coroutine, Hashable
+from typing import Any, TypeVar
 
 from socksflow import Command, Config, StashKey, Verdict, hookimpl
 
@@ -67,6 +68,7 @@ from .settings import Entry, Limits, parse_entry
 from .state import SharedBucket, State
 
 log = logging.getLogger("socksflow.limits")
+T = TypeVar("T")
 
 SETTINGS = StashKey[Limits]("limits")
 STATE = StashKey[State]("limits.state")
@@ -100,6 +102,20 @@ def socksflow_configure(config: Config) -> bool | frozenset[str] | None:
 # ---------------------------------------------------------------------------- runtime state
 
 
+def _answer(session, work: Coroutine[Any, Any, T]) -> T | Coroutine[Any, Any, T]:
+    """``work``'s result now when the limit table answers at once (one machine's shared memory
+    never waits: the coroutine runs to its end in one step), else ``work`` for the caller to await
+    (Redis, when a lease must be asked for)."""
+    if not _state(session).answers_at_once:
+        return work
+    try:
+        work.send(None)
+    except StopIteration as done:
+        return done.value
+    work.close()
+    raise RuntimeError("the limit table waited although it answers at once")
+
+
 def _state(session) -> State:
     state = session.server.stash.get(STATE)
     if state is None:
@@ -107,7 +123,7 @@ def _state(session) -> State:
     return state
 
 
-def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
+async def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Check session rates and concurrency; count the session in when every entry lets it in."""
     state = _state(session)
     now = time.monotonic()
@@ -121,16 +137,18 @@ def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
         key = entry.per.key(session)
         if entry.max_sessions is not None:
             if key in counted:  # counted at accept: it must still fit with itself counted
-                if state.count("sessions", key) - 1 >= entry.max_sessions:
+                if await state.count("sessions", key) - 1 >= entry.max_sessions:
                     return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
             elif key not in wanted or entry.max_sessions < wanted[key].max_sessions:  # type: ignore[operator]
                 wanted[key] = entry
         rate = entry.session_rate
-        if rate is not None and not state.table.take(("rate", entry.ident, key), rate.per_second, rate.burst, now):
+        if rate is not None and not await state.take(
+            ("rate", entry.ident, key), rate.per_second, rate.burst, now
+        ):
             return _refuse(session, entry, entry.describe(f"{rate.per_second:g} new sessions/s"))
     taken = []
     for key, entry in wanted.items():
-        if not state.acquire("sessions", key, entry.max_sessions, now):  # type: ignore[arg-type]
+        if not await state.acquire("sessions", key, entry.max_sessions, now):  # type: ignore[arg-type]
             for earlier in taken:
                 state.release("sessions", earlier)
                 counted.discard(earlier)
@@ -176,22 +194,26 @@ def _blocked(session, user: str | None, accepting: bool = False) -> Verdict | No
 
 
 @hookimpl(tryfirst=True)
-def socksflow_client_connected(session) -> Verdict | None:
+def socksflow_client_connected(session) -> Verdict | Awaitable[Verdict | None] | None:
     limits = session.config.stash.get(SETTINGS)
     if limits is None:
         return None
+    return _answer(session, _on_accept(session, limits))
+
+
+async def _on_accept(session, limits: Limits) -> Verdict | None:
     if limits.auth:
         refusal = _blocked(session, None, accepting=True)
         if refusal is not None:
             return refusal
     if limits.handshakes:
-        refusal = _start_handshake(session, limits.handshakes)
+        refusal = await _start_handshake(session, limits.handshakes)
         if refusal is not None:
             return refusal
-    return _admit(session, limits.at_accept) if limits.at_accept else None
+    return await _admit(session, limits.at_accept) if limits.at_accept else None
 
 
-def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
+async def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Count the connection among its address's handshakes in progress, or refuse it (quietly:
     a flood's refusals are counted by the metrics, not logged one by one)."""
     state = _state(session)
@@ -200,7 +222,7 @@ def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
     for entry in entries:
         if entry.match.client_matches(session):
             key = (entry.ident, entry.per.key(session))
-            if not state.acquire("handshakes", key, entry.max_handshakes, now):  # type: ignore[arg-type]
+            if not await state.acquire("handshakes", key, entry.max_handshakes, now):  # type: ignore[arg-type]
                 _end_handshake(state, keys)
                 return _refuse(
                     session, entry, entry.describe(f"{entry.max_handshakes} handshakes"), logging.DEBUG
@@ -232,7 +254,7 @@ def socksflow_authenticate(session, username: bytes) -> Verdict | None:
 
 
 @hookimpl
-def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict | None:
+def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict | Awaitable[None] | None:
     """Count a failure now; refuse any login, even a right one, while a block is in force."""
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.auth:
@@ -240,20 +262,26 @@ def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict 
     refusal = _blocked(session, user)
     if refusal is not None or accepted:
         return refusal  # failures while blocked are not counted again: the block runs its course
-    _record_auth_failure(session, limits.auth, user)
-    return None
+    return _answer(session, _record_auth_failure(session, limits.auth, user))
 
 
 @hookimpl(tryfirst=True)
-def socksflow_request(session) -> Verdict | None:
+def socksflow_request(session) -> Verdict | Awaitable[Verdict | None] | None:
     if HANDSHAKING in session.stash:
         _end_handshake(_state(session), _taken(session, HANDSHAKING))
-    if session.request.command is Command.UDP_ASSOCIATE and (refusal := associations.admit(session)):
-        return refusal
+    udp = session.request.command is Command.UDP_ASSOCIATE
     limits = session.config.stash.get(SETTINGS)
+    if not udp and (limits is None or not limits.at_request):
+        return None
+    return _answer(session, _on_request(session, udp, limits))
+
+
+async def _on_request(session, udp: bool, limits: Limits | None) -> Verdict | None:
+    if udp and (refusal := await associations.admit(session, _state(session))):
+        return refusal
     if limits is None or not limits.at_request:
         return None
-    return _admit(session, limits.at_request)
+    return await _admit(session, limits.at_request)
 
 
 @hookimpl
@@ -287,10 +315,10 @@ def socksflow_explain(config: Config, query) -> list[str] | None:
 
 @hookimpl
 def socksflow_session_end(session) -> None:
-    associations.release(session)
     state = session.server.stash.get(STATE)
     if state is None:
-        return
+        return  # nothing was ever counted
+    associations.release(session, state)
     if HANDSHAKING in session.stash:
         _end_handshake(state, _taken(session, HANDSHAKING))
     counted = session.stash.get(COUNTED)
@@ -300,13 +328,13 @@ def socksflow_session_end(session) -> None:
         counted.clear()
 
 
-def _record_auth_failure(session, entries: tuple[Entry, ...], user: str | None) -> None:
+async def _record_auth_failure(session, entries: tuple[Entry, ...], user: str | None) -> None:
     state = _state(session)
     for entry in entries:
         if not entry.match.client_matches(session):
             continue
         assert entry.auth is not None
-        if state.fail(_auth_key(entry, session, user), entry.auth):
+        if await state.fail(_auth_key(entry, session, user), entry.auth):
             who = f"user {user!r}" if entry.per.kind == "user" and user else str(session.client.host)
             log.warning(
                 "%s: %d failed logins within %gs: refusing it for %gs (%s)",

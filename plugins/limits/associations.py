@@ -13,13 +13,13 @@ log = logging.getLogger("socksflow.limits")
 HOLDS = StashKey[str]("limits.udp_association")  # per session: the client IP it counts against
 
 
-def admit(session) -> Verdict | None:
+async def admit(session, state) -> Verdict | None:
     """Count a UDP ASSOCIATE request in, or refuse it (REP 0x02) when its client holds the maximum."""
     if HOLDS in session.stash:  # asked again (a rewrite's judges): counted already
         return None
     client_ip = str(session.client.host)
     cap = session.config.udp.max_per_client
-    if not session.server.shared_state.acquire(("udp", client_ip), cap, time.monotonic()):
+    if not await state.acquire("udp", client_ip, cap, time.monotonic()):
         reason = f"limit reached: {client_ip} already holds {cap} UDP associations (udp.max_per_client)"
         log.info("session %s from %s refused: %s", session.id, session.client, reason)
         return Verdict.deny(reason, rule="udp.max_per_client")
@@ -27,10 +27,10 @@ def admit(session) -> Verdict | None:
     return None
 
 
-def release(session) -> None:
+def release(session, state) -> None:
     """Give the session's association back (``socksflow_session_end``)."""
     client_ip = session.stash.get(HOLDS)
     if client_ip is None:
         return
     del session.stash[HOLDS]
-    session.server.shared_state.release(("udp", client_ip))
+    state.release("udp", client_ip)

@@ -12,10 +12,16 @@ exactly what it took, and an operator (or a test) can see this worker's share.
 from __future__ import annotations
 
 import collections
+import inspect
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
+from typing import TypeVar
+
+from socksflow import SharedTable
 
 from .settings import AuthThrottle
+
+T = TypeVar("T")
 
 
 class SharedBucket:
@@ -40,14 +46,16 @@ class State:
         self.table = table
         self.active: collections.Counter[Hashable] = collections.Counter()  # sessions
         self.handshaking: collections.Counter[Hashable] = collections.Counter()
-        self.held = {"sessions": self.active, "handshakes": self.handshaking}
+        self.held = {"sessions": self.active, "handshakes": self.handshaking, "udp": collections.Counter()}
+        # One machine's table answers every operation at once; Redis's may have to ask first.
+        self.answers_at_once = isinstance(table, SharedTable)
 
     # ------------------------------------------------------------------ concurrency
 
-    def acquire(self, kind: str, key: Hashable, limit: int, now: float) -> bool:
+    async def acquire(self, kind: str, key: Hashable, limit: int, now: float) -> bool:
         """Count one more ``kind`` (``sessions``, ``handshakes``) under ``key`` unless ``limit`` are
         counted already, server-wide."""
-        if not self.table.acquire((kind, key), limit, now):
+        if not await _settled(self.table.acquire((kind, key), limit, now)):
             return False
         self.held[kind][key] += 1
         return True
@@ -59,15 +67,19 @@ class State:
         if not held[key]:
             del held[key]
 
-    def count(self, kind: str, key: Hashable) -> int:
-        return self.table.count((kind, key))
+    async def count(self, kind: str, key: Hashable) -> int:
+        return await _settled(self.table.count((kind, key)))
+
+    async def take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
+        """One token from the bucket ``key`` (session rates)."""
+        return await _settled(self.table.take(key, rate, burst, now))
 
     # ------------------------------------------------------------------ failed logins
 
     def blocked_until(self, key: Hashable, now: float) -> float:
         return self.table.blocked_until(("block", key), now)
 
-    def fail(self, key: Hashable, rule: AuthThrottle) -> bool:
+    async def fail(self, key: Hashable, rule: AuthThrottle) -> bool:
         """Record a failed login under ``key``; True when it starts a block (to be logged once).
 
         "``max`` failures within ``within``" is judged over a sliding window estimated from two
@@ -75,7 +87,11 @@ class State:
         what fits in a fixed-size slot that every worker shares.
         """
         now = time.monotonic()
-        if self.table.record(("failures", key), rule.within, now) < rule.failures:
+        if await _settled(self.table.record(("failures", key), rule.within, now)) < rule.failures:
             return False
         self.table.forget_events(("failures", key))
-        return self.table.block(("block", key), now + rule.block, now)
+        return await _settled(self.table.block(("block", key), now + rule.block, now))
+
+
+async def _settled(answer: T | Awaitable[T]) -> T:
+    return await answer if inspect.isawaitable(answer) else answer  # type: ignore[return-value]
