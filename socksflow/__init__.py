@@ -50,6 +50,7 @@ from socksflow.protocol import (
 )
 from socksflow.relay import Direction, Limiter
 from socksflow.resolution import Resolver, resolve_error
+from socksflow.sharedstate import SharedTable
 from socksflow.socks4 import reply_code as socks4_reply_code
 from socksflow.stash import Stash, StashKey
 
@@ -92,6 +93,7 @@ __all__ = [
     "Resolver",
     "Server",
     "Session",
+    "SharedTable",
     "Stash",
     "StashKey",
     "Stream",

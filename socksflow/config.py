@@ -379,6 +379,32 @@ class DoorSettings:
     tor_resolve: bool = False
 
 
+@dataclass(slots=True)
+class StateSettings:
+    """Where limit state lives (section ``state``).
+
+    ``redis``: a ``redis://``, ``rediss://`` or ``unix://`` URL; every instance pointing at the
+    same Redis enforces one set of limits.  Without it, state is shared by the workers of this
+    machine only.  ``on_outage``: while Redis is unreachable, ``local`` (default: enforce this
+    instance's own limits, and rejoin when Redis is back) or ``refuse`` (admit no session).
+    ``prefix``: the prefix of socksflow's keys in Redis.
+    """
+
+    redis: str | None = None
+    on_outage: str = "local"
+    prefix: str = "socksflow:"
+
+
+def _redis_url(node: Node) -> str:
+    def parse(value: Any) -> str:
+        text = str(value)
+        if text.partition("://")[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{text!r}: give a redis://, rediss:// or unix:// URL")
+        return text
+
+    return node.convert(parse)
+
+
 def _advertised_ip(node: Node) -> IPAddress:
     """An IP address clients can reach: a wildcard is refused."""
 
@@ -405,6 +431,11 @@ _SETTING_READERS: dict[str, dict[str, Callable[[Node], Any]]] = {
         "http_via": Node.as_str,
         "tor_resolve": Node.as_bool,
     },
+    "state": {
+        "redis": _redis_url,
+        "on_outage": lambda node: node.as_choice(("local", "refuse")),
+        "prefix": Node.as_str,
+    },
     "bind": {
         "timeout": Node.as_duration,
         "peer_check": lambda node: node.as_choice(("strict", "ip", "any")),
@@ -426,7 +457,7 @@ DEFAULT_LISTEN = (Address.parse("127.0.0.1:1080"),)
 class Config:
     """One loaded configuration: the node tree, the core's settings and plugins' stash."""
 
-    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "doors", "groups", "plugins"})
+    CORE_SECTIONS = frozenset({"listen", "timeouts", "udp", "bind", "doors", "state", "groups", "plugins"})
 
     def __init__(self, root: Node, file: str, errors: list[ConfigError] | None = None) -> None:
         self.root = root
@@ -452,6 +483,7 @@ class Config:
         self.udp = UdpSettings()
         self.bind = BindSettings()
         self.doors = DoorSettings()
+        self.state = StateSettings()
         self.plugins = PluginSettings()
         self.group_names: frozenset[str] = frozenset()
         self.user_groups: dict[str, frozenset[str]] = {}

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from socksflow.decisions import Identity, Verdict
     from socksflow.protocol import Address, IPAddress, Reply, Request
     from socksflow.resolution import Resolver
+    from socksflow.sharedstate import SharedTable
     from socksflow.stash import Stash
 
 
@@ -70,6 +71,7 @@ class Server(Protocol):
     stash: Stash
     worker: int | None
     addresses: list[Address]
+    shared_state: SharedTable  # limit state every worker of the server shares (see socksflow.sharedstate)
 
     @property
     def sessions(self) -> Collection[Session]:

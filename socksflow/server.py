@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from socksflow import app, bind, resolution, tor, udp
 from socksflow.accept import Acceptor, SpareDescriptor, backlog, listening_socket
-from socksflow.config import Config
+from socksflow.config import Config, StateSettings
 from socksflow.errors import ConfigErrors
 from socksflow.hooks import Hooks
 from socksflow.peers import Peers
@@ -27,6 +27,7 @@ from socksflow.workers import Group
 
 if TYPE_CHECKING:
     from socksflow.plugins import PluginManager
+    from socksflow.redisstate import RedisState
 
 log = logging.getLogger("socksflow.server")
 
@@ -49,6 +50,7 @@ class Server:
             self.peers = Peers(group.name, worker, group.workers)
             self.shared_state = group.table
             self.shared_state.worker = worker
+        self._redis: RedisState | None = None
         # A second configuration decided beside the one in force, with no effect on traffic
         # (``socksflow run --shadow``): plugins that can compare their decisions do.
         self.shadow: Config | None = None
@@ -102,9 +104,20 @@ class Server:
             self._spare.watch(loop)
         if self.peers is not None:
             await self.peers.start()
+        if self.config.state.redis is not None:
+            await self._share_through_redis(self.config.state)
         await self.hooks.startup(self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
+
+    async def _share_through_redis(self, settings: StateSettings) -> None:
+        """Keep limit state in Redis, shared with every instance that points at it."""
+        from socksflow.redisstate import RedisState  # redis-py is an optional dependency
+
+        self._redis = RedisState(settings.redis, prefix=settings.prefix, fail_closed=settings.on_outage == "refuse")
+        await self._redis.start()
+        self.shared_state = self._redis  # type: ignore[assignment]
+        log.info("limit state shared through %s", settings.redis)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; let sessions finish for up to ``timeout``; close the rest."""
@@ -126,6 +139,8 @@ class Server:
         await self.hooks.shutdown(self)
         if self.peers is not None:
             await self.peers.close()
+        if self._redis is not None:
+            await self._redis.close()
         if self._spare is not None:
             self._spare.close()
 
@@ -188,6 +203,8 @@ class Server:
             self.config.listen_protocols,
         ):
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
+        if config.state != self.config.state:
+            log.warning("the state section changed in %s: restart to apply it", config.file)
         self.config = config
         log.info("configuration reloaded from %s", config.file)
         return True

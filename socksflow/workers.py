@@ -3,8 +3,8 @@
 The parent validates the configuration and loads the plugins once, reserves each listening
 port (so ``:0`` means the same port for every worker), forks the workers, prints the ready
 line when all of them listen, passes SIGTERM/SIGINT/SIGHUP/SIGUSR1 on, and restarts a worker that
-dies unexpectedly.  Each worker is a complete server: limits kept in memory (session rates,
-concurrent sessions, bandwidth buckets) apply per worker.
+dies unexpectedly.  The workers share a :class:`~socksflow.sharedstate.SharedTable` made before
+the fork, so the limits hold for the server as a whole; what a dead worker held is given back.
 """
 
 from __future__ import annotations

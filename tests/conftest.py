@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 from helpers import require_tool, serve_tcp
 from kdc import TOOLS, Kdc, start_kdc
+from test_redisstate import redis_server  # noqa: F401 - a real redis-server, for any test module
 
 BLOB_SIZE = 50 * 1024 * 1024
 

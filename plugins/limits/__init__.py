@@ -44,16 +44,20 @@ When each limit is checked:
 * UDP associations per client IP are capped by ``udp.max_per_client`` (default 16), with or
   without a ``limits`` section: over it, UDP ASSOCIATE gets REP 0x02 (not allowed).
 
-Counters, buckets and failure records live in ``server.stash`` and so survive reloads; each
-session remembers what it counted and gives it back in ``socksflow_session_end``, which the
-core calls exactly once per accepted connection.
+Counters, buckets, failed logins and blocks live in the server's shared limit table, so they
+survive reloads, and with ``socksflow run --workers N`` every worker enforces the same limits
+(``max_sessions: 100`` admits 100 in all, a user's bandwidth is shared by its tunnels in every
+worker, a block made in one worker holds in the others; a worker that dies gives back what it
+held).  Each session remembers what it counted and gives it back in ``socksflow_session_end``,
+which the core calls exactly once per accepted connection.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Awaitable, Coroutine, Hashable
+from typing import Any, TypeVar
 
 from socksflow import Command, Config, StashKey, Verdict, hookimpl
 
@@ -61,9 +65,10 @@ from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
-from .state import Failures, State
+from .state import SharedBucket, State
 
 log = logging.getLogger("socksflow.limits")
+T = TypeVar("T")
 
 SETTINGS = StashKey[Limits]("limits")
 STATE = StashKey[State]("limits.state")
@@ -97,44 +102,59 @@ def socksflow_configure(config: Config) -> bool | frozenset[str] | None:
 # ---------------------------------------------------------------------------- runtime state
 
 
+def _answer(session, work: Coroutine[Any, Any, T]) -> T | Coroutine[Any, Any, T]:
+    """``work``'s result now when the limit table answers at once (one machine's shared memory
+    never waits: the coroutine runs to its end in one step), else ``work`` for the caller to await
+    (Redis, when a lease must be asked for)."""
+    if not _state(session).answers_at_once:
+        return work
+    try:
+        work.send(None)
+    except StopIteration as done:
+        return done.value
+    work.close()
+    raise RuntimeError("the limit table waited although it answers at once")
+
+
 def _state(session) -> State:
     state = session.server.stash.get(STATE)
     if state is None:
-        state = session.server.stash[STATE] = State()
+        state = session.server.stash[STATE] = State(session.server.shared_state)
     return state
 
 
-def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
+async def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Check session rates and concurrency; count the session in when every entry lets it in."""
     state = _state(session)
     now = time.monotonic()
     counted = session.stash.get(COUNTED)
     if counted is None:
         counted = session.stash[COUNTED] = set()
-    wanted: list[Hashable] = []
+    wanted: dict[Hashable, Entry] = {}  # per key, the entry with the lowest max_sessions
     for entry in entries:
         if not entry.match.matches(session):
             continue
         key = entry.per.key(session)
         if entry.max_sessions is not None:
-            if state.active[key] - (key in counted) >= entry.max_sessions:
-                return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
-            wanted.append(key)
-        if entry.session_rate is not None:
-            bucket_key = (entry.ident, key)
-            bucket = state.session_buckets.get(bucket_key)
-            if bucket is None:
-                state.prune(now)
-                bucket = state.session_buckets[bucket_key] = TokenBucket(
-                    entry.session_rate.per_second, entry.session_rate.burst, now
-                )
-            if not bucket.take(now):
-                what = f"{entry.session_rate.per_second:g} new sessions/s"
-                return _refuse(session, entry, entry.describe(what))
-    for key in wanted:
-        if key not in counted:
-            state.active[key] += 1
-            counted.add(key)
+            if key in counted:  # counted at accept: it must still fit with itself counted
+                if await state.count("sessions", key) - 1 >= entry.max_sessions:
+                    return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
+            elif key not in wanted or entry.max_sessions < wanted[key].max_sessions:  # type: ignore[operator]
+                wanted[key] = entry
+        rate = entry.session_rate
+        if rate is not None and not await state.take(
+            ("rate", entry.ident, key), rate.per_second, rate.burst, now
+        ):
+            return _refuse(session, entry, entry.describe(f"{rate.per_second:g} new sessions/s"))
+    taken = []
+    for key, entry in wanted.items():
+        if not await state.acquire("sessions", key, entry.max_sessions, now):  # type: ignore[arg-type]
+            for earlier in taken:
+                state.release("sessions", earlier)
+                counted.discard(earlier)
+            return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
+        taken.append(key)
+        counted.add(key)
     return None
 
 
@@ -155,15 +175,15 @@ def _auth_key(entry: Entry, session, user: str | None) -> Hashable:
 def _blocked(session, user: str | None, accepting: bool = False) -> Verdict | None:
     """A quiet denial while a block covers the client (or, given ``user``, the account)."""
     limits = session.config.stash.get(SETTINGS)
-    state = session.server.stash.get(STATE)
-    if limits is None or state is None or not state.blocked:
+    if limits is None:
         return None
+    state = _state(session)
     now = time.monotonic()
     for entry in limits.auth:
         if (accepting and entry.per.kind == "user") or not entry.match.client_matches(session):
             continue  # an account is known only at login
-        until = state.blocked.get(_auth_key(entry, session, user), 0.0)
-        if until > now:
+        until = state.blocked_until(_auth_key(entry, session, user), now)
+        if until:
             assert entry.auth is not None
             what = f"{entry.auth.failures} failed logins, blocked for {until - now:.0f}s more"
             return _refuse(session, entry, entry.describe(what), logging.DEBUG)  # logged when it began
@@ -174,49 +194,54 @@ def _blocked(session, user: str | None, accepting: bool = False) -> Verdict | No
 
 
 @hookimpl(tryfirst=True)
-def socksflow_client_connected(session) -> Verdict | None:
+def socksflow_client_connected(session) -> Verdict | Awaitable[Verdict | None] | None:
     limits = session.config.stash.get(SETTINGS)
     if limits is None:
         return None
+    return _answer(session, _on_accept(session, limits))
+
+
+async def _on_accept(session, limits: Limits) -> Verdict | None:
     if limits.auth:
         refusal = _blocked(session, None, accepting=True)
         if refusal is not None:
             return refusal
     if limits.handshakes:
-        refusal = _start_handshake(session, limits.handshakes)
+        refusal = await _start_handshake(session, limits.handshakes)
         if refusal is not None:
             return refusal
-    return _admit(session, limits.at_accept) if limits.at_accept else None
+    return await _admit(session, limits.at_accept) if limits.at_accept else None
 
 
-def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
+async def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Count the connection among its address's handshakes in progress, or refuse it (quietly:
     a flood's refusals are counted by the metrics, not logged one by one)."""
     state = _state(session)
-    keys = []
+    now = time.monotonic()
+    keys: list[Hashable] = []
     for entry in entries:
         if entry.match.client_matches(session):
             key = (entry.ident, entry.per.key(session))
-            if state.handshaking[key] >= entry.max_handshakes:  # type: ignore[operator]
-                _end_handshake(session, state, keys)
+            if not await state.acquire("handshakes", key, entry.max_handshakes, now):  # type: ignore[arg-type]
+                _end_handshake(state, keys)
                 return _refuse(
                     session, entry, entry.describe(f"{entry.max_handshakes} handshakes"), logging.DEBUG
                 )
-            state.handshaking[key] += 1
             keys.append(key)
     if keys:
         session.stash[HANDSHAKING] = keys
     return None
 
 
-def _end_handshake(session, state: State, keys: list[Hashable] | None = None) -> None:
-    if keys is None:
-        keys = session.stash.get(HANDSHAKING) or []
-        del session.stash[HANDSHAKING]
+def _taken(session, key: StashKey[list[Hashable]]) -> list[Hashable]:
+    value = session.stash[key]
+    del session.stash[key]
+    return value
+
+
+def _end_handshake(state: State, keys: list[Hashable]) -> None:
     for key in keys:
-        state.handshaking[key] -= 1
-        if not state.handshaking[key]:
-            del state.handshaking[key]
+        state.release("handshakes", key)
 
 
 @hookimpl(tryfirst=True)
@@ -229,7 +254,7 @@ def socksflow_authenticate(session, username: bytes) -> Verdict | None:
 
 
 @hookimpl
-def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict | None:
+def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict | Awaitable[None] | None:
     """Count a failure now; refuse any login, even a right one, while a block is in force."""
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.auth:
@@ -237,20 +262,26 @@ def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict 
     refusal = _blocked(session, user)
     if refusal is not None or accepted:
         return refusal  # failures while blocked are not counted again: the block runs its course
-    _record_auth_failure(session, limits.auth, user)
-    return None
+    return _answer(session, _record_auth_failure(session, limits.auth, user))
 
 
 @hookimpl(tryfirst=True)
-def socksflow_request(session) -> Verdict | None:
+def socksflow_request(session) -> Verdict | Awaitable[Verdict | None] | None:
     if HANDSHAKING in session.stash:
-        _end_handshake(session, _state(session))
-    if session.request.command is Command.UDP_ASSOCIATE and (refusal := associations.admit(session)):
-        return refusal
+        _end_handshake(_state(session), _taken(session, HANDSHAKING))
+    udp = session.request.command is Command.UDP_ASSOCIATE
     limits = session.config.stash.get(SETTINGS)
+    if not udp and (limits is None or not limits.at_request):
+        return None
+    return _answer(session, _on_request(session, udp, limits))
+
+
+async def _on_request(session, udp: bool, limits: Limits | None) -> Verdict | None:
+    if udp and (refusal := await associations.admit(session, _state(session))):
+        return refusal
     if limits is None or not limits.at_request:
         return None
-    return _admit(session, limits.at_request)
+    return await _admit(session, limits.at_request)
 
 
 @hookimpl
@@ -260,8 +291,8 @@ def socksflow_relay_start(session) -> Bandwidth | None:
         return None
     state = _state(session)
     now = time.monotonic()
-    up: list[TokenBucket] = []
-    down: list[TokenBucket] = []
+    up: list[TokenBucket | SharedBucket] = []
+    down: list[TokenBucket | SharedBucket] = []
     for entry in limits.bandwidth:
         if not entry.match.matches(session):
             continue
@@ -271,11 +302,8 @@ def socksflow_relay_start(session) -> Bandwidth | None:
             if entry.per.kind == "session":
                 found.append(TokenBucket(rate.per_second, rate.burst, now))
                 continue
-            key = (entry.ident, way, entry.per.key(session))
-            bucket = state.byte_buckets.get(key)
-            if bucket is None:
-                bucket = state.byte_buckets[key] = TokenBucket(rate.per_second, rate.burst, now)
-            found.append(bucket)
+            key = ("bytes", entry.ident, way, entry.per.key(session))
+            found.append(SharedBucket(state.table, key, rate.per_second, rate.burst))
     return Bandwidth(up, down) if up or down else None
 
 
@@ -287,33 +315,26 @@ def socksflow_explain(config: Config, query) -> list[str] | None:
 
 @hookimpl
 def socksflow_session_end(session) -> None:
-    associations.release(session)
-    counted = session.stash.get(COUNTED)
     state = session.server.stash.get(STATE)
-    if HANDSHAKING in session.stash and state is not None:
-        _end_handshake(session, state)
-    if counted and state is not None:
+    if state is None:
+        return  # nothing was ever counted
+    associations.release(session, state)
+    if HANDSHAKING in session.stash:
+        _end_handshake(state, _taken(session, HANDSHAKING))
+    counted = session.stash.get(COUNTED)
+    if counted:
         for key in counted:
-            state.active[key] -= 1
-            if not state.active[key]:
-                del state.active[key]
+            state.release("sessions", key)
         counted.clear()
 
 
-def _record_auth_failure(session, entries: tuple[Entry, ...], user: str | None) -> None:
+async def _record_auth_failure(session, entries: tuple[Entry, ...], user: str | None) -> None:
     state = _state(session)
-    now = time.monotonic()
     for entry in entries:
         if not entry.match.client_matches(session):
             continue
         assert entry.auth is not None
-        key = _auth_key(entry, session, user)
-        record = state.failures.get(key)
-        if record is None:
-            state.prune(now)
-            record = state.failures[key] = Failures(entry.auth)
-        if record.add(now):
-            state.blocked[key] = now + entry.auth.block
+        if await state.fail(_auth_key(entry, session, user), entry.auth):
             who = f"user {user!r}" if entry.per.kind == "user" and user else str(session.client.host)
             log.warning(
                 "%s: %d failed logins within %gs: refusing it for %gs (%s)",
