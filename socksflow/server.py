@@ -114,7 +114,9 @@ class Server:
         """Keep limit state in Redis, shared with every instance that points at it."""
         from socksflow.redisstate import RedisState  # redis-py is an optional dependency
 
-        self._redis = RedisState(settings.redis, prefix=settings.prefix, fail_closed=settings.on_outage == "refuse")
+        self._redis = RedisState(
+            settings.redis, prefix=settings.prefix, fail_closed=settings.on_outage == "refuse"
+        )
         await self._redis.start()
         self.shared_state = self._redis  # type: ignore[assignment]
         log.info("limit state shared through %s", settings.redis)
