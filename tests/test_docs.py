@@ -27,7 +27,15 @@ import bcrypt
 import pytest
 
 from socksflow import Identity, hookimpl, hookspecs
-from socksflow.config import BindSettings, Config, DoorSettings, PluginSettings, Timeouts, UdpSettings
+from socksflow.config import (
+    BindSettings,
+    Config,
+    DoorSettings,
+    PluginSettings,
+    StateSettings,
+    Timeouts,
+    UdpSettings,
+)
 from socksflow.errors import ConfigErrors
 from socksflow.plugins import PluginManager
 from socksflow.protocol import Method
@@ -419,7 +427,7 @@ def test_every_section_and_core_key_is_in_the_rules_reference():
         impl.function(config)
     assert documented == config._claimed
     for section, settings in [("timeouts", Timeouts), ("udp", UdpSettings), ("bind", BindSettings),
-                              ("doors", DoorSettings), ("plugins", PluginSettings)]:  # fmt: skip
+                              ("doors", DoorSettings), ("state", StateSettings), ("plugins", PluginSettings)]:  # fmt: skip
         text = page.split(f"## `{section}`", 1)[1].split("\n## ", 1)[0]
         for field in dataclasses.fields(settings):
             assert f"| `{field.name}` |" in text, f"{section}.{field.name}"
