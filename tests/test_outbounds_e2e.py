@@ -7,11 +7,14 @@ answers the address it saw: the body proves which way the session went.
 from __future__ import annotations
 
 import hashlib
+import json
+import socket
 import subprocess
 import time
 
 import pytest
 from helpers import require_tool
+from test_log import lines
 from upstreams import (
     DANTED_SOURCE,
     MICROSOCKS_SOURCE,
@@ -111,6 +114,18 @@ def test_ssh_upstream_one_connection_for_many_tunnels(socksflow_server, target, 
         assert log.count("Accepted publickey") == 1  # over one connection
 
 
+def test_ssh_session_logs_a_loopback_remote(socksflow_server, target, tmp_path) -> None:
+    with sshd(tmp_path) as ssh:
+        log = "log: {access: {format: json, file: access.log}}\n"
+        server = socksflow_server(log + routed(home(ssh), "home"))
+        assert peer_through(server, target) == "127.0.0.1"
+        record = json.loads(lines(tmp_path / "access.log", 1)[0])
+        # the SSH channel is bridged to the relay through a loopback socket pair: remote is its end
+        host, port = record["remote"].rsplit(":", 1)
+        assert (record["outbound"], host) == ("home", "127.0.0.1")
+        assert int(port) not in (ssh.upstream.port, target.port, server.port)
+
+
 def test_ssh_upstream_with_an_unknown_host_key_is_refused(socksflow_server, target, tmp_path) -> None:
     with sshd(tmp_path) as ssh:
         ssh.known_hosts.write_text(f"[127.0.0.1]:{ssh.upstream.port} ssh-ed25519 "
@@ -137,6 +152,62 @@ def test_second_socksflow_as_upstream(socksflow_server, target) -> None:
     server = socksflow_server(routed(f"  next: {{socks5: {_text(upstream)}}}", "next"))
     assert peer_through(server, target) == "127.0.0.1"
     assert seen == [f"localhost:{target.port}"]  # the name went to the upstream (remote DNS)
+
+
+SOCKS4_DOOR = "listen: [{address: 127.0.0.1:0, protocols: [socks4]}]\n"
+
+
+def socks4_upstream(socksflow_server, tmp_path, rules: str = "  - allow: all\n"):
+    """A second socksflow that speaks only SOCKS4/4a, with a JSON access log of its own."""
+    log = tmp_path / "upstream-access.log"
+    config = SOCKS4_DOOR + f"log: {{access: {{format: json, file: {log}}}}}\nrules:\n{rules}"
+    return socksflow_server(config), log
+
+
+def upstream_saw(log) -> dict:
+    return json.loads(lines(log, 1)[0])
+
+
+@pytest.mark.parametrize(
+    ("dns", "sent"),
+    [("remote", "localhost"), ("local", "127.0.0.1")],  # SOCKS4a carries the name; SOCKS4 an address
+)
+def test_second_socksflow_as_socks4_upstream(socksflow_server, target, tmp_path, dns, sent) -> None:
+    upstream, log = socks4_upstream(socksflow_server, tmp_path)
+    server = socksflow_server(routed(f"  old: {{socks4: {_text(upstream)}, dns: {dns}}}", "old"))
+    assert peer_through(server, target) == "127.0.0.1"
+    record = upstream_saw(log)
+    seen = record["protocol"], record["destination"], record["reply"]
+    assert seen == ("socks4", f"{sent}:{target.port}", 0)
+    assert record["bytes_down"] > 0  # the HTTP answer came back through the upstream
+
+
+def test_socks4_upstream_refusing_is_0x05(socksflow_server, target, tmp_path) -> None:
+    # SOCKS4 has one failure code (0x5B, "rejected or failed"): it reaches a SOCKS5 client as 0x05
+    upstream, log = socks4_upstream(socksflow_server, tmp_path, "  - deny: {to: localhost}\n  - allow: all\n")
+    server = socksflow_server(routed(f"  old: {{socks4: {_text(upstream)}}}", "old"))
+    assert _connect_code(server, f"localhost:{target.port}") == 0x05
+    record = upstream_saw(log)
+    assert (record["verdict"], record["rule"].rsplit(":", 1)[1], record["reply"]) == ("deny", "4", 0x02)
+    with socket.create_connection((upstream.host, upstream.port)) as raw:  # on the wire: 0x5B
+        raw.sendall(b"\x04\x01" + target.port.to_bytes(2, "big") + b"\0\0\0\x01\0localhost\0")
+        assert raw.recv(8)[:2] == b"\x00\x5b"
+    result = curl(_text(server), target.url("peer", "localhost"))
+    assert (result.returncode, result.stderr.rstrip()[-3:]) == (97, b"(5)")  # curl prints the REP it got
+
+
+def test_socks4_upstream_danted_refusing_is_0x05(socksflow_server, tmp_path) -> None:
+    closed = free_port()
+    with danted(tmp_path) as upstream:
+        server = socksflow_server(routed(f"  up: {{socks4: {upstream.address}, dns: local}}", "up"))
+        assert _connect_code(server, f"127.0.0.1:{closed}") == 0x05  # danted's 0x5B
+        refused = f"127.0.0.1.{closed} -> 0: remote peer error (Connection refused)"
+        assert wait_until(lambda: refused in upstream.log.read_text())  # danted dialled and was refused
+
+
+def test_socks4_upstream_down_is_0x05(socksflow_server, target) -> None:
+    server = socksflow_server(routed(f"  old: {{socks4: 127.0.0.1:{free_port()}}}", "old"))
+    assert _connect_code(server, f"127.0.0.1:{target.port}") == 0x05
 
 
 # --------------------------------------------------------------------------- chains
@@ -313,9 +384,6 @@ def test_dormant_without_outbounds_section(socksflow_server, target) -> None:
 
 
 def test_access_log_and_metrics_carry_the_outbound_and_member(socksflow_server, target, tmp_path) -> None:
-    import json
-
-    from test_log import lines
     from test_metrics import scrape, value
 
     with microsocks(source="127.0.0.5") as second:
@@ -331,6 +399,7 @@ def test_access_log_and_metrics_carry_the_outbound_and_member(socksflow_server, 
         assert peer_through(server, target) == "127.0.0.5"
         record = json.loads(lines(tmp_path / "access.log", 1)[0])
         assert record["outbound"] == "pool,pool=b"
+        assert record["remote"] == second.address  # the upstream relayed to, not the destination
         samples = scrape(server)
         labels = {"outbound": "pool", "member": "b", "reply": "0x00"}
         assert value(samples, "socksflow_outbound_sessions_total", **labels) == 1

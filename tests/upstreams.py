@@ -159,7 +159,7 @@ client pass {{
 socks pass {{
     from: 127.0.0.0/8 to: 127.0.0.0/8
     command: connect udpassociate bind bindreply
-    log: connect
+    log: connect error
 }}
 socks pass {{
     from: 127.0.0.0/8 to: 127.0.0.0/8
