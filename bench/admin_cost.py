@@ -16,11 +16,9 @@ sessions/s::
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,22 +66,9 @@ def admin_address(log: Path) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds of sessions per run")
-    parser.add_argument("--inflight", type=int, default=100)
-    parser.add_argument("--socksflow-args", default="")
-    args = parser.parse_args()
-    run.build()
+    args = run.paired_arguments(__doc__, rounds=3, duration=5.0)
+    runner, options, target = run.sessions_runner(args.duration, args.inflight, args.socksflow_args)
     tmp = Path(tempfile.mkdtemp(prefix="socksflow-admin-bench-"))
-    target = run.spawn([str(run.LOADGEN), "target"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    ports = re.match(r"TARGET echo=(\d+)", target.stdout.readline())
-    assert ports, "the targets did not start"
-    options = argparse.Namespace(
-        inflight=args.inflight, sessions_secs=args.duration, loadgen_threads=1, rst=False,
-        socksflow_args=args.socksflow_args,
-    )  # fmt: skip
-    runner = run.Runner(options, {"echo": int(ports[1])})
     results: dict[str, list[float]] = {"off": [], "on": [], "dashboard": []}
     cpu: dict[str, list[float]] = {mode: [] for mode in results}
     try:
@@ -108,7 +93,9 @@ def main() -> int:
                 results[mode].append(rate)
                 cpu[mode].append(result.get("cpu_user_us", 0.0) + result.get("cpu_sys_us", 0.0))
                 extra = f", {dashboard.requests} dashboard requests" if dashboard else ""
-                run.log(f"round {round_ + 1} {mode:<9} {rate:8.0f} sessions/s {cpu[mode][-1]:6.0f} µs CPU/session{extra}")
+                run.log(
+                    f"round {round_ + 1} {mode:<9} {rate:8.0f} sessions/s {cpu[mode][-1]:6.0f} µs CPU/session{extra}"
+                )
     finally:
         run.stop(target)
     base, base_cpu = statistics.median(results["off"]), statistics.median(cpu["off"])

@@ -663,6 +663,34 @@ class Runner:
             stop(p)
 
 
+def paired_arguments(doc: str, rounds: int, duration: float) -> argparse.Namespace:
+    """The command line of a script that alternates socksflow configurations round after round."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--duration", type=float, default=duration, help="seconds of sessions per run")
+    parser.add_argument("--inflight", type=int, default=100)
+    parser.add_argument("--socksflow-args", default="")
+    return parser.parse_args()
+
+
+def sessions_runner(
+    duration: float, inflight: int = 100, socksflow_args: str = ""
+) -> tuple[Runner, argparse.Namespace, subprocess.Popen]:
+    """For scripts that compare socksflow configurations on the sessions scenario alone:
+    builds the load generator, starts its echo target, and returns a Runner, the options
+    start_socksflow() takes (set ``socksflow_config`` before each start) and the target
+    process (stop it at the end)."""
+    build()
+    target = spawn([str(LOADGEN), "target"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ports = re.match(r"TARGET echo=(\d+)", target.stdout.readline())
+    assert ports, "the targets did not start"
+    options = argparse.Namespace(
+        inflight=inflight, sessions_secs=duration, loadgen_threads=1, rst=False,
+        socksflow_args=socksflow_args,
+    )  # fmt: skip
+    return Runner(options, {"echo": int(ports[1])}), options, target
+
+
 # --------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------
