@@ -282,6 +282,21 @@ def test_udp_and_bind_through_an_upstream_get_0x07(socksflow_server, caplog) -> 
     assert caplog.text.count("rules.yaml:5): refused with 0x07") == 2
 
 
+def test_bind_through_a_chain_of_socks5_hops_gets_0x07(socksflow_server, tmp_path: Path, caplog) -> None:
+    # each hop could carry BIND alone; a chain does not (documented in docs/howto/outbounds.md)
+    text = (
+        "outbounds:\n  a: {socks5: 127.0.0.1:1081}\n  b: {socks5: 127.0.0.1:1082}\n  ab: {chain: [a, b]}\n"
+        "rules:\n  - allow: {command: bind}\n    via: ab\n"
+    )
+    result = check(tmp_path, text, "check", "rules.yaml")
+    assert "rules[0].via: outbound 'ab' cannot carry bind: those requests get 0x07" in result.stderr
+    server = socksflow_server(text)
+    with caplog.at_level("WARNING"), Socks5Client(server.address) as client:
+        client.greet()
+        assert client.bind()[0] == 0x07
+    assert "outbound 'ab' cannot carry bind (rule " in caplog.text
+
+
 def test_a_chain_carries_udp_only_when_every_hop_does(tmp_path: Path) -> None:
     text = (
         "outbounds:\n  a: {socks5: 127.0.0.1:1081}\n  b: {socks5: 127.0.0.1:1082}\n  w: {http: 127.0.0.1:1083}\n"
