@@ -4,6 +4,9 @@ A real server with real sessions (curl through the proxy, logged in), the page l
 admin listener: the test sees its session's row, closes it with the row's button, watches a
 rule's hit count go up, and takes a screenshot whose size and pixels must show a drawn page.
 ``SOCKSFLOW_DASHBOARD_PNG=docs/admin.png`` also writes the screenshot there (the README's).
+The page in headless Firefox (Debian's firefox-esr), driven over WebDriver BiDi, Firefox's own
+remote agent (no geckodriver): the session's row shows, its close button works, and the
+screenshot passes the same checks.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ PASSWORD = "correct horse"
 WIDTH, HEIGHT = 1280, 860
 
 
-class DevTools:
-    """One page of a headless Chromium, over the DevTools protocol."""
+class Page:
+    """One browser page over a WebSocket protocol: commands by id, answers matched by id."""
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self.ws = ws
@@ -48,16 +51,11 @@ class DevTools:
             message = json.loads((await self.ws.receive(timeout=30)).data)
             if message.get("id") == self.ids:
                 if "error" in message:
-                    raise AssertionError(f"{method}: {message['error']}")
+                    raise AssertionError(f"{method}: {message['error']} {message.get('message', '')}")
                 return message["result"]
 
     async def eval(self, expression: str) -> object:
-        result = await self.send(
-            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
-        )
-        if "exceptionDetails" in result:
-            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
-        return result["result"].get("value")
+        raise NotImplementedError
 
     async def until(self, expression: str, timeout: float = 10.0) -> object:
         """Evaluate ``expression`` until it is truthy (an exception counts as not yet: the page may be loading)."""
@@ -69,6 +67,40 @@ class DevTools:
             if value or asyncio.get_running_loop().time() > deadline:
                 return value
             await asyncio.sleep(0.1)
+
+
+class DevTools(Page):
+    """One page of a headless Chromium, over the DevTools protocol."""
+
+    async def eval(self, expression: str) -> object:
+        result = await self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            raise AssertionError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+
+class BiDi(Page):
+    """One tab of a headless Firefox, over WebDriver BiDi (Firefox's own remote agent, no driver)."""
+
+    context = ""
+
+    async def open(self) -> None:
+        await self.send("session.new", capabilities={})
+        self.context = (await self.send("browsingContext.getTree"))["contexts"][0]["context"]
+
+    async def eval(self, expression: str) -> object:
+        result = await self.send(
+            "script.evaluate",
+            expression=expression,
+            target={"context": self.context},
+            awaitPromise=True,
+            resultOwnership="none",
+        )
+        if result["type"] == "exception":
+            raise AssertionError(f"{expression}: {result['exceptionDetails']['text']}")
+        return result["result"].get("value")  # a number, string or boolean; none for null
 
 
 def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
@@ -93,7 +125,7 @@ def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
 
 
 def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
-    """Width, height and rows of RGB(A) bytes of an 8-bit PNG (what Chromium's screenshots are)."""
+    """Width, height and rows of RGB(A) bytes of an 8-bit PNG (what Chromium's and Firefox's screenshots are)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     position, idat, header = 8, b"", b""
     while position < len(data):
@@ -174,14 +206,19 @@ def test_the_dashboard_shows_closes_and_counts(socksflow_server, trickle, echo_t
     assert closed["reason"] == "closed by admin" and closed["user"] == "alice"
 
     (tmp_path / "dashboard.png").write_bytes(png)
+    assert_drawn(png)
+    if os.environ.get("SOCKSFLOW_DASHBOARD_PNG"):
+        Path(os.environ["SOCKSFLOW_DASHBOARD_PNG"]).write_bytes(png)
+
+
+def assert_drawn(png: bytes) -> None:
+    """The screenshot is the page's size and shows the dashboard drawn, not a blank page."""
     width, height, rows = png_pixels(png)
     assert (width, height) == (WIDTH, HEIGHT)
     assert pixel(rows, 5, 5) == (0x1D, 0x23, 0x2B)  # the header bar
-    assert pixel(rows, width - 3, height - 3) == (0xF6, 0xF7, 0xF9)  # the page background
+    assert pixel(rows, 3, height - 3) == (0xF6, 0xF7, 0xF9)  # the page background
     colors = {pixel(rows, x, y) for y in range(0, height, 7) for x in range(0, width, 7)}
     assert len(colors) > 40, "the page looks blank"
-    if os.environ.get("SOCKSFLOW_DASHBOARD_PNG"):
-        Path(os.environ["SOCKSFLOW_DASHBOARD_PNG"]).write_bytes(png)
 
 
 async def drive(devtools: str, url: str, running, victim: str, host: str, echo_port: int) -> bytes:
@@ -231,6 +268,87 @@ def login_and_connect(proxy, destination: str) -> None:
     code, client = socks5_handshake(proxy, destination, username="bob", password=PASSWORD)
     client.close()
     assert code == 0
+
+
+# Firefox's remote agent resolves no names and fetches nothing: the test must not reach the
+# machine's resolver, nor Mozilla's services (the machine may be offline).
+FIREFOX_PREFS = {
+    "network.dns.disabled": True,
+    "app.update.disabledForTesting": True,
+    "browser.shell.checkDefaultBrowser": False,
+    "datareporting.policy.dataSubmissionEnabled": False,
+    "toolkit.telemetry.reportingpolicy.firstRun": False,
+    "browser.startup.homepage_override.mstone": "ignore",
+    "ui.prefersReducedMotion": 1,
+}
+
+
+@pytest.fixture
+def firefox(tmp_path):
+    """Headless Firefox (Debian's firefox-esr) with a fresh profile; its WebDriver BiDi address."""
+    binary = require_tool("firefox-esr")
+    profile = tmp_path / "firefox-profile"
+    profile.mkdir()
+    (profile / "user.js").write_text(
+        "".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in FIREFOX_PREFS.items())
+    )
+    with open(tmp_path / "firefox.log", "wb") as log:
+        process = subprocess.Popen(
+            [binary, "--headless", "--no-remote", "--profile", str(profile),
+             "--remote-debugging-port=0", "--remote-allow-hosts=127.0.0.1", "about:blank"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        server = profile / "WebDriverBiDiServer.json"
+        assert wait_until(server.exists, 30), (tmp_path / "firefox.log").read_text(errors="replace")
+        assert wait_until(lambda: server.read_text().strip().endswith("}"), 5)
+        yield "ws://127.0.0.1:{ws_port}/session".format(**json.loads(server.read_text()))
+    finally:
+        process.terminate()  # Firefox ends its content processes on the way out
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)  # its process group: the session it started
+            process.wait(10)
+
+
+def test_the_dashboard_in_firefox(socksflow_server, trickle, firefox, tmp_path):  # noqa: F811
+    running = socksflow_server(
+        "listen: [127.0.0.1:0]\nadmin: {listen: 127.0.0.1:0}\nrules:\n  - allow: all\n"
+    )
+    curl = Curl(f"{running.host}:{running.port}", trickle)
+    try:
+        assert wait_until(lambda: len(sessions(running, state="relay")) == 1, 10)
+        [session] = sessions(running)
+        png = asyncio.run(asyncio.wait_for(browse_in_firefox(firefox, admin_url(running), session), 90))
+        assert wait_until(lambda: sessions(running) == [], 5), "closing from Firefox left the session open"
+    finally:
+        curl.kill()
+    (tmp_path / "dashboard-firefox.png").write_bytes(png)
+    assert_drawn(png)
+
+
+async def browse_in_firefox(bidi: str, url: str, session: dict) -> bytes:
+    async with aiohttp.ClientSession() as http, http.ws_connect(bidi, max_msg_size=64 << 20) as ws:
+        page = BiDi(ws)
+        await page.open()
+        await page.send(
+            "browsingContext.setViewport",
+            context=page.context,
+            viewport={"width": WIDTH, "height": HEIGHT},
+            devicePixelRatio=1,
+        )
+        await page.send("browsingContext.navigate", context=page.context, url=url + "/", wait="complete")
+        row = f"document.querySelector('#sessions tr[data-id=\"{session['id']}\"]')"
+        assert await page.until(f"{row} !== null"), "the session's row never appeared"
+        assert await page.eval(f"{row}.cells[1].textContent") == session["client"]
+        assert await page.until("document.getElementById('status').textContent === 'live'")
+        assert await page.until("document.querySelector('#rules tbody tr') !== null")
+        await page.until("false", timeout=2.5)  # two traffic samples in the sparkline
+        shot = await page.send("browsingContext.captureScreenshot", context=page.context)
+        await page.eval(f"{row}.querySelector('button.close').click()")
+        assert await page.until(f"{row} === null"), "the closed session's row stayed"
+        return base64.b64decode(shot["data"])
 
 
 MANY = 5000
