@@ -156,4 +156,4 @@ def shadow_report(config: Config | None) -> dict[str, Any] | None:
 
 def _no_rules(config: Config) -> RuleSet:
     """What a configuration without rules amounts to: this plugin allows everything."""
-    return RuleSet(config.file, (Rule(0, config.file, 0, True, reason="no rules section"),))
+    return RuleSet(config.file, (Rule(0, config.file, 0, True, reason="no rules section"),), config.groups_of)
