@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import bcrypt
 
-from socksflow import Config, ConfigError, Identity, Method, Node, StashKey, Verdict, hookimpl
+from socksflow import Config, ConfigError, Identity, Method, Node, Session, StashKey, Verdict, hookimpl
 
 log = logging.getLogger("socksflow.auth")
 
@@ -106,7 +106,7 @@ def socksflow_exposure(config: Config) -> str | None:
 
 
 @hookimpl
-def socksflow_select_method(session, offered: tuple[int, ...]) -> int | None:
+def socksflow_select_method(session: Session, offered: tuple[int, ...]) -> int | None:
     settings = session.config.stash.get(SETTINGS)
     if settings is None:
         return None
@@ -117,7 +117,9 @@ def socksflow_select_method(session, offered: tuple[int, ...]) -> int | None:
 
 
 @hookimpl
-async def socksflow_authenticate(session, username: bytes, password: bytes) -> Identity | Verdict | None:
+async def socksflow_authenticate(
+    session: Session, username: bytes, password: bytes
+) -> Identity | Verdict | None:
     settings = session.config.stash.get(SETTINGS)
     if settings is None:
         return None

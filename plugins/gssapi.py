@@ -47,6 +47,8 @@ from socksflow import (
     Protected,
     ProtocolError,
     Reply,
+    Request,
+    Session,
     StashKey,
     Verdict,
     hookimpl,
@@ -160,7 +162,9 @@ def _credentials(section: Node, keytab: Node | None, service: Node | None) -> An
 
 
 @hookimpl
-async def socksflow_subnegotiate(session, method: int, channel) -> Identity | Protected | Verdict | None:
+async def socksflow_subnegotiate(
+    session: Session, method: int, channel
+) -> Identity | Protected | Verdict | None:
     settings = session.config.stash.get(SETTINGS)
     if settings is None or method != 0x01:
         return None
@@ -301,7 +305,7 @@ class GssProtection:
 
 
 @hookimpl(tryfirst=True)
-def socksflow_request(session, request) -> Verdict | None:
+def socksflow_request(session: Session, request: Request) -> Verdict | None:
     level = session.stash.get(PROTECTED)
     if level and request.command == Command.UDP_ASSOCIATE:
         return Verdict.deny(

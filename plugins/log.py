@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from socksflow import ROUTE, Config, StashKey, hookimpl, timestamp
+from socksflow import ROUTE, Config, Server, Session, StashKey, hookimpl, timestamp
 
 log = logging.getLogger("socksflow.log")
 
@@ -99,7 +99,7 @@ class AccessLog:
         if self.target not in (STDOUT, STDERR):
             self._file = open(self.target, "a", encoding="utf-8")  # noqa: SIM115 - kept open
 
-    def add(self, session: Any, format: str) -> None:
+    def add(self, session: Session, format: str) -> None:
         """Log ``session`` (ended: its fields no longer change) in ``format``."""
         self._pending.append((session, format))
         if self._flush_timer is None:
@@ -144,7 +144,7 @@ class AccessLog:
 OUTPUT = StashKey[AccessLog]("log.output")
 
 
-def output(server: Any, settings: AccessSettings) -> AccessLog:
+def output(server: Server, settings: AccessSettings) -> AccessLog:
     """The server's open access log, (re)opened for ``settings`` (a reload may have moved it)."""
     current = server.stash.get(OUTPUT)
     if current is not None and current.target == settings.target:
@@ -155,7 +155,7 @@ def output(server: Any, settings: AccessSettings) -> AccessLog:
     return current
 
 
-def reopen(server: Any) -> None:
+def reopen(server: Server) -> None:
     """Reopen the access log file: what SIGUSR1 does."""
     current = server.stash.get(OUTPUT)
     if current is not None:
@@ -169,7 +169,7 @@ def reopen(server: Any) -> None:
 
 
 @hookimpl
-def socksflow_startup(server: Any) -> None:
+def socksflow_startup(server: Server) -> None:
     settings = server.config.stash.get(SETTINGS)
     if settings is not None:
         output(server, settings)
@@ -180,7 +180,7 @@ def socksflow_startup(server: Any) -> None:
 
 
 @hookimpl
-def socksflow_shutdown(server: Any) -> None:
+def socksflow_shutdown(server: Server) -> None:
     with contextlib.suppress(RuntimeError, ValueError):
         asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
     current = server.stash.get(OUTPUT)
@@ -193,20 +193,20 @@ def socksflow_shutdown(server: Any) -> None:
 
 
 @hookimpl
-def socksflow_session_end(session: Any) -> None:
+def socksflow_session_end(session: Session) -> None:
     settings = session.server.config.stash.get(SETTINGS)
     if settings is None:
         return
     output(session.server, settings).add(session, settings.format)
 
 
-def line(session: Any, format: str) -> str:
+def line(session: Session, format: str) -> str:
     """The access log line of a finished session, in ``format``."""
     fields = record(session)
     return _JSON.encode(fields) if format == "json" else text_line(fields)
 
 
-def record(session: Any) -> dict[str, Any]:
+def record(session: Session) -> dict[str, Any]:
     """The access log fields of a finished session."""
     request = session.request
     verdict = session.verdict

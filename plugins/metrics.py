@@ -55,7 +55,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from socksflow import OUTBOUNDS, ROUTE, Address, Config, PluginError, StashKey, hookimpl
+from socksflow import OUTBOUNDS, ROUTE, Address, Config, PluginError, Server, Session, StashKey, hookimpl
 
 log = logging.getLogger("socksflow.metrics")
 
@@ -95,7 +95,7 @@ def socksflow_configure(config: Config) -> bool | None:
 class _GroupHealth:
     """Member health of the groups of the configuration in force, collected when scraped."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -122,7 +122,7 @@ class _GroupHealth:
 class Metrics:
     """One server's registry and series."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any) -> None:  # Any: server.peers, beyond socksflow.Server
         self.peers = server.peers
         self.registry = registry = CollectorRegistry()
 
@@ -161,7 +161,7 @@ class Metrics:
         self.listener: asyncio.Server | None = None
         self.address: Address | None = None
 
-    def observe(self, session: Any) -> None:
+    def observe(self, session: Session) -> None:
         """Account a finished session."""
         request, verdict = session.request, session.verdict
         verdict_label = session.outcome or "none"
@@ -181,7 +181,7 @@ class Metrics:
         if route is not None:
             self.observe_route(route, session)
 
-    def observe_route(self, route: str, session: Any) -> None:
+    def observe_route(self, route: str, session: Session) -> None:
         """``pool,pool=b``: the outbound, then the member each group on the way picked."""
         outbound, *choices = route.split(",")
         member = ",".join(choice.partition("=")[2] for choice in choices) or "-"
@@ -248,7 +248,7 @@ class Metrics:
 class _DescriptorCollector:
     """The server's own account of running out of descriptors, read at each scrape."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Any) -> None:  # Any: server.descriptors, beyond socksflow.Server
         self.server = server
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -304,7 +304,7 @@ METRICS = StashKey[Metrics]("metrics")
 
 
 @hookimpl
-async def socksflow_startup(server: Any) -> None:
+async def socksflow_startup(server: Any) -> None:  # Any: server.peers, beyond socksflow.Server
     settings = server.config.stash.get(SETTINGS)
     if settings is None:
         return
@@ -322,7 +322,7 @@ async def socksflow_startup(server: Any) -> None:
 
 
 @hookimpl
-async def socksflow_shutdown(server: Any) -> None:
+async def socksflow_shutdown(server: Server) -> None:
     metrics = server.stash.get(METRICS)
     if metrics is not None:
         with contextlib.suppress(OSError):
@@ -330,14 +330,14 @@ async def socksflow_shutdown(server: Any) -> None:
 
 
 @hookimpl
-def socksflow_session_end(session: Any) -> None:
+def socksflow_session_end(session: Session) -> None:
     metrics = session.server.stash.get(METRICS)
     if metrics is not None:
         metrics.observe(session)
 
 
 @hookimpl
-def socksflow_session_error(session: Any, error: Exception) -> None:
+def socksflow_session_error(session: Session, error: Exception) -> None:
     metrics = session.server.stash.get(METRICS)
     if metrics is not None and isinstance(error, PluginError):
         metrics.plugin_errors.labels(error.plugin, error.hook).inc()

@@ -20,6 +20,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from socksflow import sockets
 from socksflow.protocol import Address
 
 log = logging.getLogger("socksflow.server")
@@ -45,9 +46,11 @@ def backlog() -> int:
 
 def listening_socket(address: Address, reuse_port: bool) -> socket.socket:
     """A non-blocking TCP socket listening on ``address`` (IPv6 sockets take IPv6 only)."""
-    family = socket.AF_INET6 if address.atyp.name == "IPV6" else socket.AF_INET
     sock = socket.create_server(
-        (str(address.host), address.port), family=family, backlog=backlog(), reuse_port=reuse_port
+        (str(address.host), address.port),
+        family=sockets.family(address),
+        backlog=backlog(),
+        reuse_port=reuse_port,
     )
     sock.setblocking(False)
     return sock

@@ -617,9 +617,14 @@ class Config:
         self.group_names = frozenset(node.as_map())
         self.user_groups = {user: frozenset(groups) for user, groups in members.items()}
 
-    def groups_of(self, user: str) -> frozenset[str]:
-        """The groups the ``groups`` section puts ``user`` in."""
-        return self.user_groups.get(user, frozenset())
+    def groups_of(self, user: str, extra: frozenset[str] = frozenset()) -> frozenset[str]:
+        """The groups ``user`` is in: those the ``groups`` section gives and ``extra`` (a login's).
+
+        The one place the two merge: the engine (an identity after login) and the rules (a
+        query, whatever the session's identity says) both ask here.
+        """
+        given = self.user_groups.get(user) if user else None
+        return given | extra if given else extra
 
 
 def _listen_entry(node: Node) -> tuple[Address, frozenset[str]]:

@@ -25,6 +25,7 @@ class Session(Protocol):
     client: Address
     local: Address
     config: Config
+    server: Server
     stash: Stash
     protocol: str
     method: int | None

@@ -460,8 +460,8 @@ class Runner:
 
     def _with_groups(self, identity: Identity) -> Identity:
         # The groups section is the core's, so every plugin (rules, limits…) sees the same groups.
-        extra = self.config.groups_of(identity.user)
-        return Identity(identity.user, identity.groups | extra) if extra else identity
+        groups = self.config.groups_of(identity.user, identity.groups)
+        return identity if groups is identity.groups else Identity(identity.user, groups)
 
     async def _subnegotiate(self, method: int) -> None:
         client = self._client

@@ -75,11 +75,11 @@ class FakeDNS:
 
 def check(rules, destination: str, *, client: str = "127.0.0.1", command: Command = Command.CONNECT,
           user: str = "", groups: frozenset[str] = frozenset(), dns: FakeDNS | None = None,
-          association: bool = False, trace: list[str] | None = None) -> Decision:  # fmt: skip
+          association: bool = False, steps: list | None = None) -> Decision:  # fmt: skip
     address = Address.parse(destination)
     query = Query(ip(client), address, command, user, rules.groups_of(user, groups), rules.local, association)
     dns = dns or FakeDNS()
-    return asyncio.run(decide(rules, query, dns.resolver(str(address.host)), trace))
+    return asyncio.run(decide(rules, query, dns.resolver(str(address.host)), steps))
 
 
 def where(decision: Decision) -> str:

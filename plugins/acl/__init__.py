@@ -42,6 +42,8 @@ from socksflow import (
     ExplainQuery,
     Request,
     Resolver,
+    Server,
+    Session,
     StashKey,
     Verdict,
     hookimpl,
@@ -87,7 +89,7 @@ def socksflow_exposure(config: Config) -> str | None:
 
 
 @hookimpl
-def socksflow_request(session, request: Request) -> Verdict | Awaitable[Verdict] | None:
+def socksflow_request(session: Session, request: Request) -> Verdict | Awaitable[Verdict] | None:
     # Sync unless a rule needs the destination's addresses (as socksflow_udp_datagram below).
     ruleset = session.config.stash.get(RULES)
     if ruleset is None:
@@ -96,7 +98,7 @@ def socksflow_request(session, request: Request) -> Verdict | Awaitable[Verdict]
 
 
 @hookimpl
-def socksflow_udp_datagram(session, destination: Address) -> Verdict | Awaitable[Verdict] | None:
+def socksflow_udp_datagram(session: Session, destination: Address) -> Verdict | Awaitable[Verdict] | None:
     # Sync, so a destination decided before costs a dict look-up; when a name must be resolved
     # first this returns a coroutine, which the core's hook caller awaits like any async answer.
     ruleset = session.config.stash.get(RULES)
@@ -131,12 +133,12 @@ def rule_hits(config: Config) -> dict[str, Any] | None:
     return None if ruleset is None or hits is None else hit_table(ruleset, hits)
 
 
-def record_decisions(server: Any, size: int) -> None:
+def record_decisions(server: Server, size: int) -> None:
     """Keep the inputs of the server's last ``size`` decisions, for :func:`replay_decisions`."""
     server.stash[DECISIONS] = DecisionLog(size)
 
 
-async def replay_decisions(server: Any, config: Config) -> dict[str, Any] | None:
+async def replay_decisions(server: Server, config: Config) -> dict[str, Any] | None:
     """Which recent decisions ``config``'s rules would turn around (None: nothing to compare)."""
     old, new = server.config.stash.get(RULES), config.stash.get(RULES)
     decisions = server.stash.get(DECISIONS)
@@ -156,4 +158,4 @@ def shadow_report(config: Config | None) -> dict[str, Any] | None:
 
 def _no_rules(config: Config) -> RuleSet:
     """What a configuration without rules amounts to: this plugin allows everything."""
-    return RuleSet(config.file, (Rule(0, config.file, 0, True, reason="no rules section"),))
+    return RuleSet(config.file, (Rule(0, config.file, 0, True, reason="no rules section"),), config.groups_of)

@@ -27,11 +27,9 @@ from dataclasses import dataclass
 
 from socksflow import Address, Command, IPAddress, PluginError, Reply, ResolveError, Verdict, resolve_error
 
-from .rules import COMMAND_NAMES, Rule, RuleSet
+from .rules import Rule, RuleSet
 
 Resolve = Callable[[], Awaitable[tuple[IPAddress, ...]]]
-Trace = list[str] | None
-_LISTED = 4  # entries of a field shown in an explanation before "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +81,54 @@ class NeedAnswers:
 
 
 NO_RULE_MATCHED = "no rule matched (default: deny)"
-_WHOLE = "whole request"  # a rule matched every (remaining) address, or the name itself
+WHOLE = "whole request"  # a rule matched every (remaining) address, or the name itself
+Match = str | list[IPAddress] | NeedAnswers | None  # what trying a rule gives: see _match
+
+
+# ---------------------------------------------------------------------------- steps
+# What the evaluator did, recorded only when asked (``steps``), for a tracer (explain) to word.
+
+
+@dataclass(frozen=True, slots=True)
+class Tried:
+    """``rule`` was tried with ``remaining`` still undecided (None: the name, unresolved)."""
+
+    rule: Rule
+    remaining: list[IPAddress] | None
+    matched: Match
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfRules:
+    """No rule decided ``remaining`` (None: the destination itself)."""
+
+    remaining: list[IPAddress] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """The destination name resolved to ``answers``, because the rule ``needed_by`` names needed them."""
+
+    host: str
+    answers: tuple[IPAddress, ...]
+    needed_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unresolved:
+    """The destination name did not resolve (``failure`` says why): address entries match nothing."""
+
+    failure: str
+    needed_by: str
+
+
+Step = Tried | EndOfRules | Resolved | Unresolved
+Steps = list[Step] | None
 
 
 def evaluate(ruleset: RuleSet, query: Query, answers: tuple[IPAddress, ...] | None = None,
-             trace: Trace = None) -> Decision | NeedAnswers:  # fmt: skip
-    """Decide ``query``, given the destination's ``answers`` when known; lines go to ``trace``."""
+             steps: Steps = None) -> Decision | NeedAnswers:  # fmt: skip
+    """Decide ``query``, given the destination's ``answers`` when known; what it did goes to ``steps``."""
     host = query.destination.host
     is_name = isinstance(host, str)
     # The addresses still undecided; None while a name is not resolved (it stands for all of them).
@@ -99,27 +139,27 @@ def evaluate(ruleset: RuleSet, query: Query, answers: tuple[IPAddress, ...] | No
     first_allow: Rule | None = None
     last_deny: Rule | None = None
     for rule in ruleset.rules:
-        matched = _match(rule, query, remaining, trace)
+        matched = _match(rule, query, remaining)
+        if steps is not None:
+            steps.append(Tried(rule, remaining, matched))
         if matched is None:
             continue
         if isinstance(matched, NeedAnswers):
             return matched
         if rule.allow:
             first_allow = first_allow or rule
-            admitted.extend((remaining or ()) if matched is _WHOLE else matched)
+            admitted.extend((remaining or ()) if matched is WHOLE else matched)
         else:
             last_deny = rule
-        if matched is _WHOLE:
+        if matched is WHOLE:
             remaining = []
             break
-        remaining = [ip for ip in remaining or () if ip not in matched]
+        remaining = left_after(remaining, matched)
         if not remaining:
             break
-        if trace is not None:
-            trace.append(f"  still to decide: {', '.join(map(str, remaining))}")
     else:
-        if trace is not None:
-            trace.append(f"end of rules: no rule matched {', '.join(map(str, remaining or [host]))}")
+        if steps is not None:
+            steps.append(EndOfRules(remaining))
     if first_allow is not None:
         addresses = None
         if is_name and answers is not None:
@@ -131,66 +171,49 @@ def evaluate(ruleset: RuleSet, query: Query, answers: tuple[IPAddress, ...] | No
     return Decision(False, None, None, Reply.NOT_ALLOWED, NO_RULE_MATCHED)
 
 
-def _match(rule: Rule, query: Query, remaining: list[IPAddress] | None,
-           trace: Trace) -> str | list[IPAddress] | NeedAnswers | None:  # fmt: skip
-    """``_WHOLE``, the addresses of ``remaining`` the rule matches, NeedAnswers, or None (no match)."""
-    field = _mismatch(rule, query)
-    if field is not None:
-        if trace is not None:
-            trace.append(f"{rule.title}: no match: {_why_not(field, rule, query)}")
+def _match(rule: Rule, query: Query, remaining: list[IPAddress] | None) -> Match:
+    """``WHOLE``, the addresses of ``remaining`` the rule matches, NeedAnswers, or None (no match)."""
+    if mismatch(rule, query) is not None:
         return None
     destinations = rule.destinations
     if query.association and (destinations is not None or rule.ports is not None):
-        if not rule.allow:
-            if trace is not None:
-                trace.append(f"{rule.title}: passed over: to/port apply to datagrams, not the association")
-            return None
-        if trace is not None:
-            trace.append(f"{rule.title}: matches{_matched_fields(rule, query)}")
-        return _WHOLE
+        return WHOLE if rule.allow else None  # a deny is passed over: to/port apply to datagrams
     if destinations is None:
-        if trace is not None:
-            trace.append(f"{rule.title}: matches{_matched_fields(rule, query)}")
-        return _WHOLE
+        return WHOLE
     host = query.destination.host
-    if isinstance(host, str) and destinations.names is not None:
-        label = destinations.names.match(host)
-        if label is not None:
-            if trace is not None:
-                trace.append(f"{rule.title}: matches {host} in {label}")
-            return _WHOLE
+    if (
+        isinstance(host, str)
+        and destinations.names is not None
+        and destinations.names.match(host) is not None
+    ):
+        return WHOLE
     if destinations.addresses is None:
-        if trace is not None:
-            trace.append(f"{rule.title}: no match: {_why_not('to', rule, query)}")
         return None
     if remaining is None:
         return NeedAnswers(rule)
-    labels = [(ip, destinations.addresses.match(ip, query.local)) for ip in remaining]
-    matched = [ip for ip, label in labels if label is not None]
+    matched = [ip for ip in remaining if destinations.addresses.match(ip, query.local) is not None]
     if not matched:
-        if trace is not None:
-            answers = remaining if isinstance(host, str) else None
-            trace.append(f"{rule.title}: no match: {_why_not('to', rule, query, answers)}")
         return None
-    if trace is not None:
-        hits = ", ".join(f"{ip} in {label}" for ip, label in labels if label is not None)
-        verb = "matches" if not isinstance(host, str) else "admits" if rule.allow else "removes"
-        trace.append(f"{rule.title}: {verb} {hits}")
-    return _WHOLE if len(matched) == len(remaining) else matched
+    return WHOLE if len(matched) == len(remaining) else matched
 
 
-async def decide(ruleset: RuleSet, query: Query, resolve: Resolve, trace: Trace = None) -> Decision:
+def left_after(remaining: list[IPAddress] | None, matched: list[IPAddress]) -> list[IPAddress]:
+    """The addresses of ``remaining`` a rule that matched ``matched`` of them leaves undecided."""
+    return [ip for ip in remaining or () if ip not in matched]
+
+
+async def decide(ruleset: RuleSet, query: Query, resolve: Resolve, steps: Steps = None) -> Decision:
     """:func:`evaluate`, resolving the destination once if a rule needs its addresses.
 
     When the name does not resolve, address entries match nothing: a name rule may still deny
     the request (with its own reply); otherwise it is denied as unreachable.
     """
-    start = len(trace) if trace is not None else 0
-    result = evaluate(ruleset, query, None, trace)
+    start = len(steps) if steps is not None else 0
+    result = evaluate(ruleset, query, None, steps)
     if isinstance(result, Decision):
         return result
-    if trace is not None:
-        del trace[start:]  # evaluated again below, with the answers
+    if steps is not None:
+        del steps[start:]  # evaluated again below, with the answers
     host = query.destination.host
     needed_by = f"needed by {result.rule.location}"
     try:
@@ -199,21 +222,21 @@ async def decide(ruleset: RuleSet, query: Query, resolve: Resolve, trace: Trace 
         answer = resolve_error(exc)  # a resolver plugin's own answer: NXDOMAIN, SERVFAIL…
         reply = answer.reply if answer is not None else Reply.HOST_UNREACHABLE
         why = answer if answer is not None else exc
-        return _unresolved(ruleset, query, trace, f"cannot resolve {host}: {why}", reply, needed_by)
+        return _unresolved(ruleset, query, steps, f"cannot resolve {host}: {why}", reply, needed_by)
     if not answers:
-        return _unresolved(ruleset, query, trace, f"{host} has no address", Reply.HOST_UNREACHABLE, needed_by)
-    if trace is not None:
-        trace.append(f"DNS: {host} -> {', '.join(map(str, answers))} ({needed_by})")
-    decision = evaluate(ruleset, query, answers, trace)
+        return _unresolved(ruleset, query, steps, f"{host} has no address", Reply.HOST_UNREACHABLE, needed_by)
+    if steps is not None:
+        steps.append(Resolved(str(host), answers, needed_by))
+    decision = evaluate(ruleset, query, answers, steps)
     assert isinstance(decision, Decision)
     return decision
 
 
-def _unresolved(ruleset: RuleSet, query: Query, trace: Trace, failure: str, reply: Reply,
+def _unresolved(ruleset: RuleSet, query: Query, steps: Steps, failure: str, reply: Reply,
                 needed_by: str) -> Decision:  # fmt: skip
-    if trace is not None:
-        trace.append(f"DNS: {failure} ({needed_by}); address entries match nothing")
-    decision = evaluate(ruleset, query, (), trace)
+    if steps is not None:
+        steps.append(Unresolved(failure, needed_by))
+    decision = evaluate(ruleset, query, (), steps)
     assert isinstance(decision, Decision)
     if decision.rule is not None and not decision.allowed:
         return decision
@@ -223,7 +246,7 @@ def _unresolved(ruleset: RuleSet, query: Query, trace: Trace, failure: str, repl
 # ---------------------------------------------------------------------------- request fields
 
 
-def _mismatch(rule: Rule, query: Query) -> str | None:
+def mismatch(rule: Rule, query: Query) -> str | None:
     """The first field (other than ``to``) that does not match, or None."""
     if rule.commands is not None and query.command not in rule.commands:
         return "command"
@@ -238,50 +261,3 @@ def _mismatch(rule: Rule, query: Query) -> str | None:
     if rule.ports is not None and not query.association and query.destination.port not in rule.ports:
         return "port"
     return None
-
-
-def _why_not(field: str, rule: Rule, query: Query, answers: list[IPAddress] | None = None) -> str:
-    if field == "command":
-        commands = _listed(sorted(COMMAND_NAMES[c] for c in rule.commands))
-        return f"command {COMMAND_NAMES[query.command]} is not {commands}"
-    if field == "protocol":
-        return f"protocol {query.protocol} is not {_listed(sorted(rule.protocols))}"
-    if field == "from":
-        return f"client {query.client} is not in {_listed(rule.clients.texts)}"
-    if field == "user":
-        return f"user {query.user or '(none: no login)'} is not {_listed(sorted(rule.users))}"
-    if field == "group":
-        return f"user {query.user or '(none: no login)'} is in none of {_listed(sorted(rule.groups))}"
-    if field == "port":
-        return f"port {query.destination.port} is not in {rule.ports}"
-    listed = _listed(rule.destinations.texts)
-    if answers == []:
-        return f"{query.destination.host} has no address to match against {listed}"
-    if answers is not None:
-        return f"none of {', '.join(map(str, answers))} is in {listed}"
-    return f"{query.destination.host} is not in {listed}"
-
-
-def _matched_fields(rule: Rule, query: Query) -> str:
-    parts = []
-    if rule.commands is not None:
-        parts.append(f"command {COMMAND_NAMES[query.command]}")
-    if rule.protocols is not None:
-        parts.append(f"protocol {query.protocol}")
-    if rule.clients is not None:
-        parts.append(f"client {query.client} in {rule.clients.match(query.client, query.local)}")
-    if rule.users is not None:
-        parts.append(f"user {query.user}")
-    if rule.groups is not None:
-        parts.append(f"group {', '.join(sorted(rule.groups & query.groups))}")
-    if rule.ports is not None and not query.association:
-        parts.append(f"port {query.destination.port}")
-    if query.association and (rule.destinations is not None or rule.ports is not None):
-        parts.append("the association (its to/port apply to each datagram)")
-    return ": " + ", ".join(parts) if parts else " everything"
-
-
-def _listed(items: object) -> str:
-    items = list(items)  # type: ignore[call-overload]
-    shown = ", ".join(map(str, items[:_LISTED]))
-    return f"[{shown}{', …' if len(items) > _LISTED else ''}]"

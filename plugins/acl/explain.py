@@ -14,7 +14,8 @@ from socksflow import (
     socks4_reply_code,
 )
 
-from .evaluate import Query, decide
+from . import tracer
+from .evaluate import Query, Step, decide
 from .rules import COMMAND_NAMES, RuleSet
 
 
@@ -42,9 +43,9 @@ async def explain(
     async def answers() -> tuple[IPAddress, ...]:
         return await resolve(destination.host, destination.port)  # type: ignore[arg-type]
 
-    trace: list[str] = []
-    decision = await decide(ruleset, query, answers, trace)
-    lines.extend(f"  {line}" for line in trace)
+    steps: list[Step] = []
+    decision = await decide(ruleset, query, answers, steps)
+    lines.extend(f"  {line}" for line in tracer.lines(query, steps))
     reason = f" ({decision.reason})" if decision.rule is not None and decision.reason else ""
     lines.append(f"verdict: {decision.outcome}{reason}")
     if decision.addresses is not None:

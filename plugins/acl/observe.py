@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from socksflow import IPAddress, ResolveError, StashKey
+from socksflow import IPAddress, ResolveError, Session, StashKey
 
 from .evaluate import Decision, NeedAnswers, Query, decide, evaluate
 from .rules import COMMAND_NAMES, RuleSet
@@ -94,6 +94,7 @@ class ShadowStats:
 SHADOW = StashKey[ShadowStats]("acl.shadow")
 
 
+# session: Any, as it reads session.server.shadow, beyond socksflow.Server.
 def observe(session: Any, ruleset: RuleSet, query: Query, decision: Decision) -> None:
     """Count the decision, remember its inputs when asked to, and compare it with the shadow rules."""
     hits = session.config.stash.get(HITS)
@@ -109,7 +110,7 @@ def observe(session: Any, ruleset: RuleSet, query: Query, decision: Decision) ->
         _compare(session, shadow, ruleset, query, decision, answers)
 
 
-def _compare(session: Any, shadow: Any, ruleset: RuleSet, query: Query, decision: Decision,
+def _compare(session: Session, shadow: Any, ruleset: RuleSet, query: Query, decision: Decision,
              answers: tuple[IPAddress, ...] | None) -> None:  # fmt: skip
     from . import RULES  # the shadow configuration's rules, read by this plugin's configure
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +88,10 @@ class RuleSet:
 
     file: str
     rules: tuple[Rule, ...]
-    user_groups: dict[str, frozenset[str]] = field(default_factory=dict)
+    # The groups ``user`` is in, given those ``extra`` its login gave: the configuration's
+    # Config.groups_of, so the engine and the rules merge them one way.
+    groups_of: Callable[..., frozenset[str]]
     local: frozenset[IPAddress] = frozenset()  # the listen addresses: special:self
-
-    def groups_of(self, user: str, extra: frozenset[str] = frozenset()) -> frozenset[str]:
-        """The groups ``user`` is in: those of the ``groups:`` section and those the login gave."""
-        return self.user_groups.get(user, frozenset()) | extra if user else extra
 
 
 class RuleReader:
@@ -121,7 +119,7 @@ class RuleReader:
                 if rule is not None:
                     rules.append(rule)
         local = frozenset(normalize(a.host) for a in config.listen if not a.is_domain)  # type: ignore[arg-type]
-        return RuleSet(config.file, tuple(rules), config.user_groups, local)
+        return RuleSet(config.file, tuple(rules), config.groups_of, local)
 
     def read_rule(self, index: int, node: Node) -> Rule | None:
         """The rule, or None when a field had errors (reported in ``config.errors``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
-from socksflow import OUTBOUNDS, Address, Command, Registry, StashKey, Verdict
+from socksflow import OUTBOUNDS, Address, Command, Registry, Request, Session, StashKey, Verdict
 
 from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
@@ -16,7 +16,7 @@ DATAGRAM_VERDICTS = StashKey[dict[Address, Verdict]]("acl.datagram_verdicts")
 MAX_REMEMBERED_DESTINATIONS = 4096  # per UDP association; a client spraying destinations starts over
 
 
-def session_query(ruleset: RuleSet, session, destination: Address, command: Command,
+def session_query(ruleset: RuleSet, session: Session, destination: Address, command: Command,
                   association: bool = False) -> Query:  # fmt: skip
     """The query ``session`` makes for ``destination``: its client, identity and local address."""
     identity = session.identity
@@ -32,7 +32,7 @@ def session_query(ruleset: RuleSet, session, destination: Address, command: Comm
     )
 
 
-def decide_request(ruleset: RuleSet, session, request) -> Verdict | Awaitable[Verdict]:
+def decide_request(ruleset: RuleSet, session: Session, request: Request) -> Verdict | Awaitable[Verdict]:
     """The verdict on a CONNECT, BIND or UDP ASSOCIATE request.
 
     Returns a coroutine only when a rule needs the destination's addresses, which it resolves once.
@@ -53,7 +53,7 @@ async def _routed(verdict: Awaitable[Verdict], command: Command, outbounds: Regi
     return carried(await verdict, command, outbounds)
 
 
-def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict | Awaitable[Verdict]:
+def decide_datagram(ruleset: RuleSet, session: Session, destination: Address) -> Verdict | Awaitable[Verdict]:
     """The verdict on a datagram to ``destination``: remembered per association and destination.
 
     Returns a coroutine only when a name must be resolved first.
@@ -73,7 +73,7 @@ def decide_datagram(ruleset: RuleSet, session, destination: Address) -> Verdict 
     return _resolve_and_decide(ruleset, session, query, resolve, verdicts)
 
 
-async def _resolve_and_decide(ruleset: RuleSet, session, query: Query, resolve: Resolve,
+async def _resolve_and_decide(ruleset: RuleSet, session: Session, query: Query, resolve: Resolve,
                               verdicts: dict[Address, Verdict] | None) -> Verdict:  # fmt: skip
     decision = await decide(ruleset, query, resolve)
     observe(session, ruleset, query, decision)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from socksflow import Config, StashKey, hookimpl
+from socksflow import Config, Server, Session, StashKey, hookimpl
 
 from .settings import SETTINGS, read_settings
 from .state import Observed
@@ -42,7 +42,7 @@ def socksflow_configure(config: Config) -> bool | None:
 
 
 @hookimpl
-async def socksflow_startup(server: Any) -> None:
+async def socksflow_startup(server: Any) -> None:  # Any: reads server.pm, beyond socksflow.Server
     settings = server.config.stash.get(SETTINGS)
     if settings is None:
         return
@@ -67,7 +67,7 @@ async def socksflow_startup(server: Any) -> None:
 
 
 @hookimpl
-async def socksflow_shutdown(server: Any) -> None:
+async def socksflow_shutdown(server: Server) -> None:
     listener = server.stash.get(LISTENER)
     if listener is not None:
         await listener.stop()
@@ -75,7 +75,7 @@ async def socksflow_shutdown(server: Any) -> None:
 
 
 @hookimpl
-def socksflow_session_end(session: Any) -> None:
+def socksflow_session_end(session: Session) -> None:
     observed = session.server.stash.get(OBSERVED)
     if observed is not None:
         observed.ended_session(session)

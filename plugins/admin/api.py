@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from socksflow import ConfigErrors, __version__, app
+from socksflow import ConfigErrors, Server, __version__, app
 
 from .settings import SETTINGS as SETTINGS_KEY
 from .settings import AdminSettings
@@ -37,7 +37,10 @@ TRUE = ("1", "true", "yes")
 
 
 def application(
-    server: Any, observed: Observed, settings: AdminSettings, workers: Any = None
+    server: Any,  # Any: the routes reach server.pm, reload and shadow, beyond socksflow.Server
+    observed: Observed,
+    settings: AdminSettings,
+    workers: Any = None,
 ) -> web.Application:
     """The routes, bound to one server; with ``workers`` (a :class:`~.fanout.Workers`), for all of them."""
     api = web.Application(middlewares=[_authorize], client_max_size=64 * 1024)
@@ -137,7 +140,7 @@ async def _sessions(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-def _close(server: Any, ids: set[str]) -> list[str]:
+def _close(server: Server, ids: set[str]) -> list[str]:
     closed = []
     for session in list(server.sessions):
         if session.id in ids and server.end_session(session, CLOSED_BY_ADMIN):
@@ -254,7 +257,9 @@ async def _plugins(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-async def validated(server: Any, path: str) -> tuple[Any, list[str]]:
+async def validated(
+    server: Any, path: str
+) -> tuple[Any, list[str]]:  # Any: server.pm, beyond socksflow.Server
     """The configuration at ``path``, checked as ``socksflow check`` does; or None and its errors."""
     try:
         config = app.load_config(path)
@@ -325,6 +330,7 @@ class Listener:
     address for all the workers (see :mod:`.fanout`).
     """
 
+    # server: Any, as the routes reach server.pm, reload and shadow, beyond socksflow.Server.
     def __init__(self, server: Any, observed: Observed, settings: AdminSettings) -> None:
         self.server, self.observed, self.settings = server, observed, settings
         self.runners: list[web.AppRunner] = []

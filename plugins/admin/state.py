@@ -14,6 +14,8 @@ import contextlib
 import time
 from typing import Any
 
+from socksflow import Server, Session
+
 MAX_EVENTS = 200  # recent auth failures, and recent limit refusals, each
 TRAFFIC_SAMPLES = 300  # seconds of traffic history (the sparkline)
 SAMPLE_EVERY = 1.0
@@ -30,7 +32,7 @@ class UserTotals:
 class Observed:
     """One server's admin state."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.started = time.time()
         self.ended = 0
@@ -49,7 +51,7 @@ class Observed:
 
     # ------------------------------------------------------------------ ended sessions
 
-    def ended_session(self, session: Any) -> None:
+    def ended_session(self, session: Session) -> None:
         up, down = session.bytes_up, session.bytes_down
         self.ended += 1
         self.bytes_up += up
@@ -151,7 +153,7 @@ class Observed:
         self._last_total = (now, up, down)
 
 
-def event(session: Any) -> dict[str, Any]:
+def event(session: Session) -> dict[str, Any]:
     """An auth failure or a refusal, for the recent-events lists."""
     return {
         "time": session.started, "session": session.id, "client": str(session.client),

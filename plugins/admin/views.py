@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from socksflow import Command
+from socksflow import Command, Session
 
 FILTERS = ("client", "user", "destination", "rule", "command", "state")
 SECRET_KEY = re.compile(r"pass|secret|token|key|credential", re.IGNORECASE)
@@ -16,7 +16,7 @@ MASK = "***"
 CLOSED_BY_ADMIN = "closed by admin"
 
 
-def state(session: Any) -> str:
+def state(session: Any) -> str:  # Any: reads session.tunnel and .association, beyond socksflow.Session
     """Where the session is: handshake, deciding/connecting, relay, udp, bind (waiting for the peer)."""
     if session.tunnel is not None:
         return "relay"
@@ -30,7 +30,7 @@ def state(session: Any) -> str:
     return "connecting"
 
 
-def row(session: Any, now: float, rates: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
+def row(session: Session, now: float, rates: Mapping[str, tuple[float, float]]) -> dict[str, Any]:
     """One live session as the API shows it."""
     request, verdict = session.request, session.verdict
     rate = rates.get(session.id, (0.0, 0.0))

@@ -59,7 +59,7 @@ import time
 from collections.abc import Awaitable, Coroutine, Hashable
 from typing import Any, TypeVar
 
-from socksflow import Command, Config, StashKey, Verdict, hookimpl
+from socksflow import Command, Config, Session, StashKey, Verdict, hookimpl
 
 from . import associations
 from .buckets import Bandwidth, TokenBucket
@@ -102,7 +102,7 @@ def socksflow_configure(config: Config) -> bool | frozenset[str] | None:
 # ---------------------------------------------------------------------------- runtime state
 
 
-def _answer(session, work: Coroutine[Any, Any, T]) -> T | Coroutine[Any, Any, T]:
+def _answer(session: Session, work: Coroutine[Any, Any, T]) -> T | Coroutine[Any, Any, T]:
     """``work``'s result now when the limit table answers at once (one machine's shared memory
     never waits: the coroutine runs to its end in one step), else ``work`` for the caller to await
     (Redis, when a lease must be asked for)."""
@@ -116,14 +116,14 @@ def _answer(session, work: Coroutine[Any, Any, T]) -> T | Coroutine[Any, Any, T]
     raise RuntimeError("the limit table waited although it answers at once")
 
 
-def _state(session) -> State:
+def _state(session: Session) -> State:
     state = session.server.stash.get(STATE)
     if state is None:
         state = session.server.stash[STATE] = State(session.server.shared_state)
     return state
 
 
-async def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
+async def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Check session rates and concurrency; count the session in when every entry lets it in."""
     state = _state(session)
     now = time.monotonic()
@@ -158,21 +158,21 @@ async def _admit(session, entries: tuple[Entry, ...]) -> Verdict | None:
     return None
 
 
-def _refuse(session, entry: Entry, what: str, level: int = logging.INFO) -> Verdict:
+def _refuse(session: Session, entry: Entry, what: str, level: int = logging.INFO) -> Verdict:
     """A denial (REP 0x02 on a request; before the greeting the connection is just closed)."""
     reason = f"limit reached: {what}"
     log.log(level, "session %s from %s refused: %s", session.id, session.client, reason)
     return Verdict.deny(reason, rule=entry.location)
 
 
-def _auth_key(entry: Entry, session, user: str | None) -> Hashable:
+def _auth_key(entry: Entry, session: Session, user: str | None) -> Hashable:
     """Whose failures an ``auth_failures`` entry counts: the account tried, or the client's address."""
     if entry.per.kind == "user" and user:
         return (entry.ident, ("user", user))
     return (entry.ident, entry.per.key(session))
 
 
-def _blocked(session, user: str | None, accepting: bool = False) -> Verdict | None:
+def _blocked(session: Session, user: str | None, accepting: bool = False) -> Verdict | None:
     """A quiet denial while a block covers the client (or, given ``user``, the account)."""
     limits = session.config.stash.get(SETTINGS)
     if limits is None:
@@ -194,14 +194,14 @@ def _blocked(session, user: str | None, accepting: bool = False) -> Verdict | No
 
 
 @hookimpl(tryfirst=True)
-def socksflow_client_connected(session) -> Verdict | Awaitable[Verdict | None] | None:
+def socksflow_client_connected(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
     limits = session.config.stash.get(SETTINGS)
     if limits is None:
         return None
     return _answer(session, _on_accept(session, limits))
 
 
-async def _on_accept(session, limits: Limits) -> Verdict | None:
+async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
     if limits.auth:
         refusal = _blocked(session, None, accepting=True)
         if refusal is not None:
@@ -213,7 +213,7 @@ async def _on_accept(session, limits: Limits) -> Verdict | None:
     return await _admit(session, limits.at_accept) if limits.at_accept else None
 
 
-async def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | None:
+async def _start_handshake(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
     """Count the connection among its address's handshakes in progress, or refuse it (quietly:
     a flood's refusals are counted by the metrics, not logged one by one)."""
     state = _state(session)
@@ -233,7 +233,7 @@ async def _start_handshake(session, entries: tuple[Entry, ...]) -> Verdict | Non
     return None
 
 
-def _taken(session, key: StashKey[list[Hashable]]) -> list[Hashable]:
+def _taken(session: Session, key: StashKey[list[Hashable]]) -> list[Hashable]:
     value = session.stash[key]
     del session.stash[key]
     return value
@@ -245,7 +245,7 @@ def _end_handshake(state: State, keys: list[Hashable]) -> None:
 
 
 @hookimpl(tryfirst=True)
-def socksflow_authenticate(session, username: bytes) -> Verdict | None:
+def socksflow_authenticate(session: Session, username: bytes) -> Verdict | None:
     """Refuse a blocked client or account before its password costs a bcrypt check."""
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.auth:
@@ -254,7 +254,9 @@ def socksflow_authenticate(session, username: bytes) -> Verdict | None:
 
 
 @hookimpl
-def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict | Awaitable[None] | None:
+def socksflow_auth_result(
+    session: Session, user: str | None, accepted: bool
+) -> Verdict | Awaitable[None] | None:
     """Count a failure now; refuse any login, even a right one, while a block is in force."""
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.auth:
@@ -266,7 +268,7 @@ def socksflow_auth_result(session, user: str | None, accepted: bool) -> Verdict 
 
 
 @hookimpl(tryfirst=True)
-def socksflow_request(session) -> Verdict | Awaitable[Verdict | None] | None:
+def socksflow_request(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
     if HANDSHAKING in session.stash:
         _end_handshake(_state(session), _taken(session, HANDSHAKING))
     udp = session.request.command is Command.UDP_ASSOCIATE
@@ -276,7 +278,7 @@ def socksflow_request(session) -> Verdict | Awaitable[Verdict | None] | None:
     return _answer(session, _on_request(session, udp, limits))
 
 
-async def _on_request(session, udp: bool, limits: Limits | None) -> Verdict | None:
+async def _on_request(session: Session, udp: bool, limits: Limits | None) -> Verdict | None:
     if udp and (refusal := await associations.admit(session, _state(session))):
         return refusal
     if limits is None or not limits.at_request:
@@ -285,7 +287,7 @@ async def _on_request(session, udp: bool, limits: Limits | None) -> Verdict | No
 
 
 @hookimpl
-def socksflow_relay_start(session) -> Bandwidth | None:
+def socksflow_relay_start(session: Session) -> Bandwidth | None:
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.bandwidth:
         return None
@@ -314,7 +316,7 @@ def socksflow_explain(config: Config, query) -> list[str] | None:
 
 
 @hookimpl
-def socksflow_session_end(session) -> None:
+def socksflow_session_end(session: Session) -> None:
     state = session.server.stash.get(STATE)
     if state is None:
         return  # nothing was ever counted
@@ -328,7 +330,7 @@ def socksflow_session_end(session) -> None:
         counted.clear()
 
 
-async def _record_auth_failure(session, entries: tuple[Entry, ...], user: str | None) -> None:
+async def _record_auth_failure(session: Session, entries: tuple[Entry, ...], user: str | None) -> None:
     state = _state(session)
     for entry in entries:
         if not entry.match.client_matches(session):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import time
 
-from socksflow import StashKey, Verdict
+from socksflow import Session, StashKey, Verdict
 
 log = logging.getLogger("socksflow.limits")
 
 HOLDS = StashKey[str]("limits.udp_association")  # per session: the client IP it counts against
 
 
-async def admit(session, state) -> Verdict | None:
+async def admit(session: Session, state) -> Verdict | None:
     """Count a UDP ASSOCIATE request in, or refuse it (REP 0x02) when its client holds the maximum."""
     if HOLDS in session.stash:  # asked again (a rewrite's judges): counted already
         return None
@@ -27,7 +27,7 @@ async def admit(session, state) -> Verdict | None:
     return None
 
 
-def release(session, state) -> None:
+def release(session: Session, state) -> None:
     """Give the session's association back (``socksflow_session_end``)."""
     client_ip = session.stash.get(HOLDS)
     if client_ip is None:

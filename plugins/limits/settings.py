@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
-from socksflow import Node
+from socksflow import Node, Session
 from socksflow import parse_network as parse_ip_network
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -43,7 +43,7 @@ class Match:
     def needs_identity(self) -> bool:
         return bool(self.users or self.groups)
 
-    def client_matches(self, session) -> bool:
+    def client_matches(self, session: Session) -> bool:
         if not self.networks:
             return True
         host = session.client.host
@@ -52,7 +52,7 @@ class Match:
                 return True
         return False
 
-    def matches(self, session) -> bool:
+    def matches(self, session: Session) -> bool:
         identity = session.identity
         return (
             self.client_matches(session)
@@ -69,7 +69,7 @@ class Scope:
     ipv4_prefix: int = 32
     ipv6_prefix: int = 128
 
-    def key(self, session) -> Hashable:
+    def key(self, session: Session) -> Hashable:
         """Plain tuples of str and int: hashed several times per session, so no ipaddress objects."""
         if self.kind == "all":
             return ("all",)

@@ -38,6 +38,8 @@ from socksflow import (
     OutboundError,
     Reply,
     ResolveError,
+    Server,
+    Session,
     Stream,
     direct_connect,
     hookimpl,
@@ -61,7 +63,7 @@ def socksflow_configure(config: Config) -> bool | None:
 
 
 @hookimpl
-def socksflow_open_connection(session, addresses: tuple[Address, ...]):
+def socksflow_open_connection(session: Session, addresses: tuple[Address, ...]):
     verdict = session.verdict
     name = verdict.outbound if verdict is not None else None
     if name is None or name == "direct" or session.request.command != Command.CONNECT:
@@ -70,7 +72,7 @@ def socksflow_open_connection(session, addresses: tuple[Address, ...]):
     return _open(session, name, outbound, addresses)
 
 
-async def _open(session, name: str, outbound: Outbound, addresses: tuple[Address, ...]) -> Stream:
+async def _open(session: Session, name: str, outbound: Outbound, addresses: tuple[Address, ...]) -> Stream:
     destination = session.destination
     if destination.is_domain and addresses:
         destination = addresses[0]  # rules checked the name's addresses: the upstream must not pick others
@@ -85,7 +87,7 @@ async def _open(session, name: str, outbound: Outbound, addresses: tuple[Address
         session.stash[ROUTE] = ",".join([name, *choices])
 
 
-async def _resolved(session) -> IPAddress:
+async def _resolved(session: Session) -> IPAddress:
     """The destination's first address (dns: local: the core leaves resolving to routed sessions)."""
     try:
         ips = await session.resolve()
@@ -98,7 +100,7 @@ async def _resolved(session) -> IPAddress:
 
 
 @hookimpl
-def socksflow_shutdown(server) -> None:
+def socksflow_shutdown(server: Server) -> None:
     stop_checkers()
     registry = server.config.stash.get(OUTBOUNDS)
     for name in registry.names if registry is not None else ():
