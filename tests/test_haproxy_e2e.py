@@ -221,3 +221,38 @@ def test_curl_through_haproxy(socksflow_server, haproxy, http_target):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"hello from the target\n"
+
+
+def greeted_via(front: tuple[str, int], source: str) -> socket.socket | None:
+    """A client at ``source`` whose greeting was answered through ``front`` (it holds a session), or None."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect(front)
+    sock.sendall(GREETING)
+    try:
+        if recv_all_exactly(sock, 2) == b"\x05\x00":
+            return sock
+    except (ConnectionError, TimeoutError):
+        pass
+    sock.close()
+    return None
+
+
+def test_three_instances_behind_haproxy_share_one_limit_in_redis(socksflow_server, haproxy, redis_server):
+    config = listener("v2") + f"state: {{redis: '{redis_server.url}'}}\nlimits: [{{max_sessions: 6}}]\n"
+    servers = [socksflow_server(config) for _ in range(3)]
+    balancer = haproxy([(server.port, "send-proxy-v2") for server in servers])
+    held = []
+    try:
+        held = [greeted_via(balancer.address, "127.0.0.2") for _ in range(9)]
+        assert sum(sock is not None for sock in held) == 6  # per client address, across all instances
+        other = greeted_via(balancer.address, "127.0.0.4")  # another client: its own limit
+        assert other is not None
+        held.append(other)
+        serving = [server for server in servers if server.server is not None and server.server.sessions]
+        assert len(serving) > 1  # leastconn spread the sessions: the limit is the instances' shared one
+    finally:
+        for sock in held:
+            if sock is not None:
+                sock.close()
