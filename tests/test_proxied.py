@@ -95,12 +95,14 @@ def test_a_local_header_is_a_health_check_closed_cleanly(socksflow_server):
     ],
     ids=["untrusted-sender", "no-header", "v1-on-v2-listener", "malformed"],
 )
-def test_refused_before_any_socks_byte(socksflow_server, trusted, header):
+def test_refused_before_any_socks_byte(socksflow_server, caplog, trusted, header):
     recorder = SessionRecorder()
     server = socksflow_server(listener(trusted=trusted), plugins=[recorder])
     with from_balancer(server, header) as sock:
         assert closed_unanswered(sock)
+        port = sock.getsockname()[1]
     assert recorder.sessions == []
+    assert f"refused 127.0.0.1:{port}: " in caplog.text  # the operator sees who and why
 
 
 def test_an_incomplete_header_times_out(socksflow_server):
