@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ import yaml
 
 from socksflow import detect
 from socksflow.errors import ConfigError, ConfigErrors
-from socksflow.protocol import Address, IPAddress, parse_ip
+from socksflow.protocol import Address, IPAddress, parse_ip, parse_network
+from socksflow.proxy_protocol import Version
 from socksflow.stash import Stash
 from socksflow.units import parse_duration, parse_rate, parse_size
 
@@ -379,6 +381,24 @@ class DoorSettings:
     tor_resolve: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyProtocolSettings:
+    """A listener behind a load balancer (``proxy_protocol`` and ``trusted`` of a ``listen`` entry).
+
+    ``versions``: the PROXY protocol versions accepted; ``trusted``: the networks allowed to
+    send the header.  Every connection must come from ``trusted`` and open with a header.
+    """
+
+    versions: frozenset[Version]
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+    def trusts(self, ip: IPAddress) -> bool:
+        """Whether a connection from ``ip`` may carry a header."""
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # a dual-stack listener
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted)
+
+
 @dataclass(slots=True)
 class StateSettings:
     """Where limit state lives (section ``state``).
@@ -478,6 +498,7 @@ class Config:
         self._listen_in_file = DEFAULT_LISTEN
         self.listen_override: tuple[Address, ...] | None = None  # run --listen: what the file says is ignored
         self.listen_protocols: tuple[frozenset[str], ...] = (detect.SOCKS5_ONLY,)  # one per listen address
+        self.listen_proxy: tuple[ProxyProtocolSettings | None, ...] = (None,)  # one per listen address
         self.open_proxy = False  # serve non-loopback listeners even if nothing keeps strangers out
         self.timeouts = Timeouts()
         self.udp = UdpSettings()
@@ -582,12 +603,19 @@ class Config:
         return self._listen_in_file
 
     def override_listen(
-        self, addresses: tuple[Address, ...], protocols: tuple[frozenset[str], ...] | None = None
+        self,
+        addresses: tuple[Address, ...],
+        protocols: tuple[frozenset[str], ...] | None = None,
+        proxy: tuple[ProxyProtocolSettings | None, ...] = (),
     ) -> None:
-        """Listen on ``addresses`` instead of the file's (``socksflow run --listen``), reloads included."""
+        """Listen on ``addresses`` instead of the file's (``socksflow run --listen``), reloads included.
+
+        ``proxy``: the PROXY protocol settings of each address (none unless given).
+        """
         self.listen = self.listen_override = addresses
         if protocols is not None:
             self.listen_protocols = protocols
+        self.listen_proxy = proxy
 
     def _read_listen(self, node: Node) -> None:
         """``listen: [ADDRESS, ...]``, or ``listen: {addresses: [ADDRESS, ...], open_proxy: true}``."""
@@ -601,12 +629,17 @@ class Config:
             entries = [_listen_entry(item) for item in addresses.as_list()]
             if not entries:
                 raise addresses.error("give at least one address to listen on")
-            self.listen = self._listen_in_file = tuple(address for address, _ in entries)
-            self.listen_protocols = tuple(protocols for _, protocols in entries)
+            self.listen = self._listen_in_file = tuple(address for address, _, _ in entries)
+            self.listen_protocols = tuple(protocols for _, protocols, _ in entries)
+            self.listen_proxy = tuple(proxy for _, _, proxy in entries)
 
     def protocols_at(self, index: int) -> frozenset[str]:
         """The protocols the ``index``-th listen address accepts (SOCKS5 alone unless configured)."""
         return self.listen_protocols[index] if index < len(self.listen_protocols) else detect.SOCKS5_ONLY
+
+    def proxy_protocol_at(self, index: int) -> ProxyProtocolSettings | None:
+        """The PROXY protocol settings of the ``index``-th listen address; None: connections are direct."""
+        return self.listen_proxy[index] if index < len(self.listen_proxy) else None
 
     def _read_groups(self, node: Node) -> None:
         """``groups: {admins: [alice, bob]}``: every plugin sees them in ``session.identity.groups``."""
@@ -627,11 +660,12 @@ class Config:
         return given | extra if given else extra
 
 
-def _listen_entry(node: Node) -> tuple[Address, frozenset[str]]:
-    """``HOST:PORT`` (SOCKS5), or ``{address: HOST:PORT, protocols: [socks5, socks4, http] | mixed}``."""
+def _listen_entry(node: Node) -> tuple[Address, frozenset[str], ProxyProtocolSettings | None]:
+    """``HOST:PORT`` (SOCKS5), or ``{address: HOST:PORT, protocols: [socks5, socks4, http] | mixed,
+    proxy_protocol: v1 | v2 | [v1, v2], trusted: [CIDR, ...]}``."""
     if not node.is_map:
-        return node.as_address(), detect.SOCKS5_ONLY
-    items = node.as_map({"address", "protocols"})
+        return node.as_address(), detect.SOCKS5_ONLY, None
+    items = node.as_map({"address", "protocols", "proxy_protocol", "trusted"})
     if "address" not in items:
         raise node.error("give the address to listen on (address: HOST:PORT)")
     protocols = detect.SOCKS5_ONLY
@@ -645,7 +679,31 @@ def _listen_entry(node: Node) -> tuple[Address, frozenset[str]]:
             protocols = detect.MIXED
         else:
             protocols = frozenset({given.value})
-    return items["address"].as_address(), protocols
+    return items["address"].as_address(), protocols, _proxy_protocol(node, items)
+
+
+_PROXY_VERSIONS = {"v1": Version.V1, "v2": Version.V2}
+
+
+def _proxy_protocol(node: Node, items: dict[str, Node]) -> ProxyProtocolSettings | None:
+    """``proxy_protocol`` and ``trusted`` of a listen entry: both, or neither."""
+    given = items.get("proxy_protocol")
+    trusted = items.get("trusted")
+    if given is None:
+        if trusted is not None:
+            raise trusted.error("trusted applies to a listener with proxy_protocol: v1 | v2 | [v1, v2]")
+        return None
+    versions = frozenset(_PROXY_VERSIONS[item.as_choice(tuple(_PROXY_VERSIONS))] for item in given.as_list())
+    if not versions:
+        raise given.error("give v1, v2 or [v1, v2]")
+    if trusted is None:
+        raise node.error(
+            "proxy_protocol needs trusted: [CIDR, ...], the load balancers allowed to send the header"
+        )
+    networks = tuple(item.convert(lambda v: parse_network(str(v))) for item in trusted.as_list())
+    if not networks:
+        raise trusted.error("give at least one network (the load balancers' addresses)")
+    return ProxyProtocolSettings(versions, networks)
 
 
 def default_config() -> Config:

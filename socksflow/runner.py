@@ -87,13 +87,14 @@ class ClientProtocol(asyncio.Protocol):
         self._paused = False
         self._linger: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport, client: Address | None = None) -> None:
+        """``client``: the client a PROXY protocol header named (socksflow.proxied), else the peer."""
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
         if transport.get_extra_info("peername") is None:  # reset before its transport was made
             self.closed = True
             transport.abort()
             return
-        self.runner = Runner(self.server, self)
+        self.runner = Runner(self.server, self, client)
         self.server.session_started(self.runner)
 
     def data_received(self, data: bytes) -> None:
@@ -197,7 +198,7 @@ class Runner:
         "session",
     )
 
-    def __init__(self, server: Server, client: ClientProtocol) -> None:
+    def __init__(self, server: Server, client: ClientProtocol, peer: Address | None = None) -> None:
         self.server = server
         self.config = server.config
         self.hooks = server.hooks  # this configuration's, without the dormant plugins' hooks
@@ -206,7 +207,7 @@ class Runner:
         self.session = Session(
             server,
             self.hooks,
-            Address.from_sockaddr(transport.get_extra_info("peername")),
+            peer or Address.from_sockaddr(transport.get_extra_info("peername")),
             Address.from_sockaddr(transport.get_extra_info("sockname")),
         )
         self._clock = time.monotonic()

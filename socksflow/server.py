@@ -8,7 +8,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, KeysView
+from collections.abc import Awaitable, Callable, KeysView
 from typing import TYPE_CHECKING
 
 from socksflow import app, bind, resolution, tor, udp
@@ -18,6 +18,7 @@ from socksflow.errors import ConfigErrors
 from socksflow.hooks import Hooks
 from socksflow.peers import Peers
 from socksflow.protocol import Address, Command
+from socksflow.proxied import ProxiedProtocol
 from socksflow.resolution import Resolver
 from socksflow.runner import ClientProtocol, CommandHandler, Runner
 from socksflow.session import Session
@@ -86,7 +87,7 @@ class Server:
         try:
             for index, address in enumerate(self.config.listen):
                 sock = listening_socket(address, reuse_port=self.worker is not None)
-                factory = functools.partial(ClientProtocol, self, self.config.protocols_at(index))
+                factory = self._protocol_factory(index)
                 listener: Acceptor | asyncio.Server
                 if own_accept:
                     listener = Acceptor(sock, factory, self._spare)
@@ -109,6 +110,14 @@ class Server:
         await self.hooks.startup(self)
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
+
+    def _protocol_factory(self, index: int) -> Callable[[], asyncio.Protocol]:
+        """What serves a connection on the ``index``-th listener (behind a balancer: its header first)."""
+        protocols = self.config.protocols_at(index)
+        settings = self.config.proxy_protocol_at(index)
+        if settings is None:
+            return functools.partial(ClientProtocol, self, protocols)
+        return functools.partial(ProxiedProtocol, self, protocols, settings)
 
     async def _share_through_redis(self, settings: StateSettings) -> None:
         """Keep limit state in Redis, shared with every instance that points at it."""
@@ -195,15 +204,18 @@ class Server:
             if config is None:
                 config = app.load_config(self.config.file)
                 if self.config.listen_override is not None:  # run --listen holds, whatever the file says
-                    config.override_listen(self.config.listen_override, self.config.listen_protocols)
+                    config.override_listen(
+                        self.config.listen_override, self.config.listen_protocols, self.config.listen_proxy
+                    )
                 app.configure(self.pm, config)
         except ConfigErrors as exc:
             log.error("reload rejected, keeping the running configuration:\n%s", exc)
             return False
-        if self.config.listen_override is None and (config.listen_in_file, config.listen_protocols) != (
-            self.config.listen_in_file,
-            self.config.listen_protocols,
-        ):
+        if self.config.listen_override is None and (
+            config.listen_in_file,
+            config.listen_protocols,
+            config.listen_proxy,
+        ) != (self.config.listen_in_file, self.config.listen_protocols, self.config.listen_proxy):
             log.warning("listen addresses changed in %s: restart to apply them", config.file)
         if config.state != self.config.state:
             log.warning("the state section changed in %s: restart to apply it", config.file)

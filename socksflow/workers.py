@@ -61,7 +61,7 @@ def reserve_ports(config: Config) -> list[socket.socket]:
         reserved.append(sock)
         addresses.append(Address(address.host, sock.getsockname()[1]))
     if config.listen_override is not None:  # what a reload keeps: the ports the workers really use
-        config.override_listen(tuple(addresses), config.listen_protocols)
+        config.override_listen(tuple(addresses), config.listen_protocols, config.listen_proxy)
     else:
         config.listen = tuple(addresses)
     return reserved

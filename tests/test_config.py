@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from socksflow.config import Config, Node, default_config, parse_yaml
 from socksflow.errors import ConfigError, ConfigErrors
 from socksflow.protocol import Address
+from socksflow.proxy_protocol import Version
 from socksflow.units import parse_duration, parse_rate, parse_size
 
 pytestmark = pytest.mark.smoke
@@ -318,7 +320,7 @@ def test_listen_front_doors(text: str, protocols: list[set[str]]) -> None:
         ),
         (
             "listen:\n  - {address: 127.0.0.1:1, door: http}",
-            "rules.yaml:2: listen[0].door: unknown key (expected one of: address, protocols)",
+            "rules.yaml:2: listen[0].door: unknown key (expected one of: address, protocols, proxy_protocol, trusted)",
         ),
         (
             "doors: {tor_resolve: yes}",
@@ -618,3 +620,50 @@ def test_a_missing_plugin_path_is_located_and_the_other_errors_still_shown(tmp_p
         "rules.yaml:2: plugins.paths[1]: plugin path 'nowhere.py' does not exist",
         f"rules.yaml:3: timeouts.idle: 'soon' {NOT_DURATION}",
     ]
+
+
+def test_listen_proxy_protocol() -> None:
+    config = load(
+        "listen:\n"
+        "  - {address: 127.0.0.1:1, proxy_protocol: v2, trusted: [10.0.0.0/24, '::1/128']}\n"
+        "  - {address: 127.0.0.1:2, proxy_protocol: [v1, v2], trusted: 127.0.0.1/32}\n"
+        "  - 127.0.0.1:3\n"
+    )
+    first, second = config.proxy_protocol_at(0), config.proxy_protocol_at(1)
+    assert first is not None and second is not None
+    assert first.versions == {Version.V2} and second.versions == {Version.V1, Version.V2}
+    assert first.trusts(ipaddress.ip_address("10.0.0.7")) and first.trusts(ipaddress.ip_address("::1"))
+    assert not first.trusts(ipaddress.ip_address("10.0.1.7"))
+    assert config.proxy_protocol_at(2) is None and config.proxy_protocol_at(3) is None
+    config.override_listen((Address.parse("127.0.0.1:9"),))  # run --listen: a direct listener
+    assert config.proxy_protocol_at(0) is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        (
+            "{address: 127.0.0.1:1, proxy_protocol: v2}",
+            "rules.yaml:1: listen[0]: proxy_protocol needs trusted: [CIDR, ...]",
+        ),
+        (
+            "{address: 127.0.0.1:1, trusted: [10.0.0.0/8]}",
+            "rules.yaml:1: listen[0].trusted: trusted applies to a listener with proxy_protocol",
+        ),
+        (
+            "{address: 127.0.0.1:1, proxy_protocol: v3, trusted: [10.0.0.0/8]}",
+            "rules.yaml:1: listen[0].proxy_protocol: 'v3' is not one of: v1, v2",
+        ),
+        (
+            "{address: 127.0.0.1:1, proxy_protocol: v1,\n  trusted: [10.0.0.1/8]}",
+            "rules.yaml:2: listen[0].trusted[0]: 10.0.0.1/8 has host bits set",
+        ),
+        (
+            "{address: 127.0.0.1:1, proxy_protocol: [], trusted: [10.0.0.0/8]}",
+            "rules.yaml:1: listen[0].proxy_protocol: give v1, v2 or [v1, v2]",
+        ),
+    ],
+)
+def test_listen_proxy_protocol_errors(entry: str, error: str) -> None:
+    (message,) = errors_of(f"listen: [{entry}]")
+    assert message.startswith(error), message
