@@ -365,7 +365,9 @@ def socksflow_session_end(session: Session) -> None:
     """Observe the end of a session, whatever happened (the access log hook).
 
     When: once per accepted connection, after both sides are closed: refused, failed,
-    denied and completed sessions alike.
+    denied and completed sessions alike.  An HTTP proxy connection carrying absolute-form
+    requests is one session per request (each decided on its own), each ending when its
+    response has.
 
     :param session: the finished session: ``session.reply``, ``session.verdict``,
         ``session.decided_by``, ``session.bytes_up``/``bytes_down``, ``session.close_reason``,
