@@ -131,6 +131,7 @@ class ClientProtocol(asyncio.Protocol):
             self._linger.cancel()
         if self._idle is not None:
             self._idle.cancel()
+        self.server.between_requests.discard(self)
         self._wake()
         runner = self.runner  # none if the client was gone in connection_made, or between requests
         if runner is not None:
@@ -180,6 +181,7 @@ class ClientProtocol(asyncio.Protocol):
         """The session is over and the client's HTTP connection stays open: its next request,
         when it comes, starts the next session (until then the connection holds no session)."""
         self.runner = None
+        self.server.between_requests.add(self)
         self._idle = self._loop.call_later(self.server.config.timeouts.idle or 3600, self.finish)
         self._poll_next()
 
@@ -197,7 +199,8 @@ class ClientProtocol(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
-        if not isinstance(request, doors.ProxyRequest):
+        self.server.between_requests.discard(self)
+        if not isinstance(request, doors.ProxyRequest) or self.server.stopping:
             self.finish()
             return
         self.runner = runner = Runner(self.server, self)
@@ -325,7 +328,12 @@ class Runner:
         client = self._client
         if client is None:
             return
-        if isinstance(client.conn, doors.HttpDoor) and client.conn.keeps_open and not client.closed:
+        conn = client.conn
+        if (
+            isinstance(conn, doors.HttpDoor)
+            and conn.keeps_open
+            and not (client.closed or self.server.stopping)
+        ):
             self._client = None
             self._client_closed = True
             client.serve_next()

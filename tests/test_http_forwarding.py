@@ -251,3 +251,16 @@ def test_a_failed_dial_is_502_and_the_connection_stays(socksflow_server, origin)
         result = curl(*proxy(server), "-w", " %{http_code} %{num_connects}\n",
                       f"http://127.0.0.1:{closed_port}/", origin.url("/after"))  # fmt: skip
     assert result.stdout == b"socksflow: bad gateway\n 502 1\n" + answer(origin, "/after") + b" 200 0\n"
+
+
+def test_shutdown_closes_a_connection_waiting_for_its_next_request(socksflow_server, origin):
+    server = socksflow_server(MIXED)
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(f"GET {origin.url('/one')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        conn.send(h11.EndOfMessage())
+        assert read_response(sock, conn)[0].status_code == 200
+        assert wait_until(lambda: not server.server.sessions)  # kept alive, no session holds it
+        server.stop()
+        assert sock.recv(100) == b""  # closed by the shutdown, not by the idle timeout
