@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from socksflow.httpforward import Closed, ExchangeDone, Forwarder, ToClient, ToUpstream
 from socksflow.httpproxy import HttpError, ProxyRequest
 from socksflow.protocol import NEED_DATA, ProtocolError
-from socksflow.relay import Direction, Limiter, Pending
+from socksflow.relay import Direction, Limiter, Pending, Transform
 
 if TYPE_CHECKING:
     from socksflow.runner import ClientProtocol
@@ -74,11 +74,14 @@ async def exchange(
     counts: Counts,
     limiters: Sequence[Limiter],
     idle: float,
+    transform: Transform | None = None,
 ) -> None:
     """Forward ``request`` over ``pending``'s connection and its response back, re-framed by h11.
 
     Returns when the response has ended (or the exchange failed: the client then got a 502 if
     its response had not begun).  The destination's connection is closed on return.
+    ``transform`` (the ``socksflow_relay_data`` chain) sees the messages as they are sent on;
+    what it raises ends the exchange by propagating.
     """
     transport = pending.transport
     upstream = Upstream(pending, client.wake)
@@ -104,11 +107,13 @@ async def exchange(
                 client.write(forwarder.fail())
                 return
             if isinstance(event, ToUpstream):
-                transport.write(event.data)
+                data = event.data if transform is None else transform(Direction.UP, event.data)
+                transport.write(data)
                 counts.bytes_up += len(event.data)
                 await _limit(limiters, Direction.UP, len(event.data))
             elif isinstance(event, ToClient):
-                client.write(event.data)
+                data = event.data if transform is None else transform(Direction.DOWN, event.data)
+                client.write(data)
                 counts.bytes_down += len(event.data)
                 await _limit(limiters, Direction.DOWN, len(event.data))
             elif isinstance(event, ExchangeDone | Closed):

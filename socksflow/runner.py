@@ -737,9 +737,16 @@ class Runner:
         client.write(conn.send_reply(Reply.SUCCEEDED))
         session.forwarded = counts = forwarding.Counts()
         idle = self.config.timeouts.idle
-        await forwarding.exchange(
-            client, conn.forwarder, conn.proxy_request, upstream, counts, limiters, idle
-        )
+        transform = chunk_transform(self.hooks, session)
+        try:
+            await forwarding.exchange(
+                client, conn.forwarder, conn.proxy_request, upstream, counts, limiters, idle, transform
+            )
+        except Exception as exc:  # a relay_data plugin raised: fail closed, as a tunnel does
+            log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
+            self.set_reason(str(exc))
+            client.transport.abort()
+            return
         self._finish("closed")
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:

@@ -19,7 +19,7 @@ import pytest
 from helpers import serve_tcp
 from test_doors_e2e import MIXED, curl
 
-from socksflow import hookimpl
+from socksflow import Direction, hookimpl
 from socksflow.testing import wait_until
 
 DENY_TWO = "rules:\n  - deny: {to: 127.0.0.2}\n  - allow: all\n"
@@ -264,3 +264,38 @@ def test_shutdown_closes_a_connection_waiting_for_its_next_request(socksflow_ser
         assert wait_until(lambda: not server.server.sessions)  # kept alive, no session holds it
         server.stop()
         assert sock.recv(100) == b""  # closed by the shutdown, not by the idle timeout
+
+
+class Watch:
+    """A relay_data plugin: records what passes each way; ``fail`` raises on the response."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.seen = {Direction.UP: b"", Direction.DOWN: b""}
+        self.fail = fail
+
+    @hookimpl
+    def socksflow_relay_data(self, session, direction, data):
+        self.seen[direction] += data
+        if self.fail and direction is Direction.DOWN:
+            raise RuntimeError("watch refuses the response")
+        return None
+
+
+def test_relay_data_plugins_see_each_forwarded_message(socksflow_server, origin):
+    watch = Watch()
+    server = socksflow_server(MIXED, plugins=[watch])
+    result = curl(*proxy(server), origin.url("/one"))
+    assert result.stdout == answer(origin, "/one")
+    assert watch.seen[Direction.UP].startswith(
+        f"GET /one HTTP/1.1\r\nhost: 127.0.0.1:{origin.port}\r\n".encode()
+    )
+    assert watch.seen[Direction.DOWN].endswith(b"\r\n\r\n" + answer(origin, "/one"))
+
+
+def test_a_failing_relay_data_plugin_closes_the_connection(socksflow_server, origin):
+    sessions = Sessions()
+    server = socksflow_server(MIXED, plugins=[Watch(fail=True), sessions])
+    result = curl(*proxy(server), origin.url("/one"))
+    assert result.returncode == 52 and result.stdout == b"", result  # curl: empty reply from server
+    assert wait_until(lambda: len(sessions.ended) == 1), sessions.ended
+    assert [r[1] for r in origin.requests] == [b"/one"], origin.requests
