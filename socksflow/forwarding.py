@@ -110,12 +110,12 @@ async def exchange(
                 data = event.data if transform is None else transform(Direction.UP, event.data)
                 transport.write(data)
                 counts.bytes_up += len(event.data)
-                await _limit(limiters, Direction.UP, len(event.data))
+                await _limit(limiters, Direction.UP, len(event.data), client, transport)
             elif isinstance(event, ToClient):
                 data = event.data if transform is None else transform(Direction.DOWN, event.data)
                 client.write(data)
                 counts.bytes_down += len(event.data)
-                await _limit(limiters, Direction.DOWN, len(event.data))
+                await _limit(limiters, Direction.DOWN, len(event.data), client, transport)
             elif isinstance(event, ExchangeDone | Closed):
                 return
             else:
@@ -145,7 +145,16 @@ def _reading(transport: asyncio.Transport, on: bool) -> None:
         transport.pause_reading()
 
 
-async def _limit(limiters: Sequence[Limiter], direction: Direction, nbytes: int) -> None:
+async def _limit(
+    limiters: Sequence[Limiter],
+    direction: Direction,
+    nbytes: int,
+    client: ClientProtocol,
+    upstream: asyncio.Transport,
+) -> None:
+    """Charge the limiters; while they ask for a pause, neither side is read."""
     wait = max((limiter.delay(direction, nbytes) for limiter in limiters), default=0.0)
     if wait > 0:
+        _reading(upstream, False)
+        client.reading(False)
         await asyncio.sleep(wait)

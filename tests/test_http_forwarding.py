@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import socketserver
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -299,3 +300,12 @@ def test_a_failing_relay_data_plugin_closes_the_connection(socksflow_server, ori
     assert result.returncode == 52 and result.stdout == b"", result  # curl: empty reply from server
     assert wait_until(lambda: len(sessions.ended) == 1), sessions.ended
     assert [r[1] for r in origin.requests] == [b"/one"], origin.requests
+
+
+def test_bandwidth_limits_pace_forwarded_responses(socksflow_server, http_target):
+    server = socksflow_server(MIXED + "limits:\n  - {match: {from: 127.0.0.1}, bandwidth: {down: 20MiB/s}}\n")
+    began = time.monotonic()
+    result = curl(*proxy(server), http_target.url("/blob"))
+    took = time.monotonic() - began
+    assert hashlib.sha256(result.stdout).hexdigest() == http_target.blob_sha256
+    assert 2.0 < took < 10, took  # 50 MiB at 20 MiB/s (a burst allowed); unpaced it takes well under 1 s
