@@ -245,7 +245,7 @@ class ClientProtocol(asyncio.Protocol):
             await self._wait()
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if not self.closed and self._linger is None:  # nothing after finish() sent the FIN
             self.transport.write(data)
 
 
@@ -742,7 +742,7 @@ class Runner:
             await forwarding.exchange(
                 client, conn.forwarder, conn.proxy_request, upstream, counts, limiters, idle, transform
             )
-        except Exception as exc:  # a relay_data plugin raised: fail closed, as a tunnel does
+        except PluginError as exc:  # a relay_data plugin raised: fail closed, as a tunnel does
             log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
             self.set_reason(str(exc))
             client.transport.abort()
