@@ -349,7 +349,9 @@ def socksflow_relay_data(session: Session, direction: Direction, data: bytes) ->
     """Inspect or transform a chunk of relayed bytes.
 
     When: for every chunk read, in either direction.  **Costly**: a server with any
-    implementation of this hook leaves the fast path for every tunnel.
+    implementation of this hook leaves the fast path for every tunnel.  On a forwarded HTTP
+    request (absolute-form) the chunks are the messages as re-framed and sent on: a
+    transformation must keep their framing.
 
     :param session: the session.
     :param direction: ``Direction.UP`` (client to destination) or ``Direction.DOWN``.
