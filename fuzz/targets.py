@@ -214,8 +214,12 @@ def _drive_door(name: str, chunks: list[bytes]) -> tuple[object, ...]:
             conn.receive_data(chunk)
             event = conn.next_event()
             if event is not NEED_DATA:
-                conn.send_reply(Reply.SUCCEEDED)
-                return event, conn.trailing_data + b"".join(chunks[index + 1 :])
+                if getattr(event, "tunnel", True):
+                    conn.send_reply(Reply.SUCCEEDED)
+                    rest = conn.trailing_data
+                else:  # an absolute-form request is never granted raw: its body stays buffered
+                    rest = bytes(conn._buffer)
+                return event, rest + b"".join(chunks[index + 1 :])
     except ProtocolError as error:
         assert conn.phase is Phase.CLOSED
         return type(error), error.response

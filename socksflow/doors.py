@@ -20,9 +20,21 @@ from typing import TYPE_CHECKING
 
 from socksflow import detect
 from socksflow.decisions import Identity
-from socksflow.httpproxy import HttpProxyConnection, ProxyRequest
+from socksflow.httpforward import Closed, ExchangeDone, Forwarder, NextRequest
+from socksflow.httpproxy import REALM, REASONS, HttpProxyConnection, ProxyRequest, status_for
 from socksflow.onerequest import OneRequestConnection
-from socksflow.protocol import Address, Greeting, Method, Phase, ProtocolError, Reply, Request, UserPassAuth
+from socksflow.protocol import (
+    NEED_DATA,
+    Address,
+    Greeting,
+    Method,
+    Phase,
+    ProtocolError,
+    Reply,
+    Request,
+    UserPassAuth,
+    _NeedData,
+)
 from socksflow.socks4 import Socks4Connection, Socks4Reply, Socks4Request, build_reply
 
 if TYPE_CHECKING:
@@ -63,14 +75,71 @@ class Socks4Door(Socks4Connection):
 
 
 class HttpDoor(HttpProxyConnection):
-    """The HTTP proxy as the engine drives it: a needed or failed login is 407; a denial names its reason."""
+    """The HTTP proxy as the engine drives it: a needed or failed login is 407; a denial names its reason.
 
-    __slots__ = ("session",)
+    A connection whose first request is absolute-form is served request by request: its bytes go
+    to a :class:`~socksflow.httpforward.Forwarder` from then on, each request it reads becomes the
+    next session's (:meth:`poll`), and the proxy's own answers keep the connection open.
+    """
+
+    __slots__ = ("forwarder", "ready", "session")
 
     def __init__(self, session: Session) -> None:
         doors = session.config.doors
         super().__init__(doors.http_reason_header, doors.http_via)
         self.session = session
+        self.forwarder: Forwarder | None = None
+        self.ready: ProxyRequest | None = None  # read by poll(), not yet taken by a session
+
+    def receive_data(self, data: bytes) -> None:
+        if self.forwarder is None:
+            super().receive_data(data)
+        else:
+            self.forwarder.receive_client(data)
+
+    @property
+    def buffered(self) -> int:
+        return super().buffered if self.forwarder is None else self.forwarder.buffered
+
+    def _parse(self, data: bytearray) -> tuple[ProxyRequest, int] | None:
+        parsed = super()._parse(data)
+        if parsed is None or parsed[0].tunnel:
+            return parsed
+        # Absolute-form: h11 reads the whole stream from its first byte, this request included.
+        self.forwarder = Forwarder(self.via)
+        self.forwarder.receive_client(bytes(data))
+        event = self.forwarder.next_event()
+        assert isinstance(event, NextRequest)
+        self.proxy_request = event.request
+        return event.request, len(data)
+
+    def next_event(self) -> ProxyRequest | _NeedData:
+        if self.forwarder is None:
+            return super().next_event()  # type: ignore[no-any-return]
+        event, self.ready = self.ready, None
+        if event is None:
+            return NEED_DATA
+        self.phase = Phase.REPLY
+        return event
+
+    def poll(self) -> ProxyRequest | bool:
+        """Between forwarded requests: the next request (kept for :meth:`next_event`), ``True`` to
+        wait for more bytes, ``False`` once the connection is done.  Raises HttpError."""
+        assert self.forwarder is not None
+        while True:
+            event = self.forwarder.next_event()
+            if isinstance(event, NextRequest):
+                self.ready = self.proxy_request = event.request
+                return event.request
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, Closed) or (isinstance(event, ExchangeDone) and not event.keep_alive):
+                return False
+
+    @property
+    def keeps_open(self) -> bool:
+        """Whether the connection serves further requests once this session is over."""
+        return self.forwarder is not None and self.forwarder.open
 
     def send_method(self, method: int) -> bytes:
         return self.refuse_login() if method == Method.NO_ACCEPTABLE else b""
@@ -78,11 +147,28 @@ class HttpDoor(HttpProxyConnection):
     def send_auth_status(self, success: bool) -> bytes:
         return b"" if success else self.refuse_login()
 
+    def refuse_login(self) -> bytes:
+        if self.forwarder is None:
+            return super().refuse_login()
+        self.phase = Phase.CLOSED
+        challenge = (("Proxy-Authenticate", f'Basic realm="{REALM}"'),)
+        return self.forwarder.refuse(407, challenge, "socksflow: login needed\n")
+
     def send_reply(self, reply: Reply | int, bound: Address | None = None, reason: str = "") -> bytes:
         verdict = self.session.verdict
         if not reason and verdict is not None and not verdict.allowed:
             reason = verdict.reason or verdict.rule or self.session.decided_by
-        return super().send_reply(reply, bound, reason)
+        if self.forwarder is None:
+            return super().send_reply(reply, bound, reason)
+        self._expect(Phase.REPLY)
+        if reply == Reply.SUCCEEDED:  # the exchange (socksflow.forwarding) writes the response
+            self.phase = Phase.DONE
+            return b""
+        self.phase = Phase.CLOSED
+        status = status_for(reply)
+        return self.forwarder.refuse(
+            status, self.reason_headers(reason), f"socksflow: {REASONS[status].lower()}\n"
+        )
 
     def send_second_reply(self, reply: Reply | int, bound: Address | None = None) -> bytes:
         return b""  # HTTP has no BIND: nothing follows the first answer

@@ -349,7 +349,9 @@ def socksflow_relay_data(session: Session, direction: Direction, data: bytes) ->
     """Inspect or transform a chunk of relayed bytes.
 
     When: for every chunk read, in either direction.  **Costly**: a server with any
-    implementation of this hook leaves the fast path for every tunnel.
+    implementation of this hook leaves the fast path for every tunnel.  On a forwarded HTTP
+    request (absolute-form) the chunks are the messages as re-framed and sent on: a
+    transformation must keep their framing.
 
     :param session: the session.
     :param direction: ``Direction.UP`` (client to destination) or ``Direction.DOWN``.
@@ -365,7 +367,9 @@ def socksflow_session_end(session: Session) -> None:
     """Observe the end of a session, whatever happened (the access log hook).
 
     When: once per accepted connection, after both sides are closed: refused, failed,
-    denied and completed sessions alike.
+    denied and completed sessions alike.  An HTTP proxy connection carrying absolute-form
+    requests is one session per request (each decided on its own), each ending when its
+    response has.
 
     :param session: the finished session: ``session.reply``, ``session.verdict``,
         ``session.decided_by``, ``session.bytes_up``/``bytes_down``, ``session.close_reason``,

@@ -83,6 +83,17 @@ class Forwarder:
         self._state = self._WAITING
         self.via = via
 
+    @property
+    def open(self) -> bool:
+        """Whether the client's connection goes on: a request was answered (or is being) and
+        HTTP lets another follow; not while a request waits for its decision."""
+        return self._state in (self._WAITING, self._FORWARDING)
+
+    @property
+    def buffered(self) -> int:
+        """Client bytes received and not processed yet."""
+        return len(self._client.trailing_data[0])
+
     def receive_client(self, data: bytes) -> None:
         """Bytes from the client; ``b""`` when it closed its side."""
         self._client.receive_data(data)

@@ -6,7 +6,8 @@ destination: a rule written for SOCKS holds for HTTP) plus what forwarding needs
 the proxy's own answers (200 Connection established, 400, 403, 407, 502, 504).
 
 The head is found here (the blank line after the headers) and given to h11 whole, so the bytes
-after it — a tunnel's first bytes, or a request body — stay raw for the relay.
+after a CONNECT's head stay raw for the relay.  An absolute-form request is never relayed raw:
+:mod:`socksflow.httpforward` re-frames it and every request after it on the connection.
 """
 
 from __future__ import annotations
@@ -135,18 +136,6 @@ class ProxyRequest:
     def request(self) -> Request:
         return Request(Command.CONNECT, self.destination)
 
-    def forward_head(self, via: str = "1.1 socksflow") -> bytes:
-        """The head to send the destination: origin-form, hop-by-hop headers removed, ``Via`` added.
-
-        The destination is asked to close after its answer: the relay after the head is raw
-        bytes, so a second request on this connection must not reach it unjudged.
-        """
-        lines = [self.method + b" " + self.path + b" HTTP/1.1", b"Host: " + host_header(self.destination)]
-        others = [(name, value) for name, value in self.headers if name != b"host"]
-        lines += [name + b": " + value for name, value in forward_headers(others, via)]
-        lines.append(b"Connection: close")
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
 
 def forward_headers(headers: list[tuple[bytes, bytes]], via: str) -> list[tuple[bytes, bytes]]:
     """``headers`` without hop-by-hop ones (RFC 9110 §7.6.1) and with ``via`` added to ``Via``."""
@@ -223,9 +212,7 @@ class HttpProxyConnection(OneRequestConnection):
     """The server side of one HTTP proxy request, up to the hand-over to the relay.
 
     :meth:`next_event` gives the :class:`ProxyRequest` once its head has arrived.  After a
-    granted :meth:`send_reply`, :attr:`trailing_data` holds what the relay sends on: for a
-    tunnel the bytes that followed the head, for a forwarded request the rewritten head and
-    the body bytes already received.
+    granted CONNECT, :attr:`trailing_data` holds the bytes that followed the head, for the relay.
     """
 
     __slots__ = ("_scanned", "proxy_request", "reason_header", "via")
@@ -246,22 +233,27 @@ class HttpProxyConnection(OneRequestConnection):
         return parsed
 
     def send_reply(self, reply: Reply | int, bound: Address | None = None, reason: str = "") -> bytes:
-        """Answer the request: success opens the tunnel (or the forwarding), anything else closes.
+        """Answer the request: success opens the tunnel, anything else closes.
+
+        An absolute-form request is not granted here: its bytes go through a
+        :class:`~socksflow.httpforward.Forwarder` (``doors.HttpDoor`` does that).
 
         ``reason`` (a denial's) goes in :attr:`reason_header` unless that is empty.
         """
         self._expect(Phase.REPLY)
         assert self.proxy_request is not None
         if reply == Reply.SUCCEEDED:
+            if not self.proxy_request.tunnel:  # its bytes must be re-framed, never relayed raw
+                raise RuntimeError("absolute-form requests are forwarded by socksflow.httpforward")
             self.phase = Phase.DONE
-            if self.proxy_request.tunnel:
-                return build_response(200)
-            self._buffer[:0] = self.proxy_request.forward_head(self.via)
-            return b""
+            return build_response(200)
         self.phase = Phase.CLOSED
         status = status_for(reply)
-        headers = ((self.reason_header, _header_text(reason)),) if reason and self.reason_header else ()
-        return build_response(status, headers, f"socksflow: {REASONS[status].lower()}\n")
+        return build_response(status, self.reason_headers(reason), f"socksflow: {REASONS[status].lower()}\n")
+
+    def reason_headers(self, reason: str) -> tuple[tuple[str, str], ...]:
+        """The header naming a denial's ``reason``, unless the operator turned it off."""
+        return ((self.reason_header, _header_text(reason)),) if reason and self.reason_header else ()
 
     def refuse_login(self) -> bytes:
         """407: the proxy needs (other) credentials."""

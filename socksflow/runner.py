@@ -15,11 +15,11 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from socksflow import detect, doors, protocol, tor
+from socksflow import detect, doors, forwarding, protocol, tor
 from socksflow.decide import decide, final
 from socksflow.decisions import Identity, Verdict
 from socksflow.dial import dial, reply_for_error
@@ -27,7 +27,7 @@ from socksflow.errors import PluginError, ResolveError
 from socksflow.outbound import OutboundError
 from socksflow.protection import Protected, protect
 from socksflow.protocol import NEED_DATA, Address, Command, IPAddress, Method, ProtocolError, Reply, Request
-from socksflow.relay import Pending, Tunnel, chunk_transform
+from socksflow.relay import Limiter, Pending, Tunnel, chunk_transform
 from socksflow.session import AuthChannel, Session
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class ClientProtocol(asyncio.Protocol):
     """The client's connection during the handshake."""
 
     __slots__ = (
+        "_idle",
         "_linger",
         "_loop",
         "_paused",
@@ -73,6 +74,7 @@ class ClientProtocol(asyncio.Protocol):
         "runner",
         "server",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY) -> None:
@@ -86,6 +88,9 @@ class ClientProtocol(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._linger: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None  # between forwarded HTTP requests
+        self.write_paused = False
+        self.runner: Runner | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport, client: Address | None = None) -> None:
         """``client``: the client a PROXY protocol header named (socksflow.proxied), else the peer."""
@@ -106,12 +111,18 @@ class ClientProtocol(asyncio.Protocol):
         if self.conn.buffered > MAX_HANDSHAKE_BUFFER and not self._paused:
             self._paused = True
             self.transport.pause_reading()
+        if self.runner is None:
+            self._poll_next()
         self._wake()
 
     def eof_received(self) -> bool:
         self.eof = True
         if self._linger is not None:
             self.transport.close()
+        if isinstance(self.conn, doors.HttpDoor) and self.conn.forwarder is not None:
+            self.conn.forwarder.receive_client(b"")
+            if self.runner is None:
+                self._poll_next()
         self._wake()
         return True  # a client may shut down its sending side and still await the reply
 
@@ -119,8 +130,11 @@ class ClientProtocol(asyncio.Protocol):
         self.closed = True
         if self._linger is not None:
             self._linger.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
+        self.server.between_requests.discard(self)
         self._wake()
-        runner = getattr(self, "runner", None)  # none if the client was gone in connection_made
+        runner = self.runner  # none if the client was gone in connection_made, or between requests
         if runner is not None:
             if isinstance(exc, ProtocolError):  # a security layer refused a frame (socksflow.protection)
                 runner.set_reason(f"protocol error: {exc}")
@@ -141,6 +155,59 @@ class ClientProtocol(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    wake = _wake
+
+    async def wait_input(self) -> None:
+        """Wait until something happens: bytes or EOF from the client, or :meth:`wake`."""
+        await self._wait()
+
+    def reading(self, on: bool) -> None:
+        """Resume (or pause) reading from the client."""
+        if self._paused == on and not self.closed:
+            self._paused = not on
+            if on:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake()
+
+    def serve_next(self) -> None:
+        """The session is over and the client's HTTP connection stays open: its next request,
+        when it comes, starts the next session (until then the connection holds no session)."""
+        self.runner = None
+        self.server.between_requests.add(self)
+        self._idle = self._loop.call_later(self.server.config.timeouts.idle or 3600, self.finish)
+        self._poll_next()
+
+    def _poll_next(self) -> None:
+        conn = self.conn
+        if self._linger is not None or not isinstance(conn, doors.HttpDoor) or conn.forwarder is None:
+            return
+        try:
+            request = conn.poll()
+        except ProtocolError as exc:
+            self.write(exc.response)
+            request = False
+        if request is True and not (self.eof or self.closed):
+            return  # wait for more of the request
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        self.server.between_requests.discard(self)
+        if not isinstance(request, doors.ProxyRequest) or self.server.stopping:
+            self.finish()
+            return
+        self.runner = runner = Runner(self.server, self)
+        conn.session = runner.session
+        runner.session.protocol = self.door
+        self.server.session_started(runner)
 
     async def _wait(self) -> None:
         self._waiter = self._loop.create_future()
@@ -179,7 +246,7 @@ class ClientProtocol(asyncio.Protocol):
             await self._wait()
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        if not self.closed and self._linger is None:  # nothing after finish() sent the FIN
             self.transport.write(data)
 
 
@@ -256,10 +323,23 @@ class Runner:
             self.session.close_reason = reason
 
     def _finish(self, reason: str) -> None:
-        """The session's task is done with the client: record why, close gracefully."""
+        """The session's task is done with the client: record why, close gracefully (or, for an
+        HTTP connection that serves more requests, leave it to the next session)."""
         self.set_reason(reason)
-        if self._client is not None:
-            self._client.finish()
+        client = self._client
+        if client is None:
+            return
+        conn = client.conn
+        if (
+            isinstance(conn, doors.HttpDoor)
+            and conn.keeps_open
+            and not (client.closed or self.server.stopping)
+        ):
+            self._client = None
+            self._client_closed = True
+            client.serve_next()
+        else:
+            client.finish()
 
     def client_lost(self) -> None:
         """The client's connection closed while the handshake protocol owned it."""
@@ -633,9 +713,13 @@ class Runner:
         except PluginError as exc:
             transport.abort()
             await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
-        tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.hooks, session), limiters)
         client = self._client
         assert client is not None
+        conn = client.conn
+        if isinstance(conn, doors.HttpDoor) and conn.forwarder is not None:
+            await self._forward(conn, upstream, limiters)
+            return
+        tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.hooks, session), limiters)
         if client.closed:  # the client left while we were connecting
             transport.close()
             raise ClientGone("client closed the connection before the reply")
@@ -644,6 +728,27 @@ class Runner:
         session.tunnel = tunnel
         tunnel.start(client.transport, upstream, client.conn.trailing_data, client.eof)
         self._client = None  # the tunnel owns the transport now
+
+    async def _forward(self, conn: doors.HttpDoor, upstream: Pending, limiters: Sequence[Limiter]) -> None:
+        """Serve one absolute-form HTTP request over ``upstream`` (socksflow.forwarding)."""
+        client = self._client
+        assert client is not None and conn.forwarder is not None and conn.proxy_request is not None
+        session = self.session
+        session.reply = Reply.SUCCEEDED
+        client.write(conn.send_reply(Reply.SUCCEEDED))
+        session.forwarded = counts = forwarding.Counts()
+        idle = self.config.timeouts.idle
+        transform = chunk_transform(self.hooks, session)
+        try:
+            await forwarding.exchange(
+                client, conn.forwarder, conn.proxy_request, upstream, counts, limiters, idle, transform
+            )
+        except PluginError as exc:  # a relay_data plugin raised: fail closed, as a tunnel does
+            log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
+            self.set_reason(str(exc))
+            client.transport.abort()
+            return
+        self._finish("closed")
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
         if tunnel.failure is not None:  # a relay_data plugin raised: its error is the reason

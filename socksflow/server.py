@@ -58,6 +58,9 @@ class Server:
         self.stash = Stash()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self._runners: dict[Session, Runner] = {}
+        # HTTP proxy connections kept alive between two forwarded requests: no session holds them.
+        self.between_requests: set[ClientProtocol] = set()
+        self.stopping = False
         self.addresses: list[Address] = []
         self._listeners: list[Acceptor | asyncio.Server] = []
         self._spare: SpareDescriptor | None = None
@@ -132,7 +135,10 @@ class Server:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; let sessions finish for up to ``timeout``; close the rest."""
+        self.stopping = True
         await self._close_listeners()
+        for client in list(self.between_requests):  # no new request starts a session now
+            client.finish()
         timeout = self.config.timeouts.shutdown if timeout is None else timeout
         if self.sessions:
             log.info("waiting up to %gs for %d sessions to finish", timeout, len(self.sessions))

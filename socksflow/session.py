@@ -19,6 +19,7 @@ from socksflow.stash import Stash
 
 if TYPE_CHECKING:
     from socksflow.config import Config
+    from socksflow.forwarding import Counts
     from socksflow.hooks import Hooks
     from socksflow.relay import Tunnel
     from socksflow.server import Server
@@ -88,6 +89,7 @@ class Session:
         "decided_by",
         "destination",
         "ended",
+        "forwarded",
         "id",
         "identity",
         "local",
@@ -130,6 +132,7 @@ class Session:
         self.ended: float | None = None
         self.tunnel: Tunnel | None = None  # CONNECT, BIND: where the byte counts come from
         self.association: Association | None = None  # UDP ASSOCIATE: likewise
+        self.forwarded: Counts | None = None  # a forwarded HTTP request: likewise
         self._resolved: dict[str, tuple[IPAddress, ...]] | None = None  # made on the first look-up
 
     def __repr__(self) -> str:
@@ -137,12 +140,12 @@ class Session:
 
     @property
     def bytes_up(self) -> int:
-        relay = self.tunnel or self.association
+        relay = self.tunnel or self.association or self.forwarded
         return relay.bytes_up if relay else 0
 
     @property
     def bytes_down(self) -> int:
-        relay = self.tunnel or self.association
+        relay = self.tunnel or self.association or self.forwarded
         return relay.bytes_down if relay else 0
 
     @property

@@ -61,14 +61,16 @@ def connect_marked(address: tuple[str, int], marked: set[int], timeout: float = 
     return sock
 
 
-def serve_tcp(handler: type[socketserver.BaseRequestHandler]) -> Iterator[tuple[str, int]]:
-    """Run a threaded TCP server on 127.0.0.1 for the ``with``/``yield from`` block; its address."""
+def serve_tcp(
+    handler: type[socketserver.BaseRequestHandler], host: str = "127.0.0.1"
+) -> Iterator[tuple[str, int]]:
+    """Run a threaded TCP server on ``host`` for the ``with``/``yield from`` block; its address."""
 
     class Server(socketserver.ThreadingTCPServer):
         daemon_threads = True
         request_queue_size = 1024  # many sessions connect at once: no SYN retries
 
-    server = Server(("127.0.0.1", 0), handler)
+    server = Server((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
