@@ -9,7 +9,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +28,7 @@ from socksflow.plugins import PluginManager
 from socksflow.protocol import Address, Command, Method, Reply, build_request
 from socksflow.sharedstate import SharedTable
 from socksflow.stash import Stash
-from socksflow.testing import Socks5Client
+from socksflow.testing import Socks5Client, wait_until
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret", "dave": "dave-secret"}
 AUTH = "auth: {methods: [userpass, none], users: users.htpasswd}\n"  # userpass when offered
@@ -39,14 +39,6 @@ MiB = 1 << 20
 def htpasswd(tmp_path: Path) -> Path:
     """users.htpasswd next to the fixture's rules.yaml."""
     return write_htpasswd(tmp_path / "users.htpasswd", PASSWORDS)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def active_counts(server) -> dict:
@@ -406,12 +398,12 @@ def test_max_sessions_per_address_counts_from_accept(socksflow_server):
         assert refused_before_greeting(server)
         assert not refused_before_greeting(server, "127.0.0.2")  # not matched by the entry
         held.pop().close()
-        wait_for(lambda: list(active_counts(server).values()) == [2])
+        assert wait_until(lambda: list(active_counts(server).values()) == [2])
         assert not refused_before_greeting(server)
     finally:
         for client in held:
             client.close()
-    wait_for(lambda: not active_counts(server))
+    assert wait_until(lambda: not active_counts(server))
 
 
 def test_max_sessions_per_user_answers_rep_02(socksflow_server, htpasswd, echo):
@@ -422,14 +414,14 @@ def test_max_sessions_per_user_answers_rep_02(socksflow_server, htpasswd, echo):
         assert [c.connect(echo)[0] for c in alice] == [Reply.SUCCEEDED] * 2 + [Reply.NOT_ALLOWED]
         assert [c.connect(echo)[0] for c in bob] == [Reply.SUCCEEDED] * 3
         alice[0].close()
-        wait_for(lambda: active_counts(server) == {("user", "alice"): 1})
+        assert wait_until(lambda: active_counts(server) == {("user", "alice"): 1})
         again = login(server, "alice")
         assert again.connect(echo)[0] == Reply.SUCCEEDED
         again.close()
     finally:
         for client in alice + bob:
             client.close()
-    wait_for(lambda: not active_counts(server))
+    assert wait_until(lambda: not active_counts(server))
 
 
 def test_global_max_sessions(socksflow_server):
@@ -443,7 +435,7 @@ def test_global_max_sessions(socksflow_server):
     finally:
         for client in held:
             client.close()
-    wait_for(lambda: not active_counts(server))
+    assert wait_until(lambda: not active_counts(server))
     assert not refused_before_greeting(server)
 
 
@@ -460,7 +452,7 @@ def test_counts_and_buckets_survive_a_reload(socksflow_server, tmp_path):
             assert refused_before_greeting(server)  # the session from before the reload still counts
     finally:
         first.close()
-    wait_for(lambda: not active_counts(server))
+    assert wait_until(lambda: not active_counts(server))
 
 
 class Recorder:
@@ -515,9 +507,9 @@ def test_every_session_ends_once_and_gives_its_counts_back(
     assert refused_before_greeting(server, "127.0.0.3")  # refused by a limit
     with login(server, "alice") as client:  # a tunnel the client closes
         assert client.connect(echo)[0] == Reply.SUCCEEDED
-    wait_for(lambda: len(recorder.ended) == 9)
+    assert wait_until(lambda: len(recorder.ended) == 9)
     assert sorted(recorder.ended) == sorted(recorder.started) and len(set(recorder.ended)) == 9
-    wait_for(lambda: not server.server.sessions)
+    assert wait_until(lambda: not server.server.sessions)
     assert active_counts(server) == {}
 
 
@@ -644,7 +636,7 @@ def test_handshakes_in_progress_are_capped_per_address(socksflow_server, echo_ta
         with connect_from(server, "127.0.0.1") as again:
             assert again.greet() == Method.NO_AUTH
         stalled[1].close()
-        wait_for(lambda: not server.call(lambda: sum(server.server.stash[limits.STATE].handshaking.values())))
+        assert wait_until(lambda: not server.call(lambda: sum(server.server.stash[limits.STATE].handshaking.values())))
     finally:
         for client in stalled:
             client.close()
