@@ -8,24 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from socksflow.protocol import NEED_DATA, Phase, ProtocolError, ServerConnection
+from socksflow.protocol import NEED_DATA, BufferedInput, Phase, ProtocolError, ServerConnection
 
 
-class OneRequestConnection:
+class OneRequestConnection(BufferedInput):
     """Bytes in, one request event out; subclasses parse (:meth:`_parse`) and reply."""
 
-    __slots__ = ("_buffer", "phase")
+    __slots__ = ("phase",)
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        super().__init__()
         self.phase = Phase.REQUEST
-
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
 
     def next_event(self) -> Any:
         """The request, or NEED_DATA.  Raises a ProtocolError (phase becomes CLOSED)."""

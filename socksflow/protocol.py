@@ -466,19 +466,13 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class ServerConnection:
-    """The server side of a SOCKS5 handshake.
+class BufferedInput:
+    """Bytes received and not parsed yet: where every sans-I/O reader of socksflow starts."""
 
-    Feed bytes with :meth:`receive_data`, take events with :meth:`next_event`, answer with
-    the ``send_*`` methods (which return the bytes to write).  After the success reply,
-    :attr:`trailing_data` holds bytes the client sent ahead (optimistic data).
-    """
-
-    __slots__ = ("_buffer", "phase")
+    __slots__ = ("_buffer",)
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self.phase = Phase.GREETING
 
     def receive_data(self, data: bytes) -> None:
         self._buffer += data
@@ -486,6 +480,21 @@ class ServerConnection:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+
+class ServerConnection(BufferedInput):
+    """The server side of a SOCKS5 handshake.
+
+    Feed bytes with :meth:`receive_data`, take events with :meth:`next_event`, answer with
+    the ``send_*`` methods (which return the bytes to write).  After the success reply,
+    :attr:`trailing_data` holds bytes the client sent ahead (optimistic data).
+    """
+
+    __slots__ = ("phase",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = Phase.GREETING
 
     def next_event(self) -> Event | _NeedData:
         """The next complete message, or NEED_DATA.  Raises ProtocolError (phase becomes CLOSED)."""

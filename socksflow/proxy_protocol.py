@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from socksflow.protocol import NEED_DATA, Address
+from socksflow.protocol import NEED_DATA, Address, BufferedInput
 
 SIGNATURE_V2: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 PREFIX_V1: Final = b"PROXY "
@@ -59,22 +59,15 @@ class ProxyHeader:
     tlvs: tuple[tuple[int, bytes], ...] = ()
 
 
-class HeaderReader:
+class HeaderReader(BufferedInput):
     """Reads one PROXY header, of either version, from the start of a connection."""
 
-    __slots__ = ("_buffer", "_done", "versions")
+    __slots__ = ("_done", "versions")
 
     def __init__(self, versions: frozenset[Version] = frozenset(Version)) -> None:
+        super().__init__()
         self.versions = versions
-        self._buffer = bytearray()
         self._done = False
-
-    def receive_data(self, data: bytes) -> None:
-        self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buffer)
 
     @property
     def trailing_data(self) -> bytes:
