@@ -39,10 +39,6 @@ _PTHREAD_MUTEX_ROBUST = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class TableFull(Exception):
-    """No slot could be found or made for a key (the probe window is full of live slots)."""
-
-
 def _slot_type(workers: int) -> type[ctypes.Structure]:
     class Slot(ctypes.Structure):
         _fields_ = (
@@ -93,20 +89,23 @@ class SharedTable:
 
     # ------------------------------------------------------------------ locking
 
-    def _lock(self) -> None:
+    def __enter__(self) -> SharedTable:
+        """Hold the table's mutex: one short critical section per operation."""
         rc = _libc.pthread_mutex_lock(self._mutex)
         if rc == errno.EOWNERDEAD:  # a worker died inside a critical section: its update may be half done
             _libc.pthread_mutex_consistent(self._mutex)
         elif rc:
             raise OSError(rc, "pthread_mutex_lock failed")
+        return self
 
-    def _unlock(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         _libc.pthread_mutex_unlock(self._mutex)
 
     # ------------------------------------------------------------------ slots
 
     def _slot(self, key: Hashable, now: float, create: bool) -> ctypes.Structure | None:
-        """The key's slot (caller holds the lock); a new one if ``create``; raises TableFull."""
+        """The key's slot (caller holds the lock); a new one if ``create``; None if there is none
+        (and, creating, when the probe window is full of live slots: logged once)."""
         wanted = _mix(hash(key))
         slots = self._slots
         start = wanted % self._size
@@ -125,7 +124,7 @@ class SharedTable:
                 log.error(
                     "shared limit table full (%d slots): new keys are refused; raise its size", self._size
                 )
-            raise TableFull(key)
+            return None
         ctypes.memset(ctypes.addressof(reusable), 0, ctypes.sizeof(reusable))
         reusable.key = wanted
         reusable.window = now
@@ -135,87 +134,64 @@ class SharedTable:
 
     def acquire(self, key: Hashable, limit: int, now: float) -> bool:
         """Count one more session under ``key`` unless ``limit`` are already counted."""
-        self._lock()
-        try:
-            try:
-                slot = self._slot(key, now, True)
-            except TableFull:
-                return False
-            if slot.total >= limit:
+        with self:
+            slot = self._slot(key, now, True)
+            if slot is None or slot.total >= limit:
                 return False
             slot.total += 1
             slot.counts[self.worker] += 1
             return True
-        finally:
-            self._unlock()
 
     def release(self, key: Hashable) -> None:
         """Give back one session counted by this worker under ``key``."""
-        self._lock()
-        try:
+        with self:
             slot = self._slot(key, 0.0, False)
             if slot is not None and slot.counts[self.worker] > 0:
                 slot.counts[self.worker] -= 1
                 slot.total -= 1
-        finally:
-            self._unlock()
 
     def count(self, key: Hashable) -> int:
         """Sessions counted under ``key`` by every worker."""
-        self._lock()
-        try:
+        with self:
             slot = self._slot(key, 0.0, False)
             return 0 if slot is None else slot.total
-        finally:
-            self._unlock()
 
     def release_worker(self, worker: int) -> int:
         """Give back everything ``worker`` held (it died); the number of sessions released."""
         released = 0
-        self._lock()
-        try:
+        with self:
             for slot in self._slots:
                 held = slot.counts[worker]
                 if held:
                     slot.counts[worker] = 0
                     slot.total -= held
                     released += held
-        finally:
-            self._unlock()
         return released
 
     # ------------------------------------------------------------------ token buckets
 
     def take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
         """Take one token from the bucket ``key`` (``rate``/s, at most ``burst``; starts full)."""
-        self._lock()
-        try:
-            try:
-                slot = self._bucket(key, rate, burst, now)
-            except TableFull:
+        with self:
+            slot = self._bucket(key, rate, burst, now)
+            if slot is None or slot.tokens < 1:
                 return False
-            if slot.tokens >= 1:
-                slot.tokens -= 1
-                return True
-            return False
-        finally:
-            self._unlock()
+            slot.tokens -= 1
+            return True
 
     def charge(self, key: Hashable, rate: float, burst: float, amount: float, now: float) -> float:
         """Take ``amount`` tokens, into debt if need be; the seconds until the debt is paid."""
-        self._lock()
-        try:
-            try:
-                slot = self._bucket(key, rate, burst, now)
-            except TableFull:
+        with self:
+            slot = self._bucket(key, rate, burst, now)
+            if slot is None:
                 return 0.0
             slot.tokens -= amount
             return -slot.tokens / rate if slot.tokens < 0 else 0.0
-        finally:
-            self._unlock()
 
-    def _bucket(self, key: Hashable, rate: float, burst: float, now: float) -> ctypes.Structure:
+    def _bucket(self, key: Hashable, rate: float, burst: float, now: float) -> ctypes.Structure | None:
         slot = self._slot(key, now, True)
+        if slot is None:
+            return None
         if slot.rate != rate or slot.burst != burst:  # new, or a reload changed the limit
             slot.rate, slot.burst, slot.tokens, slot.stamp = rate, burst, burst, now
         else:
@@ -231,52 +207,38 @@ class SharedTable:
         A sliding window estimated from two fixed ones: the previous window's count weighted
         by how much of it the sliding window still covers, plus the current window's.
         """
-        self._lock()
-        try:
-            try:
-                slot = self._slot(key, now, True)
-            except TableFull:
+        with self:
+            slot = self._slot(key, now, True)
+            if slot is None:
                 return float("inf")
             slot.span = within
             _roll(slot, within, now)
             slot.current += 1
             covered = 1.0 - (now - slot.window) / within
             return slot.previous * covered + slot.current
-        finally:
-            self._unlock()
 
     def forget_events(self, key: Hashable) -> None:
         """Start counting ``key``'s events afresh (after a block)."""
-        self._lock()
-        try:
+        with self:
             slot = self._slot(key, 0.0, False)
             if slot is not None:
                 slot.current = slot.previous = 0
-        finally:
-            self._unlock()
 
     def block(self, key: Hashable, until: float, now: float) -> bool:
         """Block ``key`` until ``until``; True if it was not blocked already (log it once)."""
-        self._lock()
-        try:
-            try:
-                slot = self._slot(key, now, True)
-            except TableFull:
+        with self:
+            slot = self._slot(key, now, True)
+            if slot is None:
                 return False
             fresh = slot.until <= now
             slot.until = max(slot.until, until)
             return fresh
-        finally:
-            self._unlock()
 
     def blocked_until(self, key: Hashable, now: float) -> float:
         """When ``key``'s block ends, or 0.0 if it is not blocked."""
-        self._lock()
-        try:
+        with self:
             slot = self._slot(key, now, False)
             return slot.until if slot is not None and slot.until > now else 0.0
-        finally:
-            self._unlock()
 
 
 def _mix(value: int) -> int:

@@ -77,9 +77,9 @@ def test_a_worker_killed_while_holding_the_lock_does_not_wedge_the_others() -> N
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
-        table._lock()
-        os.write(write_fd, b"locked")
-        time.sleep(60)
+        with table:  # killed in here, holding the mutex
+            os.write(write_fd, b"locked")
+            time.sleep(60)
         os._exit(0)
     assert os.read(read_fd, 6) == b"locked"
     os.kill(pid, signal.SIGKILL)
