@@ -636,7 +636,9 @@ def test_handshakes_in_progress_are_capped_per_address(socksflow_server, echo_ta
         with connect_from(server, "127.0.0.1") as again:
             assert again.greet() == Method.NO_AUTH
         stalled[1].close()
-        assert wait_until(lambda: not server.call(lambda: sum(server.server.stash[limits.STATE].handshaking.values())))
+        assert wait_until(
+            lambda: not server.call(lambda: sum(server.server.stash[limits.STATE].handshaking.values()))
+        )
     finally:
         for client in stalled:
             client.close()
