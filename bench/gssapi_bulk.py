@@ -106,7 +106,8 @@ def main() -> None:
         )
         target = subprocess.Popen([sys.executable, "-c", TARGET], stdout=subprocess.PIPE, text=True)
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", "-c", str(config)],
+            # one process: the CPU figures read /proc/PID of that process
+            [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", "--workers", "1", "-c", str(config)],
             stdout=subprocess.PIPE, text=True, cwd=folder,
         )  # fmt: skip
         try:

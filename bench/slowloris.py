@@ -216,7 +216,7 @@ def start(command: list[str], **options) -> tuple[subprocess.Popen, int]:
     if "listening on" not in line:
         process.kill()
         raise SystemExit(f"{command[:4]} did not start: {line!r} {process.communicate()[1][-2000:]}")
-    return process, int(line.rsplit(":", 1)[1])
+    return process, int(line.split(" (")[0].rsplit(":", 1)[1])  # socksflow's ends " (LOOP, N workers)"
 
 
 def stop(process: subprocess.Popen) -> str:
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(folder, "rules.yaml").write_text(f"timeouts: {{handshake: {HANDSHAKE_SECONDS:g}s}}\n")
         env = {**os.environ, "SOCKSFLOW_DISABLE_PLUGIN_AUTOLOAD": "1"}
         command = [sys.executable, "-m", "socksflow", "--log-level", "warning", "run", "--loop", args.loop,
-                   "--listen", "127.0.0.1:0"]  # fmt: skip
+                   "--workers", "1", "--listen", "127.0.0.1:0"]  # fmt: skip  # one process, as the trivial server
         server, port = start(command, cwd=folder, env=env)
         try:
             results.append(measure("socksflow", port, args, stalled, silent))

@@ -171,13 +171,14 @@ class Targets:
 class Server:
     """``socksflow run`` in ``directory``; descriptors, memory and the probe's counts from outside."""
 
-    READY = re.compile(r"^socksflow: listening on (\S+):(\d+)$")
+    READY = re.compile(r"^socksflow: listening on (\S+):(\d+)")  # then " (LOOP, 1 worker)"
 
     def __init__(self, directory: Path, extra_rules: str = "", args: tuple[str, ...] = ()) -> None:
         (directory / "probe.py").write_text(PROBE)
         (directory / "rules.yaml").write_text(RULES.format(extra=extra_rules))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "socksflow", "run", *args],
+            # one process: the probe (SIGUSR2) and the /proc figures are that process's
+            [sys.executable, "-m", "socksflow", "run", "--workers", "1", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=directory,
         )  # fmt: skip
         self.log: list[str] = []

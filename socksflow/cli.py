@@ -20,7 +20,7 @@ from socksflow.hooks import Hooks
 from socksflow.plugins import PluginLoadError
 from socksflow.protocol import Address, Command, parse_host
 from socksflow.server import Server
-from socksflow.workers import STOP_SIGNALS, Group, supervise
+from socksflow.workers import STOP_SIGNALS, Group, ready_line, supervise
 
 log = logging.getLogger("socksflow")
 
@@ -64,15 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     run.add_argument(
         "--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
-        help="event loop: auto picks uvloop when it is installed (pip install .[fast]), else asyncio",
+        help="event loop: auto picks uvloop (installed with socksflow where it builds: CPython, not Windows), else asyncio",
     )  # fmt: skip
     run.add_argument(
         "--allow-open-proxy", action="store_true",
         help="serve a non-loopback address even though no login or rule keeps unknown clients out",
     )  # fmt: skip
     run.add_argument(
-        "--workers", type=_worker_count, default=1, metavar="N",
-        help="worker processes sharing the ports (SO_REUSEPORT); 'auto' = one per core",
+        "--workers", type=_worker_count, default="auto", metavar="N",
+        help="worker processes sharing the ports (SO_REUSEPORT) and one set of limits; 'auto' (the default)"
+             " = one per CPU this process may use (its affinity: taskset, cpusets; not a CFS quota),"
+             " and 1 = a single process, no supervisor",
     )  # fmt: skip
     run.add_argument(
         "--shadow", metavar="FILE",
@@ -156,17 +158,18 @@ def _run(args: argparse.Namespace) -> int:
         built.shadow = shadow
         return built
 
-    runner = _event_loop_runner(args.loop)
+    loop, runner = _event_loop_runner(args.loop)
     if args.workers == 1:
         try:
-            return runner(_serve(server()))
+            return runner(_serve(server(), loop))
         except KeyboardInterrupt:
             return 130
     try:
         return supervise(
             config,
             args.workers,
-            lambda number, ready_fd, group: runner(_serve(server(number, group), ready_fd)),
+            lambda number, ready_fd, group: runner(_serve(server(number, group), loop, ready_fd)),
+            loop,
         )
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
@@ -189,13 +192,30 @@ def _exposure_allowed(found: exposure.Exposure) -> bool:
 
 def _worker_count(text: str) -> int:
     if text == "auto":
-        return os.cpu_count() or 1
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("a number of processes, or 'auto'")
+        return usable_cpus()
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of processes or 'auto' (one per usable CPU)"
+        )
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} processes would serve nothing: give 1 or more, or 'auto'")
     return int(text)
 
 
-def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, cgroup cpusets), else all.
+
+    A CFS quota (``docker --cpus``, a Kubernetes CPU limit) is not in the mask: pin ``--workers``
+    there.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def _event_loop_runner(choice: str) -> tuple[str, Callable[[Coroutine[Any, Any, int]], int]]:
+    """The loop's name (for the ready line) and the function that runs a coroutine on it."""
     if choice != "asyncio":
         try:
             import uvloop
@@ -210,11 +230,11 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, int]], int]
                 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                     return runner.run(coroutine)
 
-            return run_uvloop
-    return asyncio.run
+            return "uvloop", run_uvloop
+    return "asyncio", asyncio.run
 
 
-async def _serve(server: Server, ready_fd: int | None = None) -> int:
+async def _serve(server: Server, loop_name: str, ready_fd: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT; ``ready_fd`` (a worker's) gets one byte instead of the ready line."""
     if server.worker is not None:
         logs.name_worker(server.worker)
@@ -239,7 +259,7 @@ async def _serve(server: Server, ready_fd: int | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: server.spawn(server.reload()))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while a worker started
     if ready_fd is None:
-        print("socksflow: listening on " + ", ".join(str(a) for a in server.addresses), flush=True)
+        print(ready_line(server.addresses, loop_name, 1), flush=True)
     elif ready_fd >= 0:
         os.write(ready_fd, b"1")
         os.close(ready_fd)

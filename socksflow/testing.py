@@ -14,6 +14,10 @@ Installed with socksflow (entry point ``pytest11``), so its fixtures need no imp
 Both load the installed plugins (entry points) unless given ``autoload=False``, and write the
 configuration to ``rules.yaml`` in the test's ``tmp_path``, so relative paths in it resolve there.
 
+For ``socksflow run`` started as a subprocess: :func:`loop_args` gives the ``--loop`` option that
+follows ``SOCKSFLOW_TEST_LOOP`` (asyncio unless it says uvloop, so a suite runs on both loops),
+and :func:`parse_ready_line` reads the line the command prints once it serves.
+
 Clients that expose every reply code: :class:`Socks5Client` (blocking) and
 :class:`AsyncSocks5Client` speak SOCKS5 byte by byte for CONNECT, UDP ASSOCIATE and BIND;
 :func:`socks5_handshake` greets and connects in one call; :func:`wrap_datagram` and
@@ -27,10 +31,12 @@ import contextlib
 import functools
 import ipaddress
 import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,10 +52,14 @@ from socksflow.server import Server
 __all__ = [
     "AsyncServer",
     "AsyncSocks5Client",
+    "ReadyLine",
     "RunningServer",
     "SessionRecorder",
     "Socks5Client",
     "StaticResolver",
+    "loop_args",
+    "loop_under_test",
+    "parse_ready_line",
     "sockaddr",
     "socks5_handshake",
     "unwrap_datagram",
@@ -230,11 +240,57 @@ class AsyncServer(_Addressed):
 
 def default_loop_factory() -> Any:
     """asyncio's loop, or uvloop's when ``SOCKSFLOW_TEST_LOOP=uvloop`` (to run a suite on both)."""
-    if os.environ.get("SOCKSFLOW_TEST_LOOP") == "uvloop":
+    if loop_under_test() == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop
     return asyncio.new_event_loop
+
+
+def loop_under_test() -> str:
+    """The event loop the tests run servers on: ``uvloop`` when ``SOCKSFLOW_TEST_LOOP=uvloop``, else ``asyncio``."""
+    return "uvloop" if os.environ.get("SOCKSFLOW_TEST_LOOP") == "uvloop" else "asyncio"
+
+
+def loop_args() -> list[str]:
+    """``--loop`` for a ``socksflow run`` a test starts: the loop of :func:`loop_under_test`.
+
+    The command's own default (``auto``: uvloop, a dependency wherever it builds) would leave
+    asyncio untested; a ``--loop`` given after these arguments wins.
+    """
+    return ["--loop", loop_under_test()]
+
+
+# "socksflow: listening on 127.0.0.1:1080, [::1]:1080 (uvloop, 2 workers)" (socksflow.workers.ready_line)
+READY_LINE = re.compile(
+    r"^socksflow: listening on (?P<addresses>\S.*) \((?P<loop>\w+), (?P<workers>\d+) workers?\)$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyLine:
+    """What ``socksflow run`` says once it serves: its listeners, its event loop, its processes."""
+
+    addresses: tuple[Address, ...]
+    loop: str
+    workers: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` of the first listener, for the socket module."""
+        return sockaddr(self.addresses[0])
+
+
+def parse_ready_line(line: str) -> ReadyLine | None:
+    """The ready line of ``socksflow run`` (its first line on standard output), or None if ``line`` is not one."""
+    match = READY_LINE.match(line.strip())
+    if match is None:
+        return None
+    try:
+        addresses = tuple(Address.parse(text) for text in match["addresses"].split(", "))
+    except ValueError:
+        return None
+    return ReadyLine(addresses, match["loop"], int(match["workers"]))
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 The parent validates the configuration and loads the plugins once, reserves each listening
 port (so ``:0`` means the same port for every worker), forks the workers, prints the ready
-line when all of them listen, passes SIGTERM/SIGINT/SIGHUP/SIGUSR1 on, and restarts a worker that
+line (:func:`ready_line`) when all of them listen, passes SIGTERM/SIGINT/SIGHUP/SIGUSR1 on, and restarts a worker that
 dies unexpectedly.  The workers share a :class:`~socksflow.sharedstate.SharedTable` made before
 the fork, so the limits hold for the server as a whole; what a dead worker held is given back.
 """
@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from socksflow import sockets
@@ -45,6 +45,18 @@ class Group:
     table: SharedTable
 
 
+def ready_line(addresses: Iterable[Address], loop: str, workers: int) -> str:
+    """The line ``socksflow run`` prints on standard output once every listener accepts.
+
+    ``socksflow: listening on 127.0.0.1:1080, [::1]:1080 (uvloop, 2 workers)``, or ``(asyncio,
+    1 worker)`` for one process.  The first address comes right after "listening on " and ends at
+    a comma or a space, so a script reading the port (``listening on (\\S+):(\\d+)``, with no
+    ``$``) needs nothing after it; :func:`socksflow.testing.parse_ready_line` reads all of it.
+    """
+    where = ", ".join(str(address) for address in addresses)
+    return f"socksflow: listening on {where} ({loop}, {workers} worker{'' if workers == 1 else 's'})"
+
+
 def reserve_ports(config: Config) -> list[socket.socket]:
     """Bind (without listening) each address with SO_REUSEPORT and fix ``:0`` to the port got."""
     reserved = []
@@ -67,8 +79,11 @@ def reserve_ports(config: Config) -> list[socket.socket]:
     return reserved
 
 
-def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int]) -> int:
-    """Run ``serve(number, ready_fd, group)`` in ``count`` forked workers until a stop signal; the exit code."""
+def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int], loop: str) -> int:
+    """Run ``serve(number, ready_fd, group)`` in ``count`` forked workers until a stop signal; the exit code.
+
+    ``loop`` names the workers' event loop in the ready line.
+    """
     reserved = reserve_ports(config)
     group = Group(f"{os.getpid()}-{secrets.token_hex(4)}", count, SharedTable(count))
     workers: dict[int, int] = {}  # pid -> worker number
@@ -115,7 +130,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int
         _reap_all(workers)
         print("socksflow: the workers did not start (see the log above)", file=sys.stderr)
         return 1
-    print("socksflow: listening on " + ", ".join(str(a) for a in config.listen), flush=True)
+    print(ready_line(config.listen, loop, count), flush=True)
     log.info("%d workers running (pids %s)", count, " ".join(map(str, workers)))
     exit_code = 0
     while workers:

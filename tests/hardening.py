@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from socksflow.protocol import Address, Command, build_request
+from socksflow.testing import loop_args, parse_ready_line
 
-READY = re.compile(r"^socksflow: listening on (\S+):(\d+)$")
 # Runs the CLI with a descriptor limit set in the child itself (no preexec_fn in a threaded pytest).
 _LIMITED = (
     "import resource, sys, runpy; "
@@ -36,7 +36,12 @@ _LIMITED = (
 
 
 class ServerProcess:
-    """``socksflow run --listen LISTEN`` in ``directory``, with ``rules`` as its rules.yaml."""
+    """``socksflow run --listen LISTEN`` in ``directory``, with ``rules`` as its rules.yaml.
+
+    It runs on the tests' loop (:func:`~socksflow.testing.loop_args`) and with the default
+    ``--workers`` (one per usable CPU) unless ``args`` say otherwise; the figures from /proc
+    cover the supervisor and its workers.
+    """
 
     def __init__(
         self,
@@ -50,19 +55,20 @@ class ServerProcess:
         (directory / "rules.yaml").write_text(rules)
         command = ["-m", "socksflow"] if nofile is None else ["-c", _LIMITED, str(nofile)]
         self.process = subprocess.Popen(
-            [sys.executable, *command, "--log-level", log_level, "run", "--listen", listen, *args],
+            [sys.executable, *command, "--log-level", log_level, "run", "--listen", listen, *loop_args(), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=directory,
         )  # fmt: skip
         self.pid = self.process.pid
         self._stderr: list[str] = []
         self._pump = threading.Thread(target=self._drain, daemon=True)
         self._pump.start()
-        line = self.process.stdout.readline().strip()
-        match = READY.match(line)
-        if not match:
+        line = self.process.stdout.readline()
+        ready = parse_ready_line(line)
+        if ready is None:
             self.kill()
             raise AssertionError(f"no ready line: {line!r}\n{self.stderr}")
-        self.address = (match[1], int(match[2]))
+        self.ready = ready
+        self.address = ready.address
 
     def _drain(self) -> None:
         for line in iter(self.process.stderr.readline, ""):
@@ -95,8 +101,12 @@ class ServerProcess:
         return total
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User and system CPU time, all processes together (the workers' too)."""
+        ticks = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def send_signal(self, signum: int) -> None:
         self.process.send_signal(signum)

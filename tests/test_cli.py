@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 import socksflow
-from socksflow.testing import socks5_handshake
+from socksflow.testing import loop_args, parse_ready_line, socks5_handshake
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-READY = re.compile(r"^socksflow: listening on (\S+):(\d+)$")
 
 
 def socksflow_cmd(*args: str, cwd: Path | None = None, timeout: float = 30, env: dict | None = None):
@@ -33,19 +32,26 @@ def socksflow_cmd(*args: str, cwd: Path | None = None, timeout: float = 30, env:
 
 
 class Proxy:
-    """``socksflow run`` as a subprocess; stopped (by PID) when the test ends."""
+    """``socksflow run`` as a subprocess; stopped (by PID) when the test ends.
 
-    def __init__(self, *args: str, cwd: Path, env: dict | None = None) -> None:
+    It runs on the tests' event loop (:func:`~socksflow.testing.loop_args`) unless
+    ``default_loop``, and with the command's default ``--workers`` (one per usable CPU) unless
+    ``args`` say otherwise.  ``ready`` is its ready line, parsed.
+    """
+
+    def __init__(self, *args: str, cwd: Path, env: dict | None = None, default_loop: bool = False) -> None:
+        loop = [] if default_loop else loop_args()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", *args],
+            [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", *loop, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
         )  # fmt: skip
-        line = self.process.stdout.readline().strip()
-        match = READY.match(line)
-        if not match:
+        line = self.process.stdout.readline()
+        ready = parse_ready_line(line)
+        if ready is None:
             self.process.kill()
             raise AssertionError(f"no ready line: {line!r}\n{self.process.stderr.read()}")
-        self.address = (match[1], int(match[2]))
+        self.ready = ready
+        self.address = ready.address
 
     def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
         self.process.send_signal(signum)
@@ -133,7 +139,7 @@ def read_until(stream, text: str, timeout: float = 15) -> list[str]:
 def test_sighup_reloads_and_keeps_the_old_config_on_errors(tmp_path, proxies):
     rules = tmp_path / "rules.yaml"
     rules.write_text("timeouts: {connect: 5s}\n")
-    proxy = Proxy(cwd=tmp_path)
+    proxy = Proxy("--workers", "1", cwd=tmp_path)  # one process's log, line after line
     proxies.append(proxy)
     rules.write_text("timeouts: {connect: five seconds}\n")
     proxy.process.send_signal(signal.SIGHUP)
@@ -286,7 +292,7 @@ def test_readme_plugin_example_works(tmp_path, proxies, echo_target):
     client.close()
     _, stderr = proxy.stop()
     assert re.search(
-        r"WARNING deny_smtp: session \w+: 127\.0\.0\.1:\d+ asked for 127\.0\.0\.1:25: refused", stderr
+        r"WARNING deny_smtp: session [\w-]+: 127\.0\.0\.1:\d+ asked for 127\.0\.0\.1:25: refused", stderr
     )
     assert len(readme_plugin().strip().splitlines()) <= 20
 
@@ -324,6 +330,125 @@ def test_workers_share_the_port_restart_and_stop_together(tmp_path, proxies, ech
     assert all(not Path(f"/proc/{pid}").exists() for pid in now)
 
 
+# ---------------------------------------------------------------------------- the defaults: uvloop, a worker per CPU
+
+# ``socksflow run`` on one CPU: the affinity set in the child itself (no preexec_fn in a threaded pytest).
+ON_ONE_CPU = (
+    "import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+    "sys.argv[0] = 'socksflow'; runpy.run_module('socksflow', run_name='__main__')"
+)
+
+
+def test_by_default_one_worker_per_usable_cpu_on_uvloop(tmp_path, proxies, echo_target):
+    """Issue #17: the default is the fast one, and the ready line says what it started."""
+    (tmp_path / "rules.yaml").write_text("timeouts: {shutdown: 1s}\n")
+    proxy = Proxy(cwd=tmp_path, default_loop=True)
+    proxies.append(proxy)
+    cpus = len(os.sched_getaffinity(0))
+    assert (proxy.ready.loop, proxy.ready.workers) == ("uvloop", cpus)
+    assert len(worker_pids(proxy.process.pid)) == (cpus if cpus > 1 else 0)  # one CPU: no supervisor
+    for _ in range(10):
+        code, client = socks5_handshake(proxy.address, f"127.0.0.1:{echo_target[1]}")
+        assert code == 0
+        client.close()
+    returncode, stderr = proxy.stop()
+    assert returncode == 0
+    assert stderr.count("SIGTERM received: stopping") == cpus
+
+
+def test_on_one_cpu_the_default_is_one_process_without_a_supervisor(tmp_path, echo_target):
+    """A one-CPU container (here: the affinity mask, as taskset and cpusets set it) runs one process."""
+    (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", ON_ONE_CPU, "run", *loop_args()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        ready = parse_ready_line(process.stdout.readline())
+        assert ready is not None, process.stderr.read() if process.poll() is not None else ""
+        assert ready.workers == 1
+        assert worker_pids(process.pid) == set()
+        assert len(os.sched_getaffinity(process.pid)) == 1
+        code, client = socks5_handshake(ready.address, f"127.0.0.1:{echo_target[1]}")
+        assert code == 0
+        client.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert "workers running" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "loop", "workers"),
+    [
+        (("--loop", "asyncio", "--workers", "1"), "asyncio", 1),
+        (("--loop", "uvloop", "--workers", "1"), "uvloop", 1),
+        (("--loop", "asyncio", "--workers", "2"), "asyncio", 2),
+        (("--loop", "uvloop", "--workers", "3"), "uvloop", 3),
+    ],
+)
+def test_the_ready_line_names_the_loop_and_the_workers(tmp_path, proxies, args, loop, workers):
+    (tmp_path / "rules.yaml").write_text("")
+    proxy = Proxy(*args, cwd=tmp_path)
+    proxies.append(proxy)
+    noun = "worker" if workers == 1 else "workers"
+    host, port = proxy.address
+    assert str(proxy.ready.addresses[0]) == f"{host}:{port}"
+    assert (proxy.ready.loop, proxy.ready.workers) == (loop, workers)
+    assert proxy.ready == parse_ready_line(
+        f"socksflow: listening on {host}:{port} ({loop}, {workers} {noun})"
+    )
+    assert len(worker_pids(proxy.process.pid)) == (workers if workers > 1 else 0)
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "argument --workers: 0 processes would serve nothing: give 1 or more, or 'auto'"),
+        ("x", "argument --workers: 'x' is not a number of processes or 'auto' (one per usable CPU)"),
+        ("-2", "argument --workers: '-2' is not a number of processes or 'auto' (one per usable CPU)"),
+    ],
+)
+def test_a_worker_count_that_is_not_one_is_a_clear_error(tmp_path, value, message):
+    result = socksflow_cmd("run", "--listen", "127.0.0.1:0", f"--workers={value}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"socksflow run: error: {message}"
+
+
+@pytest.mark.smoke
+def test_auto_counts_the_cpus_this_process_may_use(monkeypatch):
+    from socksflow import cli
+
+    assert cli._parser().parse_args(["run"]).workers == len(os.sched_getaffinity(0))
+    assert cli._parser().parse_args(["run", "--workers", "auto"]).workers == len(os.sched_getaffinity(0))
+    assert cli._parser().parse_args(["run", "--workers", "3"]).workers == 3
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has none: every CPU
+    monkeypatch.setattr(os, "cpu_count", lambda: 5)
+    assert cli._parser().parse_args(["run"]).workers == 5
+
+
+@pytest.mark.smoke
+def test_the_ready_line_reads_back_with_every_address():
+    from socksflow.protocol import Address
+    from socksflow.workers import ready_line
+
+    addresses = (Address.parse("127.0.0.1:1080"), Address.parse("[::1]:1081"))
+    line = ready_line(addresses, "uvloop", 2)
+    assert line == "socksflow: listening on 127.0.0.1:1080, [::1]:1081 (uvloop, 2 workers)"
+    ready = parse_ready_line(line + "\n")
+    assert ready is not None and (ready.addresses, ready.loop, ready.workers) == (addresses, "uvloop", 2)
+    assert ready.address == ("127.0.0.1", 1080)
+    assert (
+        ready_line(addresses[:1], "asyncio", 1)
+        == "socksflow: listening on 127.0.0.1:1080 (asyncio, 1 worker)"
+    )
+    # What scripts written for the line without its tail read from it: the first port.
+    assert re.match(r"^socksflow: listening on (\S+):(\d+)", line).groups() == ("127.0.0.1", "1080")
+    assert parse_ready_line("socksflow: listening on 127.0.0.1:1080") is None
+
+
 def shipped_rules(tmp_path: Path, test_server_port: int = 8000) -> Path:
     """The repository's rules.yaml and blocklist in ``tmp_path``, with no way to reach a real DNS
     server (any query would fail the test instead of leaving the machine)."""
@@ -349,10 +474,12 @@ def test_shipped_rules_pass_their_own_tests(tmp_path):
 
 
 def test_readme_quick_start_with_the_shipped_rules(tmp_path, proxies, http_target):
-    # README: `socksflow run`, then curl through it to a local test server.
+    # README: `socksflow run`, then curl through it to a local test server.  No --loop and no
+    # --workers: the defaults, uvloop and one worker per usable CPU (two on CI's machines).
     shipped_rules(tmp_path, http_target.port)
-    proxy = Proxy("--protocols", "mixed", cwd=tmp_path)
+    proxy = Proxy("--protocols", "mixed", cwd=tmp_path, default_loop=True)
     proxies.append(proxy)
+    assert (proxy.ready.loop, proxy.ready.workers) == ("uvloop", len(os.sched_getaffinity(0)))
     where = f"{proxy.address[0]}:{proxy.address[1]}"
     for door in (["--socks5-hostname", where], ["-x", f"http://{where}"], ["--socks4a", where]):
         ok = subprocess.run(
@@ -394,9 +521,14 @@ def test_a_reload_that_changes_the_files_listen_addresses_says_so(socksflow_serv
 
 
 def test_loop_help_and_error_say_what_auto_picks_and_how_to_install_uvloop(tmp_path):
-    """Issue #13: the error said ``pip install socksflow[fast]`` where the README says ``.[fast]``."""
+    """Issue #13: the error said ``pip install socksflow[fast]`` where the README says ``.[fast]``.
+
+    Issue #17: uvloop is a dependency where it builds, and the help says so."""
     shown = socksflow_cmd("run", "--help", cwd=tmp_path)
-    assert "auto picks uvloop when it is installed (pip install .[fast])" in " ".join(shown.stdout.split())
+    assert (
+        "auto picks uvloop (installed with socksflow where it builds: CPython, not Windows), else asyncio"
+        in " ".join(shown.stdout.split())
+    )
     without_uvloop = subprocess.run(
         [sys.executable, "-c", "import sys; sys.modules['uvloop'] = None; from socksflow.cli import main; "
          "sys.exit(main(['run', '--loop', 'uvloop', '--listen', '127.0.0.1:0']))"],

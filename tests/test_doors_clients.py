@@ -21,6 +21,7 @@ import pytest
 from helpers import require_tool
 
 from socksflow import hookimpl
+from socksflow.testing import loop_args
 
 MIXED = "listen: [{address: 127.0.0.1:0, protocols: mixed}]\n"
 
@@ -253,10 +254,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 web = http.server.ThreadingHTTPServer(("192.0.2.10", 0), Handler)
 threading.Thread(target=web.serve_forever, daemon=True).start()
-proxy = subprocess.Popen([sys.executable, "-m", "socksflow", "run", "-c", str(here / "rules.yaml")],
+proxy = subprocess.Popen([sys.executable, "-m", "socksflow", "run", "-c", str(here / "rules.yaml"), *sys.argv[2:]],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here)
-try:
-    port = proxy.stdout.readline().strip().rpartition(":")[2]
+try:  # "socksflow: listening on 127.0.0.1:PORT (LOOP, N workers)"
+    port = proxy.stdout.readline().split(" (")[0].rpartition(":")[2]
     (here / "torsocks.conf").write_text(f"TorAddress 127.0.0.1\nTorPort {port}\n")
     curl = subprocess.run(["torsocks", "curl", "--silent", "--show-error", "--max-time", "10",
                            f"http://target.test:{web.server_address[1]}/"],
@@ -288,7 +289,7 @@ def test_torsocks_resolves_names_with_tor_resolve(tmp_path):
         "rules:\n  - allow: {command: resolve, to: target.test}\n  - allow: {to: 192.0.2.10}\n"
     )
     done = subprocess.run(
-        [unshare, "-n", sys.executable, str(tmp_path / "driver.py"), str(tmp_path)],
+        [unshare, "-n", sys.executable, str(tmp_path / "driver.py"), str(tmp_path), *loop_args()],
         capture_output=True, text=True, timeout=90, env=clean_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

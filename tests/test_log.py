@@ -24,7 +24,7 @@ from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.plugins import PluginManager
 from socksflow.protocol import Method, Reply
-from socksflow.testing import Socks5Client
+from socksflow.testing import Socks5Client, loop_args
 
 PASSWORDS = {"alice": "alice-secret"}
 AUTH = "auth: {methods: [userpass, none], users: users.htpasswd}\n"
@@ -259,7 +259,7 @@ def test_sessions_cut_by_shutdown_are_logged_before_the_file_closes(socksflow_se
 def test_sigusr1_reopens_the_file_in_a_running_process(tmp_path, echo):
     (tmp_path / "rules.yaml").write_text("listen: [127.0.0.1:0]\n" + JSON_LOG)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "socksflow", "run", "-c", "rules.yaml"],
+        [sys.executable, "-m", "socksflow", "run", "-c", "rules.yaml", *loop_args()],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -234,19 +234,20 @@ def test_with_workers_one_scrape_shows_the_sum_over_every_worker(tmp_path, echo_
     import subprocess
     import sys
 
-    from socksflow.testing import socks5_handshake
+    from socksflow.testing import loop_args, parse_ready_line, socks5_handshake
 
     port = free_port()
     (tmp_path / "rules.yaml").write_text(
         f"metrics: {{listen: 127.0.0.1:{port}}}\ntimeouts: {{shutdown: 2s}}\n"
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", "--workers", "2"],
+        [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", "--workers", "2", *loop_args()],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
-        ready = process.stdout.readline().strip()
-        host, _, proxy_port = ready.rpartition(" ")[2].rpartition(":")
+        ready = parse_ready_line(process.stdout.readline())
+        assert ready is not None and ready.workers == 2
+        host, proxy_port = ready.address
         # 40 sessions land on both workers (SO_REUSEPORT hashes each connection): a scrape that
         # showed one worker's count would see fewer than 40 (all on one: a chance of 2^-39).
         for _ in range(40):

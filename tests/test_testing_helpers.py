@@ -23,6 +23,7 @@ from socksflow.testing import (
     AsyncServer,
     AsyncSocks5Client,
     Socks5Client,
+    loop_args,
     sockaddr,
     unwrap_datagram,
     wrap_datagram,
@@ -211,7 +212,7 @@ STANDARD = {"acl", "auth", "dns", "limits", "log", "metrics"}
 def run_and_stop(directory: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """``socksflow run`` until its ready line, then SIGTERM; its standard error."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "socksflow", "run", "--listen", "127.0.0.1:0", *loop_args(), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=directory, env=env,
     )  # fmt: skip
     try:
