@@ -177,6 +177,16 @@ def test_the_kubernetes_objects_fit_together(tmp_path):
     socksflow_check(tmp_path / "rules.yaml")
 
 
+def test_the_kubernetes_pods_run_as_many_workers_as_their_cpu_limit():
+    """A CPU limit is a CFS quota, which ``--workers auto`` does not see (it counts the node's
+    CPUs): the example pins the count to the limit."""
+    objects = {item["kind"]: item for item in yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text())}
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    entrypoint = dict((name, json.loads(args)) for name, args in dockerfile() if name == "ENTRYPOINT")
+    run = _parser().parse_args(entrypoint["ENTRYPOINT"][1:] + container["args"])
+    assert run.workers == int(container["resources"]["limits"]["cpu"])
+
+
 # ---------------------------------------------------------------------------- the guide
 
 
