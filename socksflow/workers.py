@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import sys
@@ -88,6 +89,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int
     group = Group(f"{os.getpid()}-{secrets.token_hex(4)}", count, SharedTable(count))
     workers: dict[int, int] = {}  # pid -> worker number
     stopping: list[int] = []
+    signals = _SignalPipe()
 
     def spawn(number: int, ready_fd: int | None) -> None:
         # Signals are held across the fork: the child must never run the supervisor's handler,
@@ -95,6 +97,7 @@ def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         pid = os.fork()
         if pid == 0:
+            signals.leave_in_child()
             # Stop signals stay held until the worker's loop has its handlers (cli._serve
             # unblocks them): one that arrives while a worker starts stops it gracefully.
             for signum in STOP_SIGNALS:
@@ -133,30 +136,98 @@ def supervise(config: Config, count: int, serve: Callable[[int, int, Group], int
     print(ready_line(config.listen, loop, count), flush=True)
     log.info("%d workers running (pids %s)", count, " ".join(map(str, workers)))
     exit_code = 0
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        number = workers.pop(pid, None)
-        if number is None:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        released = group.table.release_worker(number)
-        if released:
-            log.info("worker %d held %d sessions in shared limits: released", number, released)
-        if stopping:
-            exit_code = exit_code or code
-            continue
-        log.error("worker %d (pid %d) exited with %d: restarting it", number, pid, code)
-        time.sleep(RESTART_BACKOFF_SECONDS)
-        if not stopping:  # a stop signal during the back-off was not sent to this worker yet
-            spawn(number, None)
+    with signals:
+        while workers:
+            exited = _exited()  # before the first wait too: a worker may have exited already
+            if exited is None:  # no child left at all
+                break
+            if not exited:
+                signals.wait()  # a signal, forwarded by the time this returns, or a worker's exit
+                continue
+            for pid, status in exited:
+                number = workers.pop(pid, None)
+                if number is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                released = group.table.release_worker(number)
+                if released:
+                    log.info("worker %d held %d sessions in shared limits: released", number, released)
+                if stopping:
+                    exit_code = exit_code or code
+                    continue
+                log.error("worker %d (pid %d) exited with %d: restarting it", number, pid, code)
+                time.sleep(RESTART_BACKOFF_SECONDS)
+                if not stopping:  # a stop signal during the back-off was not sent to this worker yet
+                    spawn(number, None)
     for sock in reserved:
         sock.close()
     return exit_code
+
+
+class _SignalPipe:
+    """Wake the supervisor for every signal, SIGCHLD included, without losing one.
+
+    A Python signal handler runs between bytecodes of the main thread.  A signal that lands after
+    the last such check but before a blocking call (``os.wait()``) is entered left its handler
+    waiting until the call returned — until a worker exited: a SIGHUP or SIGTERM sent right
+    after the ready line was then not passed on.  Here every signal also writes a byte to a pipe
+    (``signal.set_wakeup_fd``) that :meth:`wait` selects on, so the wait returns, the handlers
+    run, and only then is anything waited on again.
+    """
+
+    read_fd: int | None = None
+    write_fd: int | None = None
+
+    def __enter__(self) -> _SignalPipe:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self._previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self._previous_sigchld = signal.signal(signal.SIGCHLD, _wake)  # a handler: exits write a byte too
+        return self
+
+    def wait(self) -> None:
+        """Until a signal arrives (or arrived since the last call); its handler has run on return."""
+        assert self.read_fd is not None, "wait() outside the with block"
+        select.select([self.read_fd], [], [])
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.read_fd, 512):
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGCHLD, self._previous_sigchld)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        self._close()
+
+    def leave_in_child(self) -> None:
+        """In a worker just forked: none of this (its event loop sets its own wakeup fd)."""
+        if self.read_fd is not None:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self._close()
+
+    def _close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            if fd is not None:
+                os.close(fd)
+        self.read_fd = self.write_fd = None
+
+
+def _wake(_signum: int, _frame: object) -> None:
+    """SIGCHLD's handler: the byte it writes to the wakeup pipe is the point."""
+
+
+def _exited() -> list[tuple[int, int]] | None:
+    """``(pid, wait status)`` of each child that has exited, without blocking; None if none is left."""
+    found: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found or None
+        if pid == 0:
+            return found
+        found.append((pid, status))
 
 
 def _die_with_parent() -> None:
