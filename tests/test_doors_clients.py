@@ -289,7 +289,9 @@ def test_torsocks_resolves_names_with_tor_resolve(tmp_path):
         "rules:\n  - allow: {command: resolve, to: target.test}\n  - allow: {to: 192.0.2.10}\n"
     )
     done = subprocess.run(
-        [unshare, "-n", sys.executable, str(tmp_path / "driver.py"), str(tmp_path), *loop_args()],
+        # One process: the access log's lines below are in the order its sessions ended (workers
+        # each flush their own lines, so two of them may interleave theirs either way).
+        [unshare, "-n", sys.executable, str(tmp_path / "driver.py"), str(tmp_path), *loop_args(), "--workers", "1"],
         capture_output=True, text=True, timeout=90, env=clean_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
