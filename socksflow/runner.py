@@ -70,6 +70,7 @@ class ClientProtocol(asyncio.Protocol):
         "conn",
         "door",
         "eof",
+        "local",
         "protocols",
         "runner",
         "server",
@@ -77,9 +78,14 @@ class ClientProtocol(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY) -> None:
+    def __init__(
+        self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY, local: Address | None = None
+    ) -> None:
         self.server = server
         self.protocols = protocols  # the listener's front doors (socksflow.doors)
+        # The listener's address when it is a specific one (then every client's sockname): no
+        # sockname to convert per session.  None: ask the transport.
+        self.local = local
         self.door = ""  # the protocol the client speaks, known from its first byte
         self._loop = server.loop  # asyncio.get_running_loop() costs a getpid(2) each time
         self.conn = protocol.ServerConnection()
@@ -95,11 +101,12 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport, client: Address | None = None) -> None:
         """``client``: the client a PROXY protocol header named (socksflow.proxied), else the peer."""
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        if transport.get_extra_info("peername") is None:  # reset before its transport was made
+        peer = transport.get_extra_info("peername")
+        if peer is None:  # reset before its transport was made
             self.closed = True
             transport.abort()
             return
-        self.runner = Runner(self.server, self, client)
+        self.runner = Runner(self.server, self, client or Address.from_sockaddr(peer))
         self.server.session_started(self.runner)
 
     def data_received(self, data: bytes) -> None:
@@ -275,7 +282,7 @@ class Runner:
             server,
             self.hooks,
             peer or Address.from_sockaddr(transport.get_extra_info("peername")),
-            Address.from_sockaddr(transport.get_extra_info("sockname")),
+            client.local or Address.from_sockaddr(transport.get_extra_info("sockname")),
         )
         self._clock = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -420,7 +427,8 @@ class Runner:
 
     async def _accept(self) -> None:
         try:
-            verdict = self._decided(await self.hooks.client_connected(self.session))
+            answer = self.hooks.client_connected(self.session)
+            verdict = self._decided(answer if isinstance(answer, tuple) else await answer)
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self._deny("client refused: plugin failed", error=exc)
@@ -461,7 +469,8 @@ class Runner:
         if not isinstance(greeting, protocol.Greeting):  # a one-request front door (socksflow.doors)
             door_request, greeting = greeting, doors.greeting_for(greeting)
         try:
-            method = self._decided(await self.hooks.select_method(session, greeting.methods))
+            answer = self.hooks.select_method(session, greeting.methods)
+            method = self._decided(answer if isinstance(answer, tuple) else await answer)
             if method is None:
                 method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
             if method != Method.NO_ACCEPTABLE and method not in greeting.methods:
@@ -592,7 +601,9 @@ class Runner:
             return self.hooks.request(session, replace(request, destination=destination), after=after)
 
         try:
-            answer = await self.hooks.request(session, request)
+            answer = self.hooks.request(session, request)
+            if not isinstance(answer, tuple):
+                answer = await answer
             # Most answers decide on their own; a rewrite is judged by the plugins after it.
             decision = final(answer, request.destination) or await decide(ask, request.destination, answer)
         except PluginError as exc:
@@ -668,7 +679,8 @@ class Runner:
         began = time.monotonic()
         upstream = bound = None
         try:
-            sock, _ = await self.hooks.open_connection(session, targets, timeout=timeout)
+            opened = self.hooks.open_connection(session, targets, timeout=timeout)
+            sock, _ = opened if isinstance(opened, tuple) else await opened
             if isinstance(sock, tuple):  # an upstream's stream: BND is what its last hop reported
                 sock, bound = sock
             if sock is None:
@@ -688,7 +700,7 @@ class Runner:
         if upstream is None:
             await self.start_relay(sock, bound)
         else:
-            await self._relay(upstream)
+            await self._relay(upstream, remote=targets[0])  # its peer is the address dialled
 
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
         """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
@@ -699,11 +711,14 @@ class Runner:
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
         await self._relay(upstream, bound)
 
-    async def _relay(self, upstream: Pending, bound: Address | None = None) -> None:
+    async def _relay(
+        self, upstream: Pending, bound: Address | None = None, remote: Address | None = None
+    ) -> None:
         session = self.session
         transport = upstream.transport
         try:
-            session.remote = Address.from_sockaddr(transport.get_extra_info("peername"))
+            peer = transport.get_extra_info("peername")
+            session.remote = Address.from_sockaddr(peer) if remote is None or peer is None else remote
             session.bound = bound or Address.from_sockaddr(transport.get_extra_info("sockname"))
         except (OSError, TypeError) as exc:  # the destination already closed: no addresses left
             transport.abort()

@@ -90,14 +90,15 @@ class Server:
         try:
             for index, address in enumerate(self.config.listen):
                 sock = listening_socket(address, reuse_port=self.worker is not None)
-                factory = self._protocol_factory(index)
+                bound = Address.from_sockaddr(sock.getsockname())
+                factory = self._protocol_factory(index, bound)
                 listener: Acceptor | asyncio.Server
                 if own_accept:
                     listener = Acceptor(sock, factory, self._spare)
                 else:
                     listener = await loop.create_server(factory, sock=sock, backlog=backlog())
                 self._listeners.append(listener)
-                self.addresses.append(Address.from_sockaddr(sock.getsockname()))
+                self.addresses.append(bound)
         except OSError as exc:
             await self._close_listeners()
             if self._spare is not None:
@@ -114,12 +115,15 @@ class Server:
         if self.config.timeouts.idle:
             self._sweeper = loop.create_task(self._sweep_idle())
 
-    def _protocol_factory(self, index: int) -> Callable[[], asyncio.Protocol]:
-        """What serves a connection on the ``index``-th listener (behind a balancer: its header first)."""
+    def _protocol_factory(self, index: int, bound: Address) -> Callable[[], asyncio.Protocol]:
+        """What serves a connection on the ``index``-th listener, bound to ``bound`` (behind a
+        balancer: its header first)."""
         protocols = self.config.protocols_at(index)
         settings = self.config.proxy_protocol_at(index)
         if settings is None:
-            return functools.partial(ClientProtocol, self, protocols)
+            # A listener on one address is every client's local address: no sockname per session.
+            local = None if bound.host.is_unspecified else bound  # type: ignore[union-attr]
+            return functools.partial(ClientProtocol, self, protocols, local)
         return functools.partial(ProxiedProtocol, self, protocols, settings)
 
     async def _share_through_redis(self, settings: StateSettings) -> None:
