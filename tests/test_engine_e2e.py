@@ -227,6 +227,43 @@ def test_connect_timeout_is_reply_0x06(socksflow_server):
     listener.close()
 
 
+def test_sessions_ended_while_waiting_for_the_client_or_the_dial_end_once(socksflow_server):
+    # Until a session needs a Task, the runner steps its coroutine itself: ending the session
+    # must cancel it where it waits (for the client's bytes, or for the dial), as Task.cancel() does.
+    ended: list[str] = []
+
+    class Record:
+        @socksflow.hookimpl
+        def socksflow_session_end(self, session):
+            ended.append(session.close_reason)
+
+    listener = socket.socket()  # a full accept queue: a dial that never completes
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+    server = socksflow_server("timeouts: {connect: 30s}\n", plugins=[Record()])
+    sessions = lambda: server.call(lambda: list(server.server.sessions))  # noqa: E731
+    with Socks5Client(server.address) as silent, Socks5Client(server.address) as dialling:
+        silent.sock.sendall(b"\x05\x01")  # half a greeting
+        dialling.greet()
+        destination = Address.parse(f"127.0.0.1:{listener.getsockname()[1]}")
+        dialling.sock.sendall(socksflow.protocol.build_request(socksflow.Command.CONNECT, destination))
+        assert wait_until(
+            lambda: sum(s.request is not None for s in sessions()) == 1 and len(sessions()) == 2
+        )
+        for session in sessions():
+            assert server.call(server.server.end_session, session, "closed by the test")
+        assert recv_all(silent.sock) == b""
+        assert recv_all(dialling.sock) == b""
+        assert wait_until(lambda: len(ended) == 2 and not sessions())
+    assert ended == ["closed by the test"] * 2
+    for sock in (*fillers, listener):
+        sock.close()
+
+
 def test_unknown_command_and_address_type(socksflow_server):
     server = socksflow_server()
     with Socks5Client(server.address) as client:
