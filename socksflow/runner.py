@@ -299,10 +299,12 @@ class Runner:
         "_clock",
         "_context",
         "_coro",
+        "_deadline",
         "_expired",
         "_must_cancel",
         "_stepping",
         "_task",
+        "_timer",
         "_waiting_on",
         "config",
         "hooks",
@@ -332,6 +334,10 @@ class Runner:
         self._waiting_on: asyncio.Future[object] | None = None
         self._stepping = False
         self._must_cancel = False
+        # One timer per session for the deadlines of _within: it fires at the earliest one armed
+        # and, finding a later deadline in force by then, waits on for that one.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # the loop time the _within in progress ends at
         self._expired = False  # the deadline of _within cancelled the coroutine
         self._client_closed = False
 
@@ -508,6 +514,9 @@ class Runner:
             self._finish(f"internal error: {exc!r}")
         finally:
             self._task = self._coro = self._context = None  # a tunnel's runner keeps none of them
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._maybe_ended()
 
     async def _report(self, error: Exception) -> None:
@@ -551,11 +560,18 @@ class Runner:
     async def _within(self, delay: float, awaitable: Awaitable[T]) -> T:
         """``await awaitable`` in the session's task, raising TimeoutError after ``delay`` seconds.
 
-        What ``asyncio.timeout`` does, for less: one timer handle, no context manager, no lookups
-        of the running loop and task (each a getpid(2)).  A cancellation that is not this
-        deadline's (a shutdown) passes through as CancelledError.
+        What ``asyncio.timeout`` does, for less: no context manager, no lookups of the running
+        loop and task (each a getpid(2)), and one timer for the session's successive deadlines
+        (handshake, then connect) instead of a timer made and cancelled for each.  A cancellation
+        that is not this deadline's (a shutdown) passes through as CancelledError.
         """
-        timer = self.server.loop.call_later(delay, self._expire)
+        loop = self.server.loop
+        deadline = self._deadline = loop.time() + delay
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire)
         try:
             return await awaitable
         except asyncio.CancelledError:
@@ -563,13 +579,19 @@ class Runner:
                 raise TimeoutError from None
             raise
         finally:
-            timer.cancel()
+            self._deadline = None
             self._expired = False
 
     def _expire(self) -> None:
-        if self._coro is not None:
-            self._expired = True
-            self._cancel()
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._coro is None:
+            return  # no deadline in force: the next _within arms its own
+        if self.server.loop.time() < deadline:  # a later phase's deadline: wait on for it
+            self._timer = self.server.loop.call_at(deadline, self._expire)
+            return
+        self._expired = True
+        self._cancel()
 
     async def _in_task(self, awaitable: Awaitable[T]) -> T:
         """Await what a plugin returned, in a Task: plugins may rely on one (``asyncio.timeout``)."""
@@ -798,7 +820,10 @@ class Runner:
             ips: tuple[IPAddress, ...] = ()  # routed, and no rule needed the addresses: the upstream resolves
         else:
             ips = await self.addresses_to_use()
-        targets = tuple(Address(ip, destination.port) for ip in ips)
+        if len(ips) == 1 and ips[0] is destination.host:  # the client asked for this address
+            targets: tuple[Address, ...] = (destination,)
+        else:
+            targets = tuple(Address(ip, destination.port) for ip in ips)
         timeout = self.config.timeouts.connect
         began = time.monotonic()
         upstream = bound = None
