@@ -1,6 +1,6 @@
 """Engine costs measured in one process, steadier than bench/run.py on a loaded machine.
 
-    python bench/inprocess.py [sessions|udp|idle|calls ...]
+    python bench/inprocess.py [sessions|udp|idle|calls|garbage ...]
 
 Each figure runs socksflow (``socksflow.testing.AsyncServer``, so the ``test`` extra is needed)
 and its clients on one event loop over loopback, and counts what the process spends:
@@ -12,6 +12,8 @@ and its clients on one event loop over loopback, and counts what the process spe
 * ``idle``: bytes allocated (tracemalloc) per idle tunnel, for 1,000 tunnels.
 * ``calls``: Python function calls per session (cProfile): deterministic, so a change in the
   engine's per-session work shows even when the machine is too loaded for timings.
+* ``garbage``: objects per session that only the cyclic garbage collector frees (they are
+  walked by every collection until then); deterministic too.  Client and target included.
 
 Compare two checkouts by running each with its own tree first on ``PYTHONPATH``.
 """
@@ -89,6 +91,26 @@ def calls() -> str:
         nc for (file, _, _), (_, nc, _, _, _) in stats.items() if "socksflow" in file or "plugins" in file
     )
     return f"calls: {total / count:.1f} Python calls per session, {own / count:.1f} of them socksflow's"
+
+
+def garbage() -> str:
+    count = 500
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds stays in gc.garbage, to be counted
+    try:
+        asyncio.run(_sessions(count))
+        gc.collect()
+        found = [type(o) for o in gc.garbage]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    own = sum(1 for kind in found if kind.__module__.startswith(("socksflow", "plugins")))
+    return (
+        f"garbage: {len(found) / count:.1f} objects per session left to the cyclic collector, "
+        f"{own / count:.1f} of them socksflow's"
+    )
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -186,7 +208,7 @@ def idle() -> str:
     return f"idle: {asyncio.run(_idle(count)) / count:.0f} bytes allocated per idle tunnel (client and target included)"
 
 
-FIGURES = {"sessions": sessions, "udp": udp, "idle": idle, "calls": calls}
+FIGURES = {"sessions": sessions, "udp": udp, "idle": idle, "calls": calls, "garbage": garbage}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(FIGURES):

@@ -244,6 +244,7 @@ async def _serve(server: Server, loop_name: str, ready_fd: int | None = None) ->
     except OSError as exc:
         print(f"socksflow: {exc.strerror}", file=sys.stderr)
         return 1
+    server.settle_heap()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []

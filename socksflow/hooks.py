@@ -46,7 +46,10 @@ class Hooks:
     """Every hook the core calls, typed, for one configuration (its plugins, its hook timeout).
 
     The methods of the hooks that may be async return the caller's awaitable as it is (no
-    coroutine of their own: they run several times per session).
+    coroutine of their own: they run several times per session).  Those called for every
+    session (``client_connected``, ``select_method``, ``request``, ``open_connection``) return
+    the answer itself while the plugins answer synchronously, as ``udp_datagram`` does per
+    datagram: the ``(answer, plugin)`` tuple at once, else an awaitable of it.
     """
 
     __slots__ = ("caller", "timeout")
@@ -101,11 +104,13 @@ class Hooks:
 
     # ------------------------------------------------------------------ handshake
 
-    def client_connected(self, session: Session) -> Awaitable[Answer[Verdict]]:
-        return self.caller.call_first("socksflow_client_connected", self.timeout, session=session)
+    def client_connected(self, session: Session) -> Answer[Verdict] | Awaitable[Answer[Verdict]]:
+        return self.caller.call_first_nowait("socksflow_client_connected", self.timeout, session=session)
 
-    def select_method(self, session: Session, offered: tuple[int, ...]) -> Awaitable[Answer[int]]:
-        return self.caller.call_first(
+    def select_method(
+        self, session: Session, offered: tuple[int, ...]
+    ) -> Answer[int] | Awaitable[Answer[int]]:
+        return self.caller.call_first_nowait(
             "socksflow_select_method", self.timeout, session=session, offered=offered
         )
 
@@ -135,10 +140,12 @@ class Hooks:
 
     def request(
         self, session: Session, request: Request, *, after: str | None = None
-    ) -> Awaitable[Answer[Verdict]]:
+    ) -> Answer[Verdict] | Awaitable[Answer[Verdict]]:
         """The first answer; with ``after``, only from the plugins after that one (a rewrite's judges)."""
         if after is None:
-            return self.caller.call_first("socksflow_request", self.timeout, session=session, request=request)
+            return self.caller.call_first_nowait(
+                "socksflow_request", self.timeout, session=session, request=request
+            )
         return self.caller.call_first_after(
             "socksflow_request", self.timeout, after, session=session, request=request
         )
@@ -179,9 +186,12 @@ class Hooks:
 
     def open_connection(
         self, session: Session, addresses: tuple[Address, ...], *, timeout: float | None
-    ) -> Awaitable[Answer[socket.socket | tuple[socket.socket, Address]]]:
+    ) -> (
+        Answer[socket.socket | tuple[socket.socket, Address]]
+        | Awaitable[Answer[socket.socket | tuple[socket.socket, Address]]]
+    ):
         """Bounded by ``timeout`` (the connect timeout); an upstream's stream comes with its BND."""
-        return self.caller.call_first(
+        return self.caller.call_first_nowait(
             "socksflow_open_connection", timeout, session=session, addresses=addresses
         )
 

@@ -14,10 +14,11 @@ import importlib.metadata
 import importlib.util
 import inspect
 import logging
+import operator
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,6 +50,11 @@ class Impl:
     plugin: str
     function: Callable[..., Any]
     argnames: tuple[str, ...]
+    # The arguments out of a call's keyword dict, as a tuple: built once, not per call.
+    args: Callable[[dict[str, Any]], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "args", _picker(self.argnames))
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +81,7 @@ class HookCaller:
         exceeds ``timeout``.
         """
         answer = self.call_first_nowait(hook, timeout, **kwargs)
-        return await answer if inspect.isawaitable(answer) else answer
+        return answer if isinstance(answer, tuple) else await answer
 
     def call_first_nowait(
         self, hook: str, timeout: float | None, /, **kwargs: Any
@@ -96,17 +102,18 @@ class HookCaller:
         impls = self.impls(hook)
         after = next((i + 1 for i, impl in enumerate(impls) if impl.plugin == plugin), len(impls))
         answer = self._first(hook, timeout, impls[after:], kwargs)
-        return await answer if inspect.isawaitable(answer) else answer
+        return answer if isinstance(answer, tuple) else await answer
 
     def _first(
         self, hook: str, timeout: float | None, impls: tuple[Impl, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, str] | Awaitable[tuple[Any, str]]:
         for index, impl in enumerate(impls):
             result = _invoke(impl, hook, kwargs)
+            if result is None:  # no opinion, the usual answer: never awaitable, no isawaitable() to ask
+                continue
             if inspect.isawaitable(result):
                 return self._finish_first(hook, timeout, impls[index:], result, kwargs)
-            if result is not None:
-                return result, impl.plugin
+            return result, impl.plugin
         return None, ""
 
     async def _finish_first(
@@ -182,7 +189,7 @@ class HookCaller:
             except PluginError as exc:
                 log.error("%s", exc, exc_info=exc.__cause__)
                 continue
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 return self._notify_rest(hook, timeout, impl, result, impls[index + 1 :], kwargs)
         return None
 
@@ -415,16 +422,25 @@ class PluginManager(HookCaller, pluggy.PluginManager):
 
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
         result = await _settle(impl, hook, result, timeout)
     return result
 
 
 def _invoke(impl: Impl, hook: str, kwargs: dict[str, Any]) -> Any:
     try:
-        return impl.function(*[kwargs[arg] for arg in impl.argnames])
+        return impl.function(*impl.args(kwargs))
     except Exception as exc:  # never BaseException: cancellation must pass through
         raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _picker(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    if len(names) > 1:
+        return operator.itemgetter(*names)  # type: ignore[return-value]
+    if names:
+        name = names[0]
+        return lambda kwargs: (kwargs[name],)
+    return lambda kwargs: ()
 
 
 async def _settle(impl: Impl, hook: str, pending: Awaitable[Any], timeout: float | None) -> Any:

@@ -176,6 +176,10 @@ def reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
+def _closed(tunnel: Tunnel) -> None:
+    """A closed tunnel's ``on_close``: it was called once already."""
+
+
 def half_class(transform: Transform | None, limiters: Sequence[Limiter]) -> type[Half]:
     if limiters:
         return LimitedHalf
@@ -265,7 +269,13 @@ class Tunnel:
             else:
                 half.peer.transport.close()  # flushes what is buffered, then closes
         elif self._lost == 2:
-            self.on_close(self)
+            on_close, self.on_close = self.on_close, _closed
+            on_close(self)
+            # Nothing calls the halves any more: without these cycles (halves ↔ tunnel ↔ the
+            # runner's callback ↔ its session) refcounting frees the session's objects now, not a
+            # full collection later that has to walk every session that ended since.
+            self.client.tunnel = self.upstream.tunnel = None  # type: ignore[assignment]
+            self.client.peer = self.upstream.peer = None  # type: ignore[assignment]
 
     def close(self) -> None:
         self.client.transport.close()

@@ -3,7 +3,11 @@
 :class:`ClientProtocol` receives the client's bytes and feeds the sans-I/O
 :class:`~socksflow.protocol.ServerConnection`; a :class:`Runner` drives one client through
 the phases as one coroutine, filling in the :class:`~socksflow.session.Session` that plugins
-see.  Once a CONNECT (or BIND) succeeds the coroutine ends and the transports belong to a
+see.  The runner steps that coroutine itself while it only waits for the client's bytes or for
+the dial (the common session: greeting, no authentication, CONNECT to an address, plugins that
+answer at once): no Task, no future per wait.  The first time it must await anything else (a
+plugin's awaitable, DNS, another command) it goes on in a Task.  Once a CONNECT (or BIND)
+succeeds the coroutine ends and the transports belong to a
 :class:`~socksflow.relay.Tunnel`: an idle tunnel holds no task, no coroutine frame and no
 buffer.  A session ends once, through :meth:`Runner.end`: the first reason given stands.
 """
@@ -11,11 +15,12 @@ buffer.  A session ends once, through :meth:`Runner.end`: the first reason given
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -49,6 +54,22 @@ CommandHandler = Callable[["Runner"], Awaitable[None]]
 """Serves a request other than CONNECT once it is allowed (BIND, UDP ASSOCIATE)."""
 
 
+class _Suspend:
+    """What the session's coroutine yields to the runner stepping it (never to a Task)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __await__(self) -> Generator[_Suspend, None, None]:
+        yield self
+
+
+INPUT = _Suspend("input")  # until ClientProtocol.wake(): bytes, EOF, or the connection lost
+IN_TASK = _Suspend("task")  # from here on in a Task (awaited only while stepped by the runner)
+
+
 class ClientGone(Exception):
     """The client closed the connection before the handshake finished."""
 
@@ -66,10 +87,13 @@ class ClientProtocol(asyncio.Protocol):
         "_loop",
         "_paused",
         "_waiter",
+        "_waiting",
         "closed",
         "conn",
         "door",
+        "driver",
         "eof",
+        "local",
         "protocols",
         "runner",
         "server",
@@ -77,15 +101,23 @@ class ClientProtocol(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY) -> None:
+    def __init__(
+        self, server: Server, protocols: frozenset[str] = detect.SOCKS5_ONLY, local: Address | None = None
+    ) -> None:
         self.server = server
         self.protocols = protocols  # the listener's front doors (socksflow.doors)
+        # The listener's address when it is a specific one (then every client's sockname): no
+        # sockname to convert per session.  None: ask the transport.
+        self.local = local
         self.door = ""  # the protocol the client speaks, known from its first byte
         self._loop = server.loop  # asyncio.get_running_loop() costs a getpid(2) each time
         self.conn = protocol.ServerConnection()
         self.eof = False
         self.closed = False
         self._waiter: asyncio.Future[None] | None = None
+        # The runner stepping its coroutine by hand (no Task yet): a wake steps it directly.
+        self.driver: Runner | None = None
+        self._waiting = False  # the driver's coroutine waits at INPUT
         self._paused = False
         self._linger: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None  # between forwarded HTTP requests
@@ -95,11 +127,12 @@ class ClientProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport, client: Address | None = None) -> None:
         """``client``: the client a PROXY protocol header named (socksflow.proxied), else the peer."""
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
-        if transport.get_extra_info("peername") is None:  # reset before its transport was made
+        peer = transport.get_extra_info("peername")
+        if peer is None:  # reset before its transport was made
             self.closed = True
             transport.abort()
             return
-        self.runner = Runner(self.server, self, client)
+        self.runner = Runner(self.server, self, client or Address.from_sockaddr(peer))
         self.server.session_started(self.runner)
 
     def data_received(self, data: bytes) -> None:
@@ -153,7 +186,10 @@ class ClientProtocol(asyncio.Protocol):
         self._linger = self._loop.call_later(LINGER_SECONDS, transport.abort)
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if self._waiting:
+            self._waiting = False
+            self.driver._step()  # type: ignore[union-attr]
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     wake = _wake
@@ -224,6 +260,10 @@ class ClientProtocol(asyncio.Protocol):
             if self._paused:
                 self._paused = False
                 self.transport.resume_reading()
+            if self.driver is not None:  # stepped by hand: wake() steps the runner again
+                self._waiting = True
+                await INPUT
+                continue
             self._waiter = self._loop.create_future()  # inline, not _wait(): a coroutine less per event
             await self._waiter
             self._waiter = None
@@ -257,8 +297,15 @@ class Runner:
         "_client",
         "_client_closed",
         "_clock",
+        "_context",
+        "_coro",
+        "_deadline",
         "_expired",
+        "_must_cancel",
+        "_stepping",
         "_task",
+        "_timer",
+        "_waiting_on",
         "config",
         "hooks",
         "server",
@@ -275,11 +322,23 @@ class Runner:
             server,
             self.hooks,
             peer or Address.from_sockaddr(transport.get_extra_info("peername")),
-            Address.from_sockaddr(transport.get_extra_info("sockname")),
+            client.local or Address.from_sockaddr(transport.get_extra_info("sockname")),
         )
         self._clock = time.monotonic()
-        self._task: asyncio.Task[None] | None = None
-        self._expired = False  # the deadline of _within cancelled the task
+        self._coro: Coroutine[object, None, None] | None = None  # the phases, until they end
+        self._task: asyncio.Task[None] | None = None  # once the coroutine goes on in a Task
+        # While the runner steps the coroutine itself: the context it runs in (a Task's would be
+        # a copy too), the future it waits on (the dial), whether it is running now, and a
+        # cancellation to deliver once it is suspended.
+        self._context: contextvars.Context | None = None
+        self._waiting_on: asyncio.Future[object] | None = None
+        self._stepping = False
+        self._must_cancel = False
+        # One timer per session for the deadlines of _within: it fires at the earliest one armed
+        # and, finding a later deadline in force by then, waits on for that one.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None  # the loop time the _within in progress ends at
+        self._expired = False  # the deadline of _within cancelled the coroutine
         self._client_closed = False
 
     def __repr__(self) -> str:
@@ -288,7 +347,71 @@ class Runner:
     # ------------------------------------------------------------------ start and end
 
     def start(self) -> None:
-        self._task = self.server.loop.create_task(self._run())
+        self._coro = self._run()
+        self._context = contextvars.copy_context()
+        self._client.driver = self  # type: ignore[union-attr]
+        self._step()
+
+    def _step(self, cancel: bool = False) -> None:
+        """Run the coroutine until it waits, as a Task's step would (CancelledError thrown in with ``cancel``)."""
+        coro = self._coro
+        if coro is None or self._task is not None:
+            return
+        self._waiting_on = None
+        self._stepping = True
+        try:
+            if cancel:
+                self._must_cancel = False
+                waits_for = self._context.run(coro.throw, asyncio.CancelledError())  # type: ignore[union-attr]
+            else:
+                waits_for = self._context.run(coro.send, None)  # type: ignore[union-attr]
+        except (StopIteration, asyncio.CancelledError):
+            return  # the coroutine's own finally has done the bookkeeping
+        finally:
+            self._stepping = False
+        if waits_for is IN_TASK:
+            self._hand_to_task(coro)
+        elif waits_for is None:  # a bare yield (asyncio.sleep(0)): go on at the next iteration
+            self.server.loop.call_soon(self._step)
+        elif waits_for is not INPUT:  # a future: the dial
+            self._waiting_on = waits_for
+            waits_for.add_done_callback(self._future_done)
+        if self._must_cancel:
+            self._deliver_cancel()
+
+    def _future_done(self, future: asyncio.Future[object]) -> None:
+        if future is self._waiting_on:
+            self._step()
+
+    def _hand_to_task(self, coro: Coroutine[object, None, None]) -> None:
+        client = self._client
+        if client is not None and client.driver is self:
+            client.driver = None
+            client._waiting = False
+        self._task = self.server.loop.create_task(coro, context=self._context)
+        if self._must_cancel:
+            self._must_cancel = False
+            self._task.cancel()
+
+    def _cancel(self) -> None:
+        """Cancel the coroutine at its await, as ``Task.cancel()`` does."""
+        if self._task is not None:
+            self._task.cancel()
+        elif self._coro is not None and not self._must_cancel:
+            self._must_cancel = True
+            if not self._stepping:
+                self._deliver_cancel()
+
+    def _deliver_cancel(self) -> None:
+        waiting_on = self._waiting_on
+        if waiting_on is not None:  # its done callback steps the coroutine into CancelledError
+            self._must_cancel = False
+            waiting_on.cancel()
+            return
+        client = self._client
+        if client is not None:
+            client._waiting = False  # no wake steps it meanwhile
+        self.server.loop.call_soon(self._step, True)
 
     def end(self, reason: str, *, now: bool = False) -> None:
         """End the session: record ``reason`` unless one was recorded first, close what is open.
@@ -305,8 +428,8 @@ class Runner:
             else:
                 session.tunnel.close()
             return
-        if now and self._task is not None:
-            self._task.cancel()
+        if now:
+            self._cancel()
         client = self._client
         if client is None:
             return
@@ -348,7 +471,7 @@ class Runner:
 
     def _maybe_ended(self) -> None:
         # A session without a tunnel ends when both its task and its client connection are done.
-        if self._task is None and self._client_closed and self.session.tunnel is None:
+        if self._coro is None and self._client_closed and self.session.tunnel is None:
             self.server.session_ended(self)
 
     # ------------------------------------------------------------------ the phases
@@ -390,10 +513,15 @@ class Runner:
             await self._report(exc)
             self._finish(f"internal error: {exc!r}")
         finally:
-            self._task = None
+            self._task = self._coro = self._context = None  # a tunnel's runner keeps none of them
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._maybe_ended()
 
     async def _report(self, error: Exception) -> None:
+        if self._task is None:
+            await IN_TASK
         await self.hooks.session_error(self.session, error)
 
     def _decided(self, answer: tuple[T | None, str]) -> T | None:
@@ -420,7 +548,8 @@ class Runner:
 
     async def _accept(self) -> None:
         try:
-            verdict = self._decided(await self.hooks.client_connected(self.session))
+            answer = self.hooks.client_connected(self.session)
+            verdict = self._decided(answer if isinstance(answer, tuple) else await self._in_task(answer))
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self._deny("client refused: plugin failed", error=exc)
@@ -431,25 +560,44 @@ class Runner:
     async def _within(self, delay: float, awaitable: Awaitable[T]) -> T:
         """``await awaitable`` in the session's task, raising TimeoutError after ``delay`` seconds.
 
-        What ``asyncio.timeout`` does, for less: one timer handle, no context manager, no lookups
-        of the running loop and task (each a getpid(2)).  A cancellation that is not this
-        deadline's (a shutdown) passes through as CancelledError.
+        What ``asyncio.timeout`` does, for less: no context manager, no lookups of the running
+        loop and task (each a getpid(2)), and one timer for the session's successive deadlines
+        (handshake, then connect) instead of a timer made and cancelled for each.  A cancellation
+        that is not this deadline's (a shutdown) passes through as CancelledError.
         """
-        timer = self.server.loop.call_later(delay, self._expire)
+        loop = self.server.loop
+        deadline = self._deadline = loop.time() + delay
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire)
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self._expired and self._task is not None and self._task.uncancel() == 0:
+            if self._expired and (self._task is None or self._task.uncancel() == 0):
                 raise TimeoutError from None
             raise
         finally:
-            timer.cancel()
+            self._deadline = None
             self._expired = False
 
     def _expire(self) -> None:
-        if self._task is not None:
-            self._expired = True
-            self._task.cancel()
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._coro is None:
+            return  # no deadline in force: the next _within arms its own
+        if self.server.loop.time() < deadline:  # a later phase's deadline: wait on for it
+            self._timer = self.server.loop.call_at(deadline, self._expire)
+            return
+        self._expired = True
+        self._cancel()
+
+    async def _in_task(self, awaitable: Awaitable[T]) -> T:
+        """Await what a plugin returned, in a Task: plugins may rely on one (``asyncio.timeout``)."""
+        if self._task is None:
+            await IN_TASK
+        return await awaitable
 
     async def _negotiate(self) -> Request:
         """Greeting, method and its sub-negotiation; the request that follows."""
@@ -461,7 +609,8 @@ class Runner:
         if not isinstance(greeting, protocol.Greeting):  # a one-request front door (socksflow.doors)
             door_request, greeting = greeting, doors.greeting_for(greeting)
         try:
-            method = self._decided(await self.hooks.select_method(session, greeting.methods))
+            answer = self.hooks.select_method(session, greeting.methods)
+            method = self._decided(answer if isinstance(answer, tuple) else await self._in_task(answer))
             if method is None:
                 method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
             if method != Method.NO_ACCEPTABLE and method not in greeting.methods:
@@ -474,6 +623,8 @@ class Runner:
         client.write(client.conn.send_method(method))
         if method == Method.NO_ACCEPTABLE:
             await self._deny(f"no acceptable method among {list(greeting.methods)}")
+        if method != Method.NO_AUTH and self._task is None:  # plugins judge the login: they may await
+            await IN_TASK
         if method == Method.USERPASS:
             if door_request is None:
                 credentials = await client.next_event()
@@ -592,9 +743,13 @@ class Runner:
             return self.hooks.request(session, replace(request, destination=destination), after=after)
 
         try:
-            answer = await self.hooks.request(session, request)
+            answer = self.hooks.request(session, request)
+            if not isinstance(answer, tuple):
+                answer = await self._in_task(answer)
             # Most answers decide on their own; a rewrite is judged by the plugins after it.
-            decision = final(answer, request.destination) or await decide(ask, request.destination, answer)
+            decision = final(answer, request.destination) or await self._in_task(
+                decide(ask, request.destination, answer)
+            )
         except PluginError as exc:
             self._refused_by_fault(exc)
             await self.fail(Reply.GENERAL_FAILURE, "request check failed: plugin error", exc)
@@ -611,7 +766,7 @@ class Runner:
         handler = self.server.command_handler(request.command)
         if handler is None:
             await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
-        await handler(self)
+        await self._in_task(handler(self))
         if session.tunnel is None:  # the command ended without handing the client to a tunnel
             self._finish("closed")
 
@@ -644,6 +799,8 @@ class Runner:
         if session.addresses is None:
             destination = session.destination
             assert destination is not None
+            if destination.is_domain and self._task is None:  # DNS: plugins, the resolver's timeout
+                await IN_TASK
             try:
                 session.addresses = await session.resolve()
             except ResolveError as exc:
@@ -663,19 +820,23 @@ class Runner:
             ips: tuple[IPAddress, ...] = ()  # routed, and no rule needed the addresses: the upstream resolves
         else:
             ips = await self.addresses_to_use()
-        targets = tuple(Address(ip, destination.port) for ip in ips)
+        if len(ips) == 1 and ips[0] is destination.host:  # the client asked for this address
+            targets: tuple[Address, ...] = (destination,)
+        else:
+            targets = tuple(Address(ip, destination.port) for ip in ips)
         timeout = self.config.timeouts.connect
         began = time.monotonic()
         upstream = bound = None
         try:
-            sock, _ = await self.hooks.open_connection(session, targets, timeout=timeout)
+            opened = self.hooks.open_connection(session, targets, timeout=timeout)
+            sock, _ = opened if isinstance(opened, tuple) else await self._in_task(opened)
             if isinstance(sock, tuple):  # an upstream's stream: BND is what its last hop reported
                 sock, bound = sock
             if sock is None:
                 if len(targets) == 1:  # the common case: the loop dials in one step
                     upstream = await self._within(timeout, _open(self.server.loop, targets[0]))
                 else:
-                    sock = await self._within(timeout, dial(targets))
+                    sock = await self._within(timeout, self._in_task(dial(targets)))
         except PluginError as exc:
             cause = exc.__cause__
             if isinstance(cause, OutboundError):  # an upstream's own code, or why it failed: no fault
@@ -688,7 +849,7 @@ class Runner:
         if upstream is None:
             await self.start_relay(sock, bound)
         else:
-            await self._relay(upstream)
+            await self._relay(upstream, remote=targets[0])  # its peer is the address dialled
 
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
         """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
@@ -699,11 +860,14 @@ class Runner:
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
         await self._relay(upstream, bound)
 
-    async def _relay(self, upstream: Pending, bound: Address | None = None) -> None:
+    async def _relay(
+        self, upstream: Pending, bound: Address | None = None, remote: Address | None = None
+    ) -> None:
         session = self.session
         transport = upstream.transport
         try:
-            session.remote = Address.from_sockaddr(transport.get_extra_info("peername"))
+            peer = transport.get_extra_info("peername")
+            session.remote = Address.from_sockaddr(peer) if remote is None or peer is None else remote
             session.bound = bound or Address.from_sockaddr(transport.get_extra_info("sockname"))
         except (OSError, TypeError) as exc:  # the destination already closed: no addresses left
             transport.abort()
@@ -717,7 +881,7 @@ class Runner:
         assert client is not None
         conn = client.conn
         if isinstance(conn, doors.HttpDoor) and conn.forwarder is not None:
-            await self._forward(conn, upstream, limiters)
+            await self._in_task(self._forward(conn, upstream, limiters))
             return
         tunnel = Tunnel(self._tunnel_closed, chunk_transform(self.hooks, session), limiters)
         if client.closed:  # the client left while we were connecting

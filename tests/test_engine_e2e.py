@@ -203,7 +203,12 @@ def test_failure_reply_codes(socksflow_server, refusing_port, destination, code)
         assert recv_all(client.sock) == reply_bytes(code)  # the reply, then the server closes
 
 
-def test_connect_timeout_is_reply_0x06(socksflow_server):
+@pytest.mark.parametrize(
+    ("timeouts", "least"),
+    [("{connect: 1s}", 0.9), ("{handshake: 400ms, connect: 1500ms}", 1.4)],
+    ids=["connect", "connect-outlives-the-handshake-deadline"],
+)
+def test_connect_timeout_is_reply_0x06(socksflow_server, timeouts, least):
     # A listener whose accept queue is full drops SYNs: a real connect that never completes.
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -215,16 +220,53 @@ def test_connect_timeout_is_reply_0x06(socksflow_server):
         filler.connect_ex(listener.getsockname())
         fillers.append(filler)
     time.sleep(0.2)
-    server = socksflow_server("timeouts: {connect: 1s}\n")
+    server = socksflow_server(f"timeouts: {timeouts}\n")
     started = time.monotonic()
     with Socks5Client(server.address) as client:
         client.greet()
         code, _ = client.connect(f"127.0.0.1:{listener.getsockname()[1]}")
     assert code == Reply.TTL_EXPIRED
-    assert 0.9 < time.monotonic() - started < 5
+    assert least < time.monotonic() - started < 5
     for filler in fillers:
         filler.close()
     listener.close()
+
+
+def test_sessions_ended_while_waiting_for_the_client_or_the_dial_end_once(socksflow_server):
+    # Until a session needs a Task, the runner steps its coroutine itself: ending the session
+    # must cancel it where it waits (for the client's bytes, or for the dial), as Task.cancel() does.
+    ended: list[str] = []
+
+    class Record:
+        @socksflow.hookimpl
+        def socksflow_session_end(self, session):
+            ended.append(session.close_reason)
+
+    listener = socket.socket()  # a full accept queue: a dial that never completes
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(listener.getsockname())
+    server = socksflow_server("timeouts: {connect: 30s}\n", plugins=[Record()])
+    sessions = lambda: server.call(lambda: list(server.server.sessions))  # noqa: E731
+    with Socks5Client(server.address) as silent, Socks5Client(server.address) as dialling:
+        silent.sock.sendall(b"\x05\x01")  # half a greeting
+        dialling.greet()
+        destination = Address.parse(f"127.0.0.1:{listener.getsockname()[1]}")
+        dialling.sock.sendall(socksflow.protocol.build_request(socksflow.Command.CONNECT, destination))
+        assert wait_until(
+            lambda: sum(s.request is not None for s in sessions()) == 1 and len(sessions()) == 2
+        )
+        for session in sessions():
+            assert server.call(server.server.end_session, session, "closed by the test")
+        assert recv_all(silent.sock) == b""
+        assert recv_all(dialling.sock) == b""
+        assert wait_until(lambda: len(ended) == 2 and not sessions())
+    assert ended == ["closed by the test"] * 2
+    for sock in (*fillers, listener):
+        sock.close()
 
 
 def test_unknown_command_and_address_type(socksflow_server):
