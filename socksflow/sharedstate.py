@@ -25,7 +25,7 @@ import ctypes
 import errno
 import logging
 import mmap
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 log = logging.getLogger("socksflow.sharedstate")
 
@@ -37,6 +37,8 @@ _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+Check = tuple[str, Hashable, int] | tuple[str, Hashable, float, float]  # see SharedTable.admit
 
 
 def _slot_type(workers: int) -> type[ctypes.Structure]:
@@ -135,26 +137,60 @@ class SharedTable:
     def acquire(self, key: Hashable, limit: int, now: float) -> bool:
         """Count one more session under ``key`` unless ``limit`` are already counted."""
         with self:
-            slot = self._slot(key, now, True)
-            if slot is None or slot.total >= limit:
-                return False
-            slot.total += 1
-            slot.counts[self.worker] += 1
-            return True
+            return self._acquire(key, limit, now)
+
+    def _acquire(self, key: Hashable, limit: int, now: float) -> bool:
+        slot = self._slot(key, now, True)
+        if slot is None or slot.total >= limit:
+            return False
+        slot.total += 1
+        slot.counts[self.worker] += 1
+        return True
 
     def release(self, key: Hashable) -> None:
         """Give back one session counted by this worker under ``key``."""
         with self:
-            slot = self._slot(key, 0.0, False)
-            if slot is not None and slot.counts[self.worker] > 0:
-                slot.counts[self.worker] -= 1
-                slot.total -= 1
+            self._release(key)
+
+    def _release(self, key: Hashable) -> None:
+        slot = self._slot(key, 0.0, False)
+        if slot is not None and slot.counts[self.worker] > 0:
+            slot.counts[self.worker] -= 1
+            slot.total -= 1
 
     def count(self, key: Hashable) -> int:
         """Sessions counted under ``key`` by every worker."""
         with self:
-            slot = self._slot(key, 0.0, False)
-            return 0 if slot is None else slot.total
+            return self._count(key)
+
+    def _count(self, key: Hashable) -> int:
+        slot = self._slot(key, 0.0, False)
+        return 0 if slot is None else slot.total
+
+    def admit(self, checks: Sequence[Check], acquires: Sequence[tuple[Hashable, int]], now: float) -> int:
+        """A new session's admission in one critical section instead of one per limit.
+
+        ``checks`` run in order, up to the first that fails: ``("take", key, rate, burst)``
+        takes a token as :meth:`take`; ``("within", key, limit)`` passes while ``key`` counts at
+        most ``limit`` (a session counted already, checked against a further limit).  Then each
+        ``(key, limit)`` of ``acquires`` is counted as :meth:`acquire`, all or none.  Returns -1
+        when everything passed, else the index of what refused: ``checks`` first, then
+        ``acquires`` (``len(checks) + i``).  Tokens taken before a refusal stay taken.
+        """
+        with self:
+            for index, check in enumerate(checks):
+                if check[0] == "take":
+                    passed = self._take(check[1], check[2], check[3], now)  # type: ignore[misc]
+                else:
+                    passed = self._count(check[1]) <= check[2]  # type: ignore[operator]
+                if not passed:
+                    return index
+            for index, (key, limit) in enumerate(acquires):
+                if not self._acquire(key, limit, now):
+                    for earlier, _ in acquires[:index]:
+                        self._release(earlier)
+                    return len(checks) + index
+            return -1
 
     def release_worker(self, worker: int) -> int:
         """Give back everything ``worker`` held (it died); the number of sessions released."""
@@ -173,20 +209,34 @@ class SharedTable:
     def take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
         """Take one token from the bucket ``key`` (``rate``/s, at most ``burst``; starts full)."""
         with self:
-            slot = self._bucket(key, rate, burst, now)
-            if slot is None or slot.tokens < 1:
-                return False
-            slot.tokens -= 1
-            return True
+            return self._take(key, rate, burst, now)
+
+    def _take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
+        slot = self._bucket(key, rate, burst, now)
+        if slot is None or slot.tokens < 1:
+            return False
+        slot.tokens -= 1
+        return True
 
     def charge(self, key: Hashable, rate: float, burst: float, amount: float, now: float) -> float:
         """Take ``amount`` tokens, into debt if need be; the seconds until the debt is paid."""
+        return self.lease(key, rate, burst, amount, 0.0, now)[1]
+
+    def lease(
+        self, key: Hashable, rate: float, burst: float, amount: float, extra: float, now: float
+    ) -> tuple[float, float]:
+        """As :meth:`charge`, also taking up to ``extra`` more tokens while the bucket holds them
+        (never into debt): for a worker to spend on later chunks without the lock.  Returns the
+        extra tokens granted and the seconds until the debt is paid."""
         with self:
             slot = self._bucket(key, rate, burst, now)
             if slot is None:
-                return 0.0
-            slot.tokens -= amount
-            return -slot.tokens / rate if slot.tokens < 0 else 0.0
+                return 0.0, 0.0
+            tokens = slot.tokens - amount
+            granted = min(extra, tokens) if tokens > 0 else 0.0
+            tokens -= granted
+            slot.tokens = tokens
+            return granted, (-tokens / rate if tokens < 0 else 0.0)
 
     def _bucket(self, key: Hashable, rate: float, burst: float, now: float) -> ctypes.Structure | None:
         slot = self._slot(key, now, True)

@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Coroutine, Hashable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from socksflow import Command, Config, Session, StashKey, Verdict, hookimpl
 
@@ -65,7 +65,10 @@ from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
-from .state import SharedBucket, State
+from .state import LeasedBucket, SharedBucket, State, settled
+
+if TYPE_CHECKING:
+    from socksflow.sharedstate import Check
 
 log = logging.getLogger("socksflow.limits")
 T = TypeVar("T")
@@ -123,39 +126,59 @@ def _state(session: Session) -> State:
     return state
 
 
-async def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
-    """Check session rates and concurrency; count the session in when every entry lets it in."""
-    state = _state(session)
-    now = time.monotonic()
+def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | Awaitable[Verdict | None] | None:
+    """Check session rates and concurrency; count the session in when every entry lets it in.
+
+    One critical section of the shared table for all of it (an awaitable only with Redis).
+    """
     counted = session.stash.get(COUNTED)
     if counted is None:
         counted = session.stash[COUNTED] = set()
-    wanted: dict[Hashable, Entry] = {}  # per key, the entry with the lowest max_sessions
+    # In entry order: a session counted already must still fit with itself counted, and a rate
+    # gives a token; then the keys to count, each with its entry of the lowest max_sessions.
+    checks: list[Check] = []
+    refusals: list[tuple[Entry, str]] = []
+    wanted: dict[Hashable, Entry] = {}
     for entry in entries:
         if not entry.match.matches(session):
             continue
         key = entry.per.key(session)
         if entry.max_sessions is not None:
-            if key in counted:  # counted at accept: it must still fit with itself counted
-                if await state.count("sessions", key) - 1 >= entry.max_sessions:
-                    return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
+            if key in counted:  # counted at accept
+                checks.append(("within", ("sessions", key), entry.max_sessions))
+                refusals.append((entry, f"{entry.max_sessions} open sessions"))
             elif key not in wanted or entry.max_sessions < wanted[key].max_sessions:  # type: ignore[operator]
                 wanted[key] = entry
         rate = entry.session_rate
-        if rate is not None and not await state.take(
-            ("rate", entry.ident, key), rate.per_second, rate.burst, now
-        ):
-            return _refuse(session, entry, entry.describe(f"{rate.per_second:g} new sessions/s"))
-    taken = []
-    for key, entry in wanted.items():
-        if not await state.acquire("sessions", key, entry.max_sessions, now):  # type: ignore[arg-type]
-            for earlier in taken:
-                state.release("sessions", earlier)
-                counted.discard(earlier)
-            return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
-        taken.append(key)
-        counted.add(key)
-    return None
+        if rate is not None:
+            checks.append(("take", ("rate", entry.ident, key), rate.per_second, rate.burst))
+            refusals.append((entry, f"{rate.per_second:g} new sessions/s"))
+    if not checks and not wanted:
+        return None
+    acquires = [(key, entry.max_sessions) for key, entry in wanted.items()]
+    refused = _state(session).admit(checks, acquires, time.monotonic())  # type: ignore[arg-type]
+    if isinstance(refused, int):
+        return _admitted(session, refused, refusals, wanted, counted)
+    return _admitted_later(session, refused, refusals, wanted, counted)
+
+
+async def _admitted_later(session: Session, refused: Awaitable[int], refusals: list[tuple[Entry, str]],
+                          wanted: dict[Hashable, Entry], counted: set[Hashable]) -> Verdict | None:  # fmt: skip
+    return _admitted(session, await refused, refusals, wanted, counted)
+
+
+def _admitted(session: Session, refused: int, refusals: list[tuple[Entry, str]],
+              wanted: dict[Hashable, Entry], counted: set[Hashable]) -> Verdict | None:  # fmt: skip
+    """The outcome of :meth:`State.admit`: the session counted in, or the refusal of the limit that refused."""
+    if refused < 0:
+        counted.update(wanted)
+        return None
+    if refused < len(refusals):
+        entry, what = refusals[refused]
+    else:
+        entry = list(wanted.values())[refused - len(refusals)]
+        what = f"{entry.max_sessions} open sessions"
+    return _refuse(session, entry, entry.describe(what))
 
 
 def _refuse(session: Session, entry: Entry, what: str, level: int = logging.INFO) -> Verdict:
@@ -198,7 +221,9 @@ def socksflow_client_connected(session: Session) -> Verdict | Awaitable[Verdict 
     limits = session.config.stash.get(SETTINGS)
     if limits is None:
         return None
-    return _answer(session, _on_accept(session, limits))
+    if limits.auth or limits.handshakes:
+        return _answer(session, _on_accept(session, limits))
+    return _admit(session, limits.at_accept) if limits.at_accept else None  # the common case: no coroutine
 
 
 async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
@@ -210,7 +235,7 @@ async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
         refusal = await _start_handshake(session, limits.handshakes)
         if refusal is not None:
             return refusal
-    return await _admit(session, limits.at_accept) if limits.at_accept else None
+    return await settled(_admit(session, limits.at_accept)) if limits.at_accept else None
 
 
 async def _start_handshake(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
@@ -283,7 +308,7 @@ async def _on_request(session: Session, udp: bool, limits: Limits | None) -> Ver
         return refusal
     if limits is None or not limits.at_request:
         return None
-    return await _admit(session, limits.at_request)
+    return await settled(_admit(session, limits.at_request))
 
 
 @hookimpl
@@ -292,20 +317,20 @@ def socksflow_relay_start(session: Session) -> Bandwidth | None:
     if limits is None or not limits.bandwidth:
         return None
     state = _state(session)
-    now = time.monotonic()
-    up: list[TokenBucket | SharedBucket] = []
-    down: list[TokenBucket | SharedBucket] = []
+    up: list[TokenBucket | LeasedBucket | SharedBucket] = []
+    down: list[TokenBucket | LeasedBucket | SharedBucket] = []
     for entry in limits.bandwidth:
         if not entry.match.matches(session):
             continue
+        session_scope = entry.per.kind == "session"
+        key = None if session_scope else entry.per.key(session)
         for way, rate, found in (("up", entry.up, up), ("down", entry.down, down)):
             if rate is None:
                 continue
-            if entry.per.kind == "session":
-                found.append(TokenBucket(rate.per_second, rate.burst, now))
-                continue
-            key = ("bytes", entry.ident, way, entry.per.key(session))
-            found.append(SharedBucket(state.table, key, rate.per_second, rate.burst))
+            if session_scope:
+                found.append(TokenBucket(rate.per_second, rate.burst, time.monotonic()))
+            else:
+                found.append(state.bucket(("bytes", entry.ident, way, key), rate.per_second, rate.burst))
     return Bandwidth(up, down) if up or down else None
 
 
