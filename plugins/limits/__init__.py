@@ -137,7 +137,7 @@ def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | Awaitable[
     # In entry order: a session counted already must still fit with itself counted, and a rate
     # gives a token; then the keys to count, each with its entry of the lowest max_sessions.
     checks: list[Check] = []
-    refusals: list[tuple[Entry, str]] = []
+    by: list[Entry] = []  # the entry of each check
     wanted: dict[Hashable, Entry] = {}
     for entry in entries:
         if not entry.match.matches(session):
@@ -146,39 +146,39 @@ def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | Awaitable[
         if entry.max_sessions is not None:
             if key in counted:  # counted at accept
                 checks.append(("within", ("sessions", key), entry.max_sessions))
-                refusals.append((entry, f"{entry.max_sessions} open sessions"))
+                by.append(entry)
             elif key not in wanted or entry.max_sessions < wanted[key].max_sessions:  # type: ignore[operator]
                 wanted[key] = entry
         rate = entry.session_rate
         if rate is not None:
             checks.append(("take", ("rate", entry.ident, key), rate.per_second, rate.burst))
-            refusals.append((entry, f"{rate.per_second:g} new sessions/s"))
+            by.append(entry)
     if not checks and not wanted:
         return None
     acquires = [(key, entry.max_sessions) for key, entry in wanted.items()]
     refused = _state(session).admit(checks, acquires, time.monotonic())  # type: ignore[arg-type]
     if isinstance(refused, int):
-        return _admitted(session, refused, refusals, wanted, counted)
-    return _admitted_later(session, refused, refusals, wanted, counted)
+        return _admitted(session, refused, checks, by, wanted, counted)
+    return _admitted_later(session, refused, checks, by, wanted, counted)
 
 
-async def _admitted_later(session: Session, refused: Awaitable[int], refusals: list[tuple[Entry, str]],
+async def _admitted_later(session: Session, refused: Awaitable[int], checks: list[Check], by: list[Entry],
                           wanted: dict[Hashable, Entry], counted: set[Hashable]) -> Verdict | None:  # fmt: skip
-    return _admitted(session, await refused, refusals, wanted, counted)
+    return _admitted(session, await refused, checks, by, wanted, counted)
 
 
-def _admitted(session: Session, refused: int, refusals: list[tuple[Entry, str]],
+def _admitted(session: Session, refused: int, checks: list[Check], by: list[Entry],
               wanted: dict[Hashable, Entry], counted: set[Hashable]) -> Verdict | None:  # fmt: skip
     """The outcome of :meth:`State.admit`: the session counted in, or the refusal of the limit that refused."""
     if refused < 0:
         counted.update(wanted)
         return None
-    if refused < len(refusals):
-        entry, what = refusals[refused]
-    else:
-        entry = list(wanted.values())[refused - len(refusals)]
-        what = f"{entry.max_sessions} open sessions"
-    return _refuse(session, entry, entry.describe(what))
+    if refused < len(checks) and checks[refused][0] == "take":
+        entry = by[refused]
+        assert entry.session_rate is not None
+        return _refuse(session, entry, entry.describe(f"{entry.session_rate.per_second:g} new sessions/s"))
+    entry = by[refused] if refused < len(checks) else list(wanted.values())[refused - len(checks)]
+    return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
 
 
 def _refuse(session: Session, entry: Entry, what: str, level: int = logging.INFO) -> Verdict:
