@@ -76,6 +76,7 @@ class SharedTable:
         self._slots = (slot_type * slots).from_buffer(self._map, _MUTEX_BYTES)
         self._size = slots
         self._full_logged = False
+        self._known: dict[Hashable, tuple[int, ctypes.Structure]] = {}  # see _remember
         attr = ctypes.create_string_buffer(_ATTR_BYTES)
         for call, argument in (
             (_libc.pthread_mutexattr_init, None),
@@ -108,6 +109,9 @@ class SharedTable:
     def _slot(self, key: Hashable, now: float, create: bool) -> ctypes.Structure | None:
         """The key's slot (caller holds the lock); a new one if ``create``; None if there is none
         (and, creating, when the probe window is full of live slots: logged once)."""
+        known = self._known.get(key)
+        if known is not None and known[1].key == known[0]:  # still this key's: no probing
+            return known[1]
         wanted = _mix(hash(key))
         slots = self._slots
         start = wanted % self._size
@@ -115,6 +119,7 @@ class SharedTable:
         for probe in range(PROBE_WINDOW):
             slot = slots[(start + probe) % self._size]
             if slot.key == wanted:
+                self._remember(key, wanted, slot)
                 return slot
             if reusable is None and (slot.key == 0 or _forgettable(slot, now)):
                 reusable = slot
@@ -130,7 +135,15 @@ class SharedTable:
         ctypes.memset(ctypes.addressof(reusable), 0, ctypes.sizeof(reusable))
         reusable.key = wanted
         reusable.window = now
+        self._remember(key, wanted, reusable)
         return reusable
+
+    def _remember(self, key: Hashable, wanted: int, slot: ctypes.Structure) -> None:
+        """Note where ``key`` lives, for this process: a key has one slot, which stays its own
+        until it carries no information and another key takes it (then its ``key`` differs)."""
+        if len(self._known) >= self._size:
+            self._known.clear()
+        self._known[key] = (wanted, slot)
 
     # ------------------------------------------------------------------ concurrency counts
 

@@ -126,18 +126,45 @@ def _state(session: Session) -> State:
     return state
 
 
-def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | Awaitable[Verdict | None] | None:
+def _admit(
+    session: Session, entries: tuple[Entry, ...], at_accept: bool = False
+) -> Verdict | Awaitable[Verdict | None] | None:
     """Check session rates and concurrency; count the session in when every entry lets it in.
 
     One critical section of the shared table for all of it (an awaitable only with Redis).
+    At accept, what to check depends on the client's address alone: planned once per address.
     """
+    state = _state(session)
     counted = session.stash.get(COUNTED)
     if counted is None:
         counted = session.stash[COUNTED] = set()
+    if at_accept:
+        host = session.client.host
+        plans = state.plans_under(session.config.stash.get(SETTINGS))
+        plan = plans.get((host.__class__, int(host)))
+        if plan is None:
+            plan = plans[(host.__class__, int(host))] = _plan(session, entries, counted)
+    else:
+        plan = _plan(session, entries, counted)
+    checks, by, wanted, acquires = plan
+    if not checks and not wanted:
+        return None
+    refused = state.admit(checks, acquires, time.monotonic())
+    if isinstance(refused, int):
+        return _admitted(session, refused, checks, by, wanted, counted)
+    return _admitted_later(session, refused, checks, by, wanted, counted)
+
+
+Plan = tuple[list["Check"], list[Entry], dict[Hashable, Entry], list[tuple[Hashable, int]]]
+
+
+def _plan(session: Session, entries: tuple[Entry, ...], counted: set[Hashable]) -> Plan:
+    """What admitting ``session`` takes: the checks in entry order, the entry of each, and the keys
+    to count (each with its entry of the lowest ``max_sessions``)."""
     # In entry order: a session counted already must still fit with itself counted, and a rate
-    # gives a token; then the keys to count, each with its entry of the lowest max_sessions.
+    # gives a token.
     checks: list[Check] = []
-    by: list[Entry] = []  # the entry of each check
+    by: list[Entry] = []
     wanted: dict[Hashable, Entry] = {}
     for entry in entries:
         if not entry.match.matches(session):
@@ -153,13 +180,7 @@ def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | Awaitable[
         if rate is not None:
             checks.append(("take", ("rate", entry.ident, key), rate.per_second, rate.burst))
             by.append(entry)
-    if not checks and not wanted:
-        return None
-    acquires = [(key, entry.max_sessions) for key, entry in wanted.items()]
-    refused = _state(session).admit(checks, acquires, time.monotonic())  # type: ignore[arg-type]
-    if isinstance(refused, int):
-        return _admitted(session, refused, checks, by, wanted, counted)
-    return _admitted_later(session, refused, checks, by, wanted, counted)
+    return checks, by, wanted, [(key, entry.max_sessions) for key, entry in wanted.items()]  # type: ignore[misc]
 
 
 async def _admitted_later(session: Session, refused: Awaitable[int], checks: list[Check], by: list[Entry],
@@ -223,7 +244,9 @@ def socksflow_client_connected(session: Session) -> Verdict | Awaitable[Verdict 
         return None
     if limits.auth or limits.handshakes:
         return _answer(session, _on_accept(session, limits))
-    return _admit(session, limits.at_accept) if limits.at_accept else None  # the common case: no coroutine
+    return (
+        _admit(session, limits.at_accept, True) if limits.at_accept else None
+    )  # the common case: no coroutine
 
 
 async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
@@ -235,7 +258,7 @@ async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
         refusal = await _start_handshake(session, limits.handshakes)
         if refusal is not None:
             return refusal
-    return await settled(_admit(session, limits.at_accept)) if limits.at_accept else None
+    return await settled(_admit(session, limits.at_accept, True)) if limits.at_accept else None
 
 
 async def _start_handshake(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
@@ -316,22 +339,37 @@ def socksflow_relay_start(session: Session) -> Bandwidth | None:
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.bandwidth:
         return None
+    # A tunnel's buckets depend on its client's address and identity: the same Bandwidth for
+    # every tunnel of one client, unless it has buckets of its own (per: session).
     state = _state(session)
+    plans = state.plans_under(limits)
+    host, identity = session.client.host, session.identity
+    key = ("bandwidth", host.__class__, int(host), identity.user, frozenset(identity.groups))
+    bandwidth = plans.get(key, _NONE)
+    if bandwidth is not _NONE:
+        return bandwidth  # type: ignore[no-any-return]
     up: list[TokenBucket | LeasedBucket | SharedBucket] = []
     down: list[TokenBucket | LeasedBucket | SharedBucket] = []
+    own = False
     for entry in limits.bandwidth:
         if not entry.match.matches(session):
             continue
-        session_scope = entry.per.kind == "session"
-        key = None if session_scope else entry.per.key(session)
+        own |= entry.per.kind == "session"
+        scope = None if entry.per.kind == "session" else entry.per.key(session)
         for way, rate, found in (("up", entry.up, up), ("down", entry.down, down)):
             if rate is None:
                 continue
-            if session_scope:
+            if scope is None:
                 found.append(TokenBucket(rate.per_second, rate.burst, time.monotonic()))
             else:
-                found.append(state.bucket(("bytes", entry.ident, way, key), rate.per_second, rate.burst))
-    return Bandwidth(up, down) if up or down else None
+                found.append(state.bucket(("bytes", entry.ident, way, scope), rate.per_second, rate.burst))
+    bandwidth = Bandwidth(up, down) if up or down else None
+    if not own:
+        plans[key] = bandwidth
+    return bandwidth
+
+
+_NONE = object()  # no plan yet
 
 
 @hookimpl

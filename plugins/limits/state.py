@@ -15,7 +15,7 @@ import collections
 import inspect
 import time
 from collections.abc import Awaitable, Hashable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from socksflow import SharedTable
 
@@ -45,6 +45,7 @@ class SharedBucket:
 LEASE_SECONDS = 0.01  # a worker leases this long of a bucket's rate ahead...
 LEASE_OF_BURST = 0.25  # ...but no more than this share of its depth
 MAX_LEASES = 4096  # buckets leased by this worker; beyond, it starts over (what was leased is spent)
+MAX_PLANS = 4096  # clients' plans kept; beyond, they are made again
 
 
 class LeasedBucket:
@@ -90,6 +91,17 @@ class State:
         # One machine's table answers every operation at once; Redis's may have to ask first.
         self.answers_at_once = isinstance(table, SharedTable)
         self.buckets: dict[Hashable, LeasedBucket | SharedBucket] = {}
+        # What sessions from one client (and identity) are admitted and paced by, under the
+        # limits of ``plans_for``: worked out once, not per session (see the plugin's hooks).
+        self.plans_for: object = None
+        self.plans: dict[Hashable, Any] = {}
+
+    def plans_under(self, limits: object) -> dict[Hashable, Any]:
+        """The plans made under ``limits`` (the configuration's): none yet after a reload."""
+        if limits is not self.plans_for or len(self.plans) >= MAX_PLANS:
+            self.plans_for = limits
+            self.plans = {}
+        return self.plans
 
     def bucket(self, key: Hashable, rate: float, burst: float) -> LeasedBucket | SharedBucket:
         """The shared bandwidth bucket ``key``, as this worker's tunnels charge it."""
