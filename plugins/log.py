@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from socksflow import ROUTE, Command, Config, Server, Session, StashKey, hookimpl, timestamp
+from socksflow import ROUTE, Address, Command, Config, Server, Session, StashKey, hookimpl, timestamp
 
 log = logging.getLogger("socksflow.log")
 
@@ -218,8 +218,8 @@ def record(session: Session) -> dict[str, Any]:
         "protocol": session.protocol or None,
         "user": session.identity.user or None,
         "command": COMMAND_NAMES[request.command] if request else None,
-        "destination": str(request.destination) if request else None,
-        "remote": str(session.remote) if session.remote else None,
+        "destination": address_text(request.destination) if request else None,
+        "remote": address_text(session.remote) if session.remote else None,
         "verdict": session.outcome,
         "rule": (verdict.rule or None) if verdict else None,
         "plugin": (session.decided_by or None) if verdict else None,
@@ -237,6 +237,23 @@ def record(session: Session) -> dict[str, Any]:
 
 
 COMMAND_NAMES = {command: command.name.lower() for command in Command}
+MAX_TEXTS = 4096
+_texts: dict[tuple[Any, ...], str] = {}
+
+
+def address_text(address: Address) -> str:
+    """``str(address)``, remembered per host and port: sessions go to few destinations, and an
+    IP address is written by five Python calls (the client's, whose port changes every time, is not)."""
+    host = address.host
+    key = (host, address.port) if isinstance(host, str) else (host.__class__, int(host), address.port)
+    text = _texts.get(key)
+    if text is None:
+        if len(_texts) >= MAX_TEXTS:
+            _texts.clear()
+        text = _texts[key] = str(address)
+    return text
+
+
 _JSON = json.JSONEncoder(check_circular=False)  # a record holds no containers: nothing to check
 # json's C encoder, made once: JSONEncoder.encode makes one per line.  Same output, same options.
 _encode = (

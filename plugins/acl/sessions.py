@@ -15,11 +15,10 @@ UDP datagrams: remembered per association and destination.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable
 from typing import Any
 
-from socksflow import OUTBOUNDS, Address, Command, IPAddress, Registry, Request, Session, StashKey, Verdict
+from socksflow import OUTBOUNDS, Address, Command, Registry, Request, Session, StashKey, Verdict
 
 from .evaluate import Decision, Query, Resolve, decide, evaluate
 from .matchers import normalize
@@ -82,25 +81,24 @@ def decide_request(ruleset: RuleSet, session: Session, request: Request) -> Verd
 
 
 def _request_key(session: Session, request: Request) -> tuple[Any, ...]:
-    """Everything :func:`session_query` takes from ``session`` and ``request``, as ints and strings."""
+    """Everything :func:`session_query` takes from ``session`` and ``request``, as ints and strings
+    (an IP address as its class and number: IPv4 and IPv6 numbers overlap)."""
     identity = session.identity
+    client, local = session.client.host, session.local.host
     destination = request.destination
     host = destination.host
     return (
-        _number(session.client.host),
-        host if isinstance(host, str) else _number(host),
+        client.__class__,
+        int(client),
+        host if isinstance(host, str) else (host.__class__, int(host)),
         destination.port,
         request.command,
         session.protocol,
         identity.user,
         frozenset(identity.groups),  # the same object when it is one already, as it should be
-        _number(session.local.host),
+        local.__class__,
+        int(local),
     )
-
-
-def _number(ip: IPAddress) -> int:
-    """IPv4 as its number, IPv6 as a negative one: each address its own int, never two alike."""
-    return int(ip) if isinstance(ip, ipaddress.IPv4Address) else -1 - int(ip)
 
 
 async def _routed(verdict: Awaitable[Verdict], command: Command, outbounds: Registry | None) -> Verdict:
