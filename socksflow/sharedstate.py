@@ -38,7 +38,7 @@ _PTHREAD_MUTEX_ROBUST = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
-Check = tuple[str, Hashable, int] | tuple[str, Hashable, float, float]  # see SharedTable.admit
+Check = tuple[str, Hashable, int] | tuple[str, Hashable, float, float, float]  # see SharedTable.admit
 
 
 def _slot_type(workers: int) -> type[ctypes.Structure]:
@@ -180,20 +180,28 @@ class SharedTable:
         slot = self._slot(key, 0.0, False)
         return 0 if slot is None else slot.total
 
-    def admit(self, checks: Sequence[Check], acquires: Sequence[tuple[Hashable, int]], now: float) -> int:
+    def admit(
+        self, checks: Sequence[Check], acquires: Sequence[tuple[Hashable, int]], now: float,
+        leased: list[tuple[Hashable, float]] | None = None,
+    ) -> int:  # fmt: skip
         """A new session's admission in one critical section instead of one per limit.
 
-        ``checks`` run in order, up to the first that fails: ``("take", key, rate, burst)``
-        takes a token as :meth:`take`; ``("within", key, limit)`` passes while ``key`` counts at
-        most ``limit`` (a session counted already, checked against a further limit).  Then each
-        ``(key, limit)`` of ``acquires`` is counted as :meth:`acquire`, all or none.  Returns -1
-        when everything passed, else the index of what refused: ``checks`` first, then
-        ``acquires`` (``len(checks) + i``).  Tokens taken before a refusal stay taken.
+        ``checks`` run in order, up to the first that fails: ``("take", key, rate, burst,
+        extra)`` takes a token as :meth:`take`, and up to ``extra`` more while the bucket holds
+        them, for the caller to spend later (each ``(key, tokens)`` granted goes to ``leased``);
+        ``("within", key, limit)`` passes while ``key`` counts at most ``limit`` (a session counted
+        already, checked against a further limit).  Then each ``(key, limit)`` of ``acquires`` is
+        counted as :meth:`acquire`, all or none.  Returns -1 when everything passed, else the
+        index of what refused: ``checks`` first, then ``acquires`` (``len(checks) + i``).  Tokens
+        taken before a refusal stay taken.
         """
         with self:
             for index, check in enumerate(checks):
                 if check[0] == "take":
-                    passed = self._take(check[1], check[2], check[3], now)  # type: ignore[misc]
+                    granted = self._take(check[1], check[2], check[3], now, check[4])  # type: ignore[misc]
+                    if granted > 0 and leased is not None:
+                        leased.append((check[1], granted))
+                    passed = granted >= 0
                 else:
                     passed = self._count(check[1]) <= check[2]  # type: ignore[operator]
                 if not passed:
@@ -222,14 +230,17 @@ class SharedTable:
     def take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
         """Take one token from the bucket ``key`` (``rate``/s, at most ``burst``; starts full)."""
         with self:
-            return self._take(key, rate, burst, now)
+            return self._take(key, rate, burst, now) >= 0
 
-    def _take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
+    def _take(self, key: Hashable, rate: float, burst: float, now: float, extra: float = 0) -> float:
+        """:meth:`take`, and up to ``extra`` tokens more while there are: how many more, -1 if none was."""
         slot = self._bucket(key, rate, burst, now)
         if slot is None or slot.tokens < 1:
-            return False
-        slot.tokens -= 1
-        return True
+            return -1
+        tokens = slot.tokens - 1
+        granted = min(extra, float(int(tokens))) if extra and tokens >= 1 else 0
+        slot.tokens = tokens - granted
+        return granted
 
     def charge(self, key: Hashable, rate: float, burst: float, amount: float, now: float) -> float:
         """Take ``amount`` tokens, into debt if need be; the seconds until the debt is paid."""

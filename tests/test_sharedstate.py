@@ -7,7 +7,7 @@ import signal
 import time
 
 import pytest
-from socksflow_plugins.limits.state import LeasedBucket
+from socksflow_plugins.limits.state import LeasedBucket, State, rate_lease
 
 from socksflow.sharedstate import PROBE_WINDOW, SharedTable
 
@@ -105,7 +105,7 @@ def test_a_bucket_is_shared_and_refills_at_its_rate() -> None:
 
 def test_an_admission_takes_its_tokens_in_order_and_counts_all_or_nothing() -> None:
     table = SharedTable(workers=2, slots=1024)
-    rate = ("take", "rate", 10.0, 2.0)
+    rate = ("take", "rate", 10.0, 2.0, 0.0)
     assert table.admit([rate], [("a", 2), ("b", 1)], 100.0) == -1
     assert (table.count("a"), table.count("b")) == (1, 1)
     assert table.admit([rate], [("a", 2), ("b", 1)], 100.0) == 2  # b is full: a is given back
@@ -114,6 +114,13 @@ def test_an_admission_takes_its_tokens_in_order_and_counts_all_or_nothing() -> N
     assert table.admit([("within", "b", 1), rate], [], 100.25) == -1  # b counts 1, at most 1: passes
     assert table.admit([("within", "b", 0), rate], [], 100.5) == 0  # refused before the rate is asked
     assert table.take("rate", 10.0, 2.0, 100.5)
+    # A take may lease whole tokens beyond its own, while the bucket holds them, for later.
+    leased: list = []
+    assert table.admit([("take", "big", 1000.0, 10.0, 4.0)], [], 200.0, leased) == -1
+    assert leased == [("big", 4.0)]
+    assert table.admit([("take", "big", 1000.0, 10.0, 9.0)], [], 200.0, leased) == -1
+    assert leased[1] == ("big", 4.0)  # 5 left: one taken, 4 leased, never into debt
+    assert table.admit([("take", "big", 1000.0, 10.0, 9.0)], [], 200.0, leased) == 0
 
 
 def test_leased_tokens_never_add_to_what_the_shared_bucket_gives() -> None:
@@ -134,6 +141,16 @@ def test_leased_tokens_never_add_to_what_the_shared_bucket_gives() -> None:
     while two.charge(1, 50.0) == 0.0:
         spent += 1
     assert spent <= two.lease  # the other worker spends what it leased, then waits as well
+
+
+def test_leased_session_rate_tokens_never_admit_more_than_the_shared_bucket_holds() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    one, two = State(table), State(table)  # two workers' views of one table
+    check = ("take", "rate", 1000.0, 40.0, rate_lease(1000.0, 40.0))
+    assert check[4] == 9.0  # 10 ms of the rate, less the token taken
+    admitted = [state.admit([check], [], 50.0) == -1 for _ in range(60) for state in (one, two)]
+    assert 40 - 2 * 9 <= sum(admitted) <= 40  # what the leases hold unspent is held back, never added
+    assert rate_lease(100.0, 100.0) == 0.0  # below 200/s every session asks the shared bucket
 
 
 def test_events_within_a_window_and_blocks_logged_once() -> None:

@@ -65,7 +65,7 @@ from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
-from .state import LeasedBucket, SharedBucket, State, settled
+from .state import LeasedBucket, SharedBucket, State, rate_lease, settled
 
 if TYPE_CHECKING:
     from socksflow.sharedstate import Check
@@ -178,7 +178,8 @@ def _plan(session: Session, entries: tuple[Entry, ...], counted: set[Hashable]) 
                 wanted[key] = entry
         rate = entry.session_rate
         if rate is not None:
-            checks.append(("take", ("rate", entry.ident, key), rate.per_second, rate.burst))
+            lease = rate_lease(rate.per_second, rate.burst)
+            checks.append(("take", ("rate", entry.ident, key), rate.per_second, rate.burst, lease))
             by.append(entry)
     return checks, by, wanted, [(key, entry.max_sessions) for key, entry in wanted.items()]  # type: ignore[misc]
 

@@ -44,8 +44,15 @@ class SharedBucket:
 
 LEASE_SECONDS = 0.01  # a worker leases this long of a bucket's rate ahead...
 LEASE_OF_BURST = 0.25  # ...but no more than this share of its depth
+LEASE_LIFE = 1.0  # seconds leased session-rate tokens stay good: older ones would add to a later burst
 MAX_LEASES = 4096  # buckets leased by this worker; beyond, it starts over (what was leased is spent)
 MAX_PLANS = 4096  # clients' plans kept; beyond, they are made again
+
+
+def rate_lease(rate: float, burst: float) -> float:
+    """Tokens a worker leases beyond the one it takes from a session-rate bucket: none below 200
+    sessions/s (every new session asks the shared bucket, exactly), else up to 10 ms of the rate."""
+    return float(max(0, int(min(rate * LEASE_SECONDS, burst * LEASE_OF_BURST)) - 1))
 
 
 class LeasedBucket:
@@ -91,6 +98,7 @@ class State:
         # One machine's table answers every operation at once; Redis's may have to ask first.
         self.answers_at_once = isinstance(table, SharedTable)
         self.buckets: dict[Hashable, LeasedBucket | SharedBucket] = {}
+        self.rate_leases: dict[Hashable, list[float]] = {}  # session-rate tokens leased: [tokens, when]
         # What sessions from one client (and identity) are admitted and paced by, under the
         # limits of ``plans_for``: worked out once, not per session (see the plugin's hooks).
         self.plans_for: object = None
@@ -134,14 +142,38 @@ class State:
         self, checks: list[Check], acquires: list[tuple[Hashable, int]], now: float
     ) -> int | Awaitable[int]:
         """:meth:`SharedTable.admit` with ``acquires`` counting ``sessions``: at once in one critical
-        section on one machine's table, else (Redis) an awaitable asking one limit after another."""
+        section on one machine's table, else (Redis) an awaitable asking one limit after another.
+
+        Session rates are leased as bandwidth is (:func:`rate_lease`): the leading ``take``
+        checks this worker holds tokens for are answered here, in order, the rest by the table.
+        """
         if not self.answers_at_once:
             return self._admit_stepwise(checks, acquires, now)
-        refused = self.table.admit(checks, [(("sessions", key), limit) for key, limit in acquires], now)
-        if refused < 0:
-            active = self.active
-            for key, _ in acquires:
-                active[key] += 1
+        leases = self.rate_leases
+        spent = 0
+        for check in checks:
+            lease = leases.get(check[1]) if check[0] == "take" else None
+            if lease is None or lease[0] < 1 or now - lease[1] > LEASE_LIFE:
+                break
+            lease[0] -= 1
+            spent += 1
+        leased: list[tuple[Hashable, float]] = []
+        table_acquires = [(("sessions", key), limit) for key, limit in acquires]
+        refused = self.table.admit(checks[spent:] if spent else checks, table_acquires, now, leased)
+        for key, tokens in leased:
+            lease = leases.get(key)
+            if lease is None or now - lease[1] > LEASE_LIFE:
+                if len(leases) >= MAX_LEASES:
+                    leases.clear()
+                leases[key] = [tokens, now]
+            else:
+                lease[0] += tokens
+                lease[1] = now
+        if refused >= 0:
+            return refused + spent
+        active = self.active
+        for key, _ in acquires:
+            active[key] += 1
         return refused
 
     async def _admit_stepwise(
