@@ -157,7 +157,8 @@ class SharedTable:
         if slot is None or slot.total >= limit:
             return False
         slot.total += 1
-        slot.counts[self.worker] += 1
+        counts = slot.counts  # each read of a ctypes array field makes an object
+        counts[self.worker] += 1
         return True
 
     def release(self, key: Hashable) -> None:
@@ -167,8 +168,11 @@ class SharedTable:
 
     def _release(self, key: Hashable) -> None:
         slot = self._slot(key, 0.0, False)
-        if slot is not None and slot.counts[self.worker] > 0:
-            slot.counts[self.worker] -= 1
+        if slot is None:
+            return
+        counts, worker = slot.counts, self.worker
+        if counts[worker] > 0:
+            counts[worker] -= 1
             slot.total -= 1
 
     def count(self, key: Hashable) -> int:
