@@ -6,6 +6,7 @@ anonymous shared mapping holding a fixed-size hash table and a process-shared *r
 (a worker killed while holding it does not wedge the others: the next locker is told the
 owner died and carries on).  Each operation is one short critical section — a lock, a few
 field updates, an unlock — about a microsecond, so a session pays for sharing once or twice.
+A table for one worker (one process serving alone) is that process's own and takes no lock.
 
 Keys are hashed with Python's ``hash``: forked workers share the supervisor's hash seed, so a
 key hashes alike in all of them (this table is for one machine; Redis is for many).  Each slot
@@ -93,7 +94,13 @@ class SharedTable:
     # ------------------------------------------------------------------ locking
 
     def __enter__(self) -> SharedTable:
-        """Hold the table's mutex: one short critical section per operation."""
+        """Hold the table's mutex: one short critical section per operation.
+
+        A table for one worker is that process's alone (a supervisor touches it only once the
+        worker is dead): it takes no lock.
+        """
+        if self.workers == 1:
+            return self
         rc = _libc.pthread_mutex_lock(self._mutex)
         if rc == errno.EOWNERDEAD:  # a worker died inside a critical section: its update may be half done
             _libc.pthread_mutex_consistent(self._mutex)
@@ -102,7 +109,8 @@ class SharedTable:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _libc.pthread_mutex_unlock(self._mutex)
+        if self.workers != 1:
+            _libc.pthread_mutex_unlock(self._mutex)
 
     # ------------------------------------------------------------------ slots
 
