@@ -57,7 +57,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Coroutine, Hashable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from socksflow import Command, Config, Session, StashKey, Verdict, hookimpl
 
@@ -65,10 +65,7 @@ from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
-from .state import LeasedBucket, SharedBucket, State, rate_lease, settled
-
-if TYPE_CHECKING:
-    from socksflow.sharedstate import Check
+from .state import Check, LeasedBucket, SharedBucket, State, rate_lease, settled
 
 log = logging.getLogger("socksflow.limits")
 T = TypeVar("T")
@@ -155,7 +152,7 @@ def _admit(
     return _admitted_later(session, refused, checks, by, wanted, counted)
 
 
-Plan = tuple[list["Check"], list[Entry], dict[Hashable, Entry], list[tuple[Hashable, int]]]
+Plan = tuple[list[Check], list[Entry], dict[Hashable, Entry], list[tuple[Hashable, int]]]
 
 
 def _plan(session: Session, entries: tuple[Entry, ...], counted: set[Hashable]) -> Plan:

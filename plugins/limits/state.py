@@ -15,12 +15,9 @@ import collections
 import inspect
 import time
 from collections.abc import Awaitable, Hashable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from socksflow import SharedTable
-
-if TYPE_CHECKING:
-    from socksflow.sharedstate import Check
 
 from .settings import AuthThrottle
 
@@ -41,6 +38,8 @@ class SharedBucket:
     def charge(self, amount: int, now: float) -> float:
         return self.table.charge(self.key, self.rate, self.burst, amount, now)
 
+
+Check = tuple[Any, ...]  # ("take", key, rate, burst, lease) or ("within", key, limit): SharedTable.admit
 
 LEASE_SECONDS = 0.01  # a worker leases this long of a bucket's rate ahead...
 LEASE_OF_BURST = 0.25  # ...but no more than this share of its depth
