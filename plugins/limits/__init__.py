@@ -315,7 +315,7 @@ def socksflow_auth_result(
 
 @hookimpl(tryfirst=True)
 def socksflow_request(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
-    if HANDSHAKING in session.stash:
+    if session.stash.get(HANDSHAKING) is not None:  # get: one C call, `in`: a Python method
         _end_handshake(_state(session), _taken(session, HANDSHAKING))
     udp = session.request.command is Command.UDP_ASSOCIATE
     limits = session.config.stash.get(SETTINGS)
@@ -382,7 +382,7 @@ def socksflow_session_end(session: Session) -> None:
     if state is None:
         return  # nothing was ever counted
     associations.release(session, state)
-    if HANDSHAKING in session.stash:
+    if session.stash.get(HANDSHAKING) is not None:  # get: one C call, `in`: a Python method
         _end_handshake(state, _taken(session, HANDSHAKING))
     counted = session.stash.get(COUNTED)
     if counted:

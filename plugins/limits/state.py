@@ -148,17 +148,30 @@ class State:
         """
         if not self.answers_at_once:
             return self._admit_stepwise(checks, acquires, now)
-        leases = self.rate_leases
         spent = 0
-        for check in checks:
-            lease = leases.get(check[1]) if check[0] == "take" else None
-            if lease is None or lease[0] < 1 or now - lease[1] > LEASE_LIFE:
-                break
-            lease[0] -= 1
-            spent += 1
-        leased: list[tuple[Hashable, float]] = []
+        leased: list[tuple[Hashable, float]] | None = None
+        if checks:
+            leases = self.rate_leases
+            for check in checks:
+                lease = leases.get(check[1]) if check[0] == "take" else None
+                if lease is None or lease[0] < 1 or now - lease[1] > LEASE_LIFE:
+                    break
+                lease[0] -= 1
+                spent += 1
+            leased = []
         table_acquires = [(("sessions", key), limit) for key, limit in acquires]
         refused = self.table.admit(checks[spent:] if spent else checks, table_acquires, now, leased)
+        if leased:
+            self._keep_leases(leased, now)
+        if refused >= 0:
+            return refused + spent
+        active = self.active
+        for key, _ in acquires:
+            active[key] += 1
+        return refused
+
+    def _keep_leases(self, leased: list[tuple[Hashable, float]], now: float) -> None:
+        leases = self.rate_leases
         for key, tokens in leased:
             lease = leases.get(key)
             if lease is None or now - lease[1] > LEASE_LIFE:
@@ -168,12 +181,6 @@ class State:
             else:
                 lease[0] += tokens
                 lease[1] = now
-        if refused >= 0:
-            return refused + spent
-        active = self.active
-        for key, _ in acquires:
-            active[key] += 1
-        return refused
 
     async def _admit_stepwise(
         self, checks: list[Check], acquires: list[tuple[Hashable, int]], now: float
