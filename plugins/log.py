@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import json.encoder
 import logging
 import os
 import signal
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from socksflow import ROUTE, Config, Server, Session, StashKey, hookimpl, timestamp
+from socksflow import ROUTE, Address, Command, Config, Server, Session, StashKey, hookimpl, timestamp
 
 log = logging.getLogger("socksflow.log")
 
@@ -203,7 +204,7 @@ def socksflow_session_end(session: Session) -> None:
 def line(session: Session, format: str) -> str:
     """The access log line of a finished session, in ``format``."""
     fields = record(session)
-    return _JSON.encode(fields) if format == "json" else text_line(fields)
+    return json_line(fields) if format == "json" else text_line(fields)
 
 
 def record(session: Session) -> dict[str, Any]:
@@ -216,9 +217,9 @@ def record(session: Session) -> dict[str, Any]:
         "client": str(session.client),
         "protocol": session.protocol or None,
         "user": session.identity.user or None,
-        "command": request.command.name.lower() if request else None,
-        "destination": str(request.destination) if request else None,
-        "remote": str(session.remote) if session.remote else None,
+        "command": COMMAND_NAMES[request.command] if request else None,
+        "destination": address_text(request.destination) if request else None,
+        "remote": address_text(session.remote) if session.remote else None,
         "verdict": session.outcome,
         "rule": (verdict.rule or None) if verdict else None,
         "plugin": (session.decided_by or None) if verdict else None,
@@ -235,7 +236,38 @@ def record(session: Session) -> dict[str, Any]:
     return fields
 
 
+COMMAND_NAMES = {command: command.name.lower() for command in Command}
+MAX_TEXTS = 4096
+_texts: dict[tuple[Any, ...], str] = {}
+
+
+def address_text(address: Address) -> str:
+    """``str(address)``, remembered per host and port: sessions go to few destinations, and an
+    IP address is written by five Python calls (the client's, whose port changes every time, is not)."""
+    host = address.host
+    key = (host, address.port) if isinstance(host, str) else (host.__class__, int(host), address.port)
+    text = _texts.get(key)
+    if text is None:
+        if len(_texts) >= MAX_TEXTS:
+            _texts.clear()
+        text = _texts[key] = str(address)
+    return text
+
+
 _JSON = json.JSONEncoder(check_circular=False)  # a record holds no containers: nothing to check
+# json's C encoder, made once: JSONEncoder.encode makes one per line.  Same output, same options.
+_encode = (
+    json.encoder.c_make_encoder(
+        None, _JSON.default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+
+
+def json_line(fields: dict[str, Any]) -> str:
+    """``fields`` as one line of JSON, as ``json.dumps`` writes it (ASCII only: escapes the rest)."""
+    return "".join(_encode(fields, 0)) if _encode is not None else _JSON.encode(fields)
 
 
 def text_line(fields: dict[str, Any]) -> str:

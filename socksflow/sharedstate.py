@@ -6,6 +6,7 @@ anonymous shared mapping holding a fixed-size hash table and a process-shared *r
 (a worker killed while holding it does not wedge the others: the next locker is told the
 owner died and carries on).  Each operation is one short critical section — a lock, a few
 field updates, an unlock — about a microsecond, so a session pays for sharing once or twice.
+A table for one worker (one process serving alone) is that process's own and takes no lock.
 
 Keys are hashed with Python's ``hash``: forked workers share the supervisor's hash seed, so a
 key hashes alike in all of them (this table is for one machine; Redis is for many).  Each slot
@@ -25,7 +26,7 @@ import ctypes
 import errno
 import logging
 import mmap
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 log = logging.getLogger("socksflow.sharedstate")
 
@@ -37,6 +38,8 @@ _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+Check = tuple[str, Hashable, int] | tuple[str, Hashable, float, float, float]  # see SharedTable.admit
 
 
 def _slot_type(workers: int) -> type[ctypes.Structure]:
@@ -74,6 +77,7 @@ class SharedTable:
         self._slots = (slot_type * slots).from_buffer(self._map, _MUTEX_BYTES)
         self._size = slots
         self._full_logged = False
+        self._known: dict[Hashable, tuple[int, ctypes.Structure]] = {}  # see _remember
         attr = ctypes.create_string_buffer(_ATTR_BYTES)
         for call, argument in (
             (_libc.pthread_mutexattr_init, None),
@@ -90,7 +94,13 @@ class SharedTable:
     # ------------------------------------------------------------------ locking
 
     def __enter__(self) -> SharedTable:
-        """Hold the table's mutex: one short critical section per operation."""
+        """Hold the table's mutex: one short critical section per operation.
+
+        A table for one worker is that process's alone (a supervisor touches it only once the
+        worker is dead): it takes no lock.
+        """
+        if self.workers == 1:
+            return self
         rc = _libc.pthread_mutex_lock(self._mutex)
         if rc == errno.EOWNERDEAD:  # a worker died inside a critical section: its update may be half done
             _libc.pthread_mutex_consistent(self._mutex)
@@ -99,13 +109,17 @@ class SharedTable:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _libc.pthread_mutex_unlock(self._mutex)
+        if self.workers != 1:
+            _libc.pthread_mutex_unlock(self._mutex)
 
     # ------------------------------------------------------------------ slots
 
     def _slot(self, key: Hashable, now: float, create: bool) -> ctypes.Structure | None:
         """The key's slot (caller holds the lock); a new one if ``create``; None if there is none
         (and, creating, when the probe window is full of live slots: logged once)."""
+        known = self._known.get(key)
+        if known is not None and known[1].key == known[0]:  # still this key's: no probing
+            return known[1]
         wanted = _mix(hash(key))
         slots = self._slots
         start = wanted % self._size
@@ -113,6 +127,7 @@ class SharedTable:
         for probe in range(PROBE_WINDOW):
             slot = slots[(start + probe) % self._size]
             if slot.key == wanted:
+                self._remember(key, wanted, slot)
                 return slot
             if reusable is None and (slot.key == 0 or _forgettable(slot, now)):
                 reusable = slot
@@ -128,33 +143,87 @@ class SharedTable:
         ctypes.memset(ctypes.addressof(reusable), 0, ctypes.sizeof(reusable))
         reusable.key = wanted
         reusable.window = now
+        self._remember(key, wanted, reusable)
         return reusable
+
+    def _remember(self, key: Hashable, wanted: int, slot: ctypes.Structure) -> None:
+        """Note where ``key`` lives, for this process: a key has one slot, which stays its own
+        until it carries no information and another key takes it (then its ``key`` differs)."""
+        if len(self._known) >= self._size:
+            self._known.clear()
+        self._known[key] = (wanted, slot)
 
     # ------------------------------------------------------------------ concurrency counts
 
     def acquire(self, key: Hashable, limit: int, now: float) -> bool:
         """Count one more session under ``key`` unless ``limit`` are already counted."""
         with self:
-            slot = self._slot(key, now, True)
-            if slot is None or slot.total >= limit:
-                return False
-            slot.total += 1
-            slot.counts[self.worker] += 1
-            return True
+            return self._acquire(key, limit, now)
+
+    def _acquire(self, key: Hashable, limit: int, now: float) -> bool:
+        slot = self._slot(key, now, True)
+        if slot is None or slot.total >= limit:
+            return False
+        slot.total += 1
+        counts = slot.counts  # each read of a ctypes array field makes an object
+        counts[self.worker] += 1
+        return True
 
     def release(self, key: Hashable) -> None:
         """Give back one session counted by this worker under ``key``."""
         with self:
-            slot = self._slot(key, 0.0, False)
-            if slot is not None and slot.counts[self.worker] > 0:
-                slot.counts[self.worker] -= 1
-                slot.total -= 1
+            self._release(key)
+
+    def _release(self, key: Hashable) -> None:
+        slot = self._slot(key, 0.0, False)
+        if slot is None:
+            return
+        counts, worker = slot.counts, self.worker
+        if counts[worker] > 0:
+            counts[worker] -= 1
+            slot.total -= 1
 
     def count(self, key: Hashable) -> int:
         """Sessions counted under ``key`` by every worker."""
         with self:
-            slot = self._slot(key, 0.0, False)
-            return 0 if slot is None else slot.total
+            return self._count(key)
+
+    def _count(self, key: Hashable) -> int:
+        slot = self._slot(key, 0.0, False)
+        return 0 if slot is None else slot.total
+
+    def admit(
+        self, checks: Sequence[Check], acquires: Sequence[tuple[Hashable, int]], now: float,
+        leased: list[tuple[Hashable, float]] | None = None,
+    ) -> int:  # fmt: skip
+        """A new session's admission in one critical section instead of one per limit.
+
+        ``checks`` run in order, up to the first that fails: ``("take", key, rate, burst,
+        extra)`` takes a token as :meth:`take`, and up to ``extra`` more while the bucket holds
+        them, for the caller to spend later (each ``(key, tokens)`` granted goes to ``leased``);
+        ``("within", key, limit)`` passes while ``key`` counts at most ``limit`` (a session counted
+        already, checked against a further limit).  Then each ``(key, limit)`` of ``acquires`` is
+        counted as :meth:`acquire`, all or none.  Returns -1 when everything passed, else the
+        index of what refused: ``checks`` first, then ``acquires`` (``len(checks) + i``).  Tokens
+        taken before a refusal stay taken.
+        """
+        with self:
+            for index, check in enumerate(checks):
+                if check[0] == "take":
+                    granted = self._take(check[1], check[2], check[3], now, check[4])  # type: ignore[misc]
+                    if granted > 0 and leased is not None:
+                        leased.append((check[1], granted))
+                    passed = granted >= 0
+                else:
+                    passed = self._count(check[1]) <= check[2]  # type: ignore[operator]
+                if not passed:
+                    return index
+            for index, (key, limit) in enumerate(acquires):
+                if not self._acquire(key, limit, now):
+                    for earlier, _ in acquires[:index]:
+                        self._release(earlier)
+                    return len(checks) + index
+            return -1
 
     def release_worker(self, worker: int) -> int:
         """Give back everything ``worker`` held (it died); the number of sessions released."""
@@ -173,20 +242,37 @@ class SharedTable:
     def take(self, key: Hashable, rate: float, burst: float, now: float) -> bool:
         """Take one token from the bucket ``key`` (``rate``/s, at most ``burst``; starts full)."""
         with self:
-            slot = self._bucket(key, rate, burst, now)
-            if slot is None or slot.tokens < 1:
-                return False
-            slot.tokens -= 1
-            return True
+            return self._take(key, rate, burst, now) >= 0
+
+    def _take(self, key: Hashable, rate: float, burst: float, now: float, extra: float = 0) -> float:
+        """:meth:`take`, and up to ``extra`` tokens more while there are: how many more, -1 if none was."""
+        slot = self._bucket(key, rate, burst, now)
+        if slot is None or slot.tokens < 1:
+            return -1
+        tokens = slot.tokens - 1
+        granted = min(extra, float(int(tokens))) if extra and tokens >= 1 else 0
+        slot.tokens = tokens - granted
+        return granted
 
     def charge(self, key: Hashable, rate: float, burst: float, amount: float, now: float) -> float:
         """Take ``amount`` tokens, into debt if need be; the seconds until the debt is paid."""
+        return self.lease(key, rate, burst, amount, 0.0, now)[1]
+
+    def lease(
+        self, key: Hashable, rate: float, burst: float, amount: float, extra: float, now: float
+    ) -> tuple[float, float]:
+        """As :meth:`charge`, also taking up to ``extra`` more tokens while the bucket holds them
+        (never into debt): for a worker to spend on later chunks without the lock.  Returns the
+        extra tokens granted and the seconds until the debt is paid."""
         with self:
             slot = self._bucket(key, rate, burst, now)
             if slot is None:
-                return 0.0
-            slot.tokens -= amount
-            return -slot.tokens / rate if slot.tokens < 0 else 0.0
+                return 0.0, 0.0
+            tokens = slot.tokens - amount
+            granted = min(extra, tokens) if tokens > 0 else 0.0
+            tokens -= granted
+            slot.tokens = tokens
+            return granted, (-tokens / rate if tokens < 0 else 0.0)
 
     def _bucket(self, key: Hashable, rate: float, burst: float, now: float) -> ctypes.Structure | None:
         slot = self._slot(key, now, True)

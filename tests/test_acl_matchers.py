@@ -713,6 +713,88 @@ def test_request_hook_returns_a_coroutine_only_when_a_rule_needs_the_addresses()
     assert dns.lookups == ["blocked.example", "fine.example"]
 
 
+def request_with(command: Command, destination: str):
+    return type("R", (), {"command": command, "destination": Address.parse(destination)})()
+
+
+CACHED_RULES = """\
+groups: {ops: [carol]}
+rules:
+  - deny: {user: bob}
+  - deny: {group: ops, to: 192.0.2.9}
+  - deny: {port: 25}
+  - deny: {command: bind}
+  - deny: {protocol: socks4}
+  - deny: {from: 10.9.0.0/16}
+  - deny: {to: special:self, port: 22}
+  - deny: {to: ["*.blocked.example", 192.0.2.66]}
+  - deny: {to: 198.51.100.0/24}
+  - allow: all
+"""
+
+
+def test_a_kept_request_verdict_never_lets_a_different_request_through(monkeypatch):
+    config = configure(CACHED_RULES)
+    rules = config.stash[acl.RULES]
+    dns = FakeDNS({"named.example": ["198.51.100.7"]})
+    calls = []
+    monkeypatch.setattr("socksflow_plugins.acl.sessions.evaluate", lambda *a: calls.append(a) or evaluate(*a))
+
+    def decide_for(destination: str = "192.0.2.9:80", *, command: Command = Command.CONNECT, user: str = "",
+                   client: str = "10.1.1.1:5000", local: str = "127.0.0.1:1080", protocol: str = "socks5"):  # fmt: skip
+        session = FakeSession(config, dns, user)
+        session.identity = Identity(user, config.groups_of(user))
+        session.client, session.local, session.protocol = (
+            Address.parse(client),
+            Address.parse(local),
+            protocol,
+        )
+        request = request_with(command, destination)
+        session.destination = request.destination
+        answer = decide_request(rules, session, request)
+        return asyncio.run(answer) if inspect.iscoroutine(answer) else answer
+
+    allowed = decide_for()
+    assert allowed.allowed
+    assert decide_for() is allowed and len(calls) == 1  # the same request again: kept, not evaluated
+    # Each field a rule reads, changed alone, is decided afresh, and denied.
+    assert decide_for(user="bob").rule == "rules.yaml:3"
+    assert decide_for(user="carol").rule == "rules.yaml:4"  # by the groups the configuration gives
+    assert decide_for("192.0.2.9:25").rule == "rules.yaml:5"
+    assert decide_for(command=Command.BIND).rule == "rules.yaml:6"
+    assert decide_for(protocol="socks4").rule == "rules.yaml:7"
+    assert decide_for(client="10.9.1.1:5000").rule == "rules.yaml:8"
+    assert decide_for("127.0.0.1:22", local="127.0.0.1:1080").rule == "rules.yaml:9"
+    assert decide_for("127.0.0.2:22", local="127.0.0.2:1080").rule == "rules.yaml:9"
+    assert decide_for("127.0.0.2:22", local="127.0.0.1:1080").allowed  # not this session's own address
+    assert decide_for("[::ffff:192.0.2.66]:80").rule == "rules.yaml:10"  # an IPv6 form of a denied IPv4
+    assert decide_for("a.blocked.example:80").rule == "rules.yaml:10"
+    assert all(not decide_for(**case).allowed for case in (
+        {"user": "bob"}, {"user": "carol"}, {"destination": "192.0.2.9:25"}, {"command": Command.BIND},
+        {"protocol": "socks4"}, {"client": "10.9.1.1:5000"}, {"destination": "a.blocked.example:80"},
+    ))  # fmt: skip  # and so they stay, kept
+    # A verdict that needed the name resolved is not kept: the next session resolves it again.
+    assert not decide_for("named.example:80").allowed
+    assert not decide_for("named.example:80").allowed
+    assert dns.lookups == ["named.example", "named.example"]
+    hits = acl.rule_hits(config)
+    assert hits is not None
+    counts = {rule["rule"]: rule["hits"] for rule in hits["rules"]}
+    assert counts["rules.yaml:3"] == 2 and counts["rules.yaml:12"] == 3  # kept verdicts count their rule too
+
+
+def test_a_reload_starts_with_no_kept_verdicts(tmp_path):
+    first = configure("rules:\n  - allow: all\n", tmp_path)
+    session = FakeSession(first, FakeDNS())
+    request = request_for("192.0.2.1:443")
+    assert acl.socksflow_request(session, request).allowed
+    assert first.stash[acl.RULES].decided  # kept for the rules in force
+    reloaded = configure("rules:\n  - deny: {to: 192.0.2.1}\n  - allow: all\n", tmp_path)
+    session.config = reloaded  # a session accepted after the reload sees the new configuration
+    assert reloaded.stash[acl.RULES].decided == {}
+    assert acl.socksflow_request(session, request) == Verdict.deny(rule=f"{tmp_path / 'rules.yaml'}:2")
+
+
 # ---------------------------------------------------------------------------- lints
 
 

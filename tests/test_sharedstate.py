@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+from socksflow_plugins.limits.state import LeasedBucket, State, rate_lease
 
 from socksflow.sharedstate import PROBE_WINDOW, SharedTable
 
@@ -100,6 +101,56 @@ def test_a_bucket_is_shared_and_refills_at_its_rate() -> None:
     assert table.charge("bytes", 1000.0, 1000.0, 500, 200.5) == pytest.approx(0.5)
     # A reload that changes the rate starts the bucket afresh.
     assert table.charge("bytes", 2000.0, 2000.0, 1000, 200.5) == 0.0
+
+
+def test_an_admission_takes_its_tokens_in_order_and_counts_all_or_nothing() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    rate = ("take", "rate", 10.0, 2.0, 0.0)
+    assert table.admit([rate], [("a", 2), ("b", 1)], 100.0) == -1
+    assert (table.count("a"), table.count("b")) == (1, 1)
+    assert table.admit([rate], [("a", 2), ("b", 1)], 100.0) == 2  # b is full: a is given back
+    assert (table.count("a"), table.count("b")) == (1, 1)
+    assert table.admit([rate], [], 100.0) == 0  # the refused admission's token stayed taken
+    assert table.admit([("within", "b", 1), rate], [], 100.25) == -1  # b counts 1, at most 1: passes
+    assert table.admit([("within", "b", 0), rate], [], 100.5) == 0  # refused before the rate is asked
+    assert table.take("rate", 10.0, 2.0, 100.5)
+    # A take may lease whole tokens beyond its own, while the bucket holds them, for later.
+    leased: list = []
+    assert table.admit([("take", "big", 1000.0, 10.0, 4.0)], [], 200.0, leased) == -1
+    assert leased == [("big", 4.0)]
+    assert table.admit([("take", "big", 1000.0, 10.0, 9.0)], [], 200.0, leased) == -1
+    assert leased[1] == ("big", 4.0)  # 5 left: one taken, 4 leased, never into debt
+    assert table.admit([("take", "big", 1000.0, 10.0, 9.0)], [], 200.0, leased) == 0
+
+
+def test_leased_tokens_never_add_to_what_the_shared_bucket_gives() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    # Two workers' buckets over one shared bucket of 100 tokens, leasing 10 at a time.
+    one, two = (LeasedBucket(table, "bw", 1000.0, 100.0) for _ in range(2))
+    assert one.lease == 10.0
+    passed = 0
+    for bucket in [one, two] * 100:
+        if bucket.charge(1, 50.0) > 0:
+            break
+        passed += 1
+    assert 100 - 2 * one.lease <= passed <= 100  # unspent leases, at most one per worker, held back
+    assert table.lease("bw", 1000.0, 100.0, 0, 10.0, 50.0)[0] == 0.0  # nothing left to lease
+    assert one.charge(500, 50.0) > 0.4  # beyond its lease: the shared bucket goes into debt
+    assert one.charge(0, 50.0) == pytest.approx(table.charge("bw", 1000.0, 100.0, 0, 50.0))  # and it waits
+    spent = 0
+    while two.charge(1, 50.0) == 0.0:
+        spent += 1
+    assert spent <= two.lease  # the other worker spends what it leased, then waits as well
+
+
+def test_leased_session_rate_tokens_never_admit_more_than_the_shared_bucket_holds() -> None:
+    table = SharedTable(workers=2, slots=1024)
+    one, two = State(table), State(table)  # two workers' views of one table
+    check = ("take", "rate", 1000.0, 40.0, rate_lease(1000.0, 40.0))
+    assert check[4] == 9.0  # 10 ms of the rate, less the token taken
+    admitted = [state.admit([check], [], 50.0) == -1 for _ in range(60) for state in (one, two)]
+    assert 40 - 2 * 9 <= sum(admitted) <= 40  # what the leases hold unspent is held back, never added
+    assert rate_lease(100.0, 100.0) == 0.0  # below 200/s every session asks the shared bucket
 
 
 def test_events_within_a_window_and_blocks_logged_once() -> None:

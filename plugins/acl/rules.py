@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,9 @@ class RuleSet:
     # Config.groups_of, so the engine and the rules merge them one way.
     groups_of: Callable[..., frozenset[str]]
     local: frozenset[IPAddress] = frozenset()  # the listen addresses: special:self
+    # Requests decided without DNS, by everything they were decided on (see sessions.py): made
+    # with the rule set, so a reload, which reads a new one, starts with none.
+    decided: dict[tuple[Any, ...], Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class RuleReader:

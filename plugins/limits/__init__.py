@@ -65,7 +65,7 @@ from . import associations
 from .buckets import Bandwidth, TokenBucket
 from .explain import explain
 from .settings import Entry, Limits, parse_entry
-from .state import SharedBucket, State
+from .state import Check, LeasedBucket, SharedBucket, State, rate_lease, settled
 
 log = logging.getLogger("socksflow.limits")
 T = TypeVar("T")
@@ -123,39 +123,81 @@ def _state(session: Session) -> State:
     return state
 
 
-async def _admit(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
-    """Check session rates and concurrency; count the session in when every entry lets it in."""
+def _admit(
+    session: Session, entries: tuple[Entry, ...], at_accept: bool = False
+) -> Verdict | Awaitable[Verdict | None] | None:
+    """Check session rates and concurrency; count the session in when every entry lets it in.
+
+    One critical section of the shared table for all of it (an awaitable only with Redis).
+    At accept, what to check depends on the client's address alone: planned once per address.
+    """
     state = _state(session)
-    now = time.monotonic()
     counted = session.stash.get(COUNTED)
     if counted is None:
         counted = session.stash[COUNTED] = set()
-    wanted: dict[Hashable, Entry] = {}  # per key, the entry with the lowest max_sessions
+    if at_accept:
+        host = session.client.host
+        plans = state.plans_under(session.config.stash.get(SETTINGS))
+        plan = plans.get((host.__class__, int(host)))
+        if plan is None:
+            plan = plans[(host.__class__, int(host))] = _plan(session, entries, counted)
+    else:
+        plan = _plan(session, entries, counted)
+    checks, by, wanted, acquires = plan
+    if not checks and not wanted:
+        return None
+    refused = state.admit(checks, acquires, time.monotonic())
+    if isinstance(refused, int):
+        return _admitted(session, refused, checks, by, wanted, counted)
+    return _admitted_later(session, refused, checks, by, wanted, counted)
+
+
+Plan = tuple[list[Check], list[Entry], dict[Hashable, Entry], list[tuple[Hashable, int]]]
+
+
+def _plan(session: Session, entries: tuple[Entry, ...], counted: set[Hashable]) -> Plan:
+    """What admitting ``session`` takes: the checks in entry order, the entry of each, and the keys
+    to count (each with its entry of the lowest ``max_sessions``)."""
+    # In entry order: a session counted already must still fit with itself counted, and a rate
+    # gives a token.
+    checks: list[Check] = []
+    by: list[Entry] = []
+    wanted: dict[Hashable, Entry] = {}
     for entry in entries:
         if not entry.match.matches(session):
             continue
         key = entry.per.key(session)
         if entry.max_sessions is not None:
-            if key in counted:  # counted at accept: it must still fit with itself counted
-                if await state.count("sessions", key) - 1 >= entry.max_sessions:
-                    return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
+            if key in counted:  # counted at accept
+                checks.append(("within", ("sessions", key), entry.max_sessions))
+                by.append(entry)
             elif key not in wanted or entry.max_sessions < wanted[key].max_sessions:  # type: ignore[operator]
                 wanted[key] = entry
         rate = entry.session_rate
-        if rate is not None and not await state.take(
-            ("rate", entry.ident, key), rate.per_second, rate.burst, now
-        ):
-            return _refuse(session, entry, entry.describe(f"{rate.per_second:g} new sessions/s"))
-    taken = []
-    for key, entry in wanted.items():
-        if not await state.acquire("sessions", key, entry.max_sessions, now):  # type: ignore[arg-type]
-            for earlier in taken:
-                state.release("sessions", earlier)
-                counted.discard(earlier)
-            return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
-        taken.append(key)
-        counted.add(key)
-    return None
+        if rate is not None:
+            lease = rate_lease(rate.per_second, rate.burst)
+            checks.append(("take", ("rate", entry.ident, key), rate.per_second, rate.burst, lease))
+            by.append(entry)
+    return checks, by, wanted, [(key, entry.max_sessions) for key, entry in wanted.items()]  # type: ignore[misc]
+
+
+async def _admitted_later(session: Session, refused: Awaitable[int], checks: list[Check], by: list[Entry],
+                          wanted: dict[Hashable, Entry], counted: set[Hashable]) -> Verdict | None:  # fmt: skip
+    return _admitted(session, await refused, checks, by, wanted, counted)
+
+
+def _admitted(session: Session, refused: int, checks: list[Check], by: list[Entry],
+              wanted: dict[Hashable, Entry], counted: set[Hashable]) -> Verdict | None:  # fmt: skip
+    """The outcome of :meth:`State.admit`: the session counted in, or the refusal of the limit that refused."""
+    if refused < 0:
+        counted.update(wanted)
+        return None
+    if refused < len(checks) and checks[refused][0] == "take":
+        entry = by[refused]
+        assert entry.session_rate is not None
+        return _refuse(session, entry, entry.describe(f"{entry.session_rate.per_second:g} new sessions/s"))
+    entry = by[refused] if refused < len(checks) else list(wanted.values())[refused - len(checks)]
+    return _refuse(session, entry, entry.describe(f"{entry.max_sessions} open sessions"))
 
 
 def _refuse(session: Session, entry: Entry, what: str, level: int = logging.INFO) -> Verdict:
@@ -198,7 +240,11 @@ def socksflow_client_connected(session: Session) -> Verdict | Awaitable[Verdict 
     limits = session.config.stash.get(SETTINGS)
     if limits is None:
         return None
-    return _answer(session, _on_accept(session, limits))
+    if limits.auth or limits.handshakes:
+        return _answer(session, _on_accept(session, limits))
+    return (
+        _admit(session, limits.at_accept, True) if limits.at_accept else None
+    )  # the common case: no coroutine
 
 
 async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
@@ -210,7 +256,7 @@ async def _on_accept(session: Session, limits: Limits) -> Verdict | None:
         refusal = await _start_handshake(session, limits.handshakes)
         if refusal is not None:
             return refusal
-    return await _admit(session, limits.at_accept) if limits.at_accept else None
+    return await settled(_admit(session, limits.at_accept, True)) if limits.at_accept else None
 
 
 async def _start_handshake(session: Session, entries: tuple[Entry, ...]) -> Verdict | None:
@@ -269,7 +315,7 @@ def socksflow_auth_result(
 
 @hookimpl(tryfirst=True)
 def socksflow_request(session: Session) -> Verdict | Awaitable[Verdict | None] | None:
-    if HANDSHAKING in session.stash:
+    if session.stash.get(HANDSHAKING) is not None:  # get: one C call, `in`: a Python method
         _end_handshake(_state(session), _taken(session, HANDSHAKING))
     udp = session.request.command is Command.UDP_ASSOCIATE
     limits = session.config.stash.get(SETTINGS)
@@ -283,7 +329,7 @@ async def _on_request(session: Session, udp: bool, limits: Limits | None) -> Ver
         return refusal
     if limits is None or not limits.at_request:
         return None
-    return await _admit(session, limits.at_request)
+    return await settled(_admit(session, limits.at_request))
 
 
 @hookimpl
@@ -291,22 +337,37 @@ def socksflow_relay_start(session: Session) -> Bandwidth | None:
     limits = session.config.stash.get(SETTINGS)
     if limits is None or not limits.bandwidth:
         return None
+    # A tunnel's buckets depend on its client's address and identity: the same Bandwidth for
+    # every tunnel of one client, unless it has buckets of its own (per: session).
     state = _state(session)
-    now = time.monotonic()
-    up: list[TokenBucket | SharedBucket] = []
-    down: list[TokenBucket | SharedBucket] = []
+    plans = state.plans_under(limits)
+    host, identity = session.client.host, session.identity
+    key = ("bandwidth", host.__class__, int(host), identity.user, frozenset(identity.groups))
+    bandwidth = plans.get(key, _NONE)
+    if bandwidth is not _NONE:
+        return bandwidth  # type: ignore[no-any-return]
+    up: list[TokenBucket | LeasedBucket | SharedBucket] = []
+    down: list[TokenBucket | LeasedBucket | SharedBucket] = []
+    own = False
     for entry in limits.bandwidth:
         if not entry.match.matches(session):
             continue
+        own |= entry.per.kind == "session"
+        scope = None if entry.per.kind == "session" else entry.per.key(session)
         for way, rate, found in (("up", entry.up, up), ("down", entry.down, down)):
             if rate is None:
                 continue
-            if entry.per.kind == "session":
-                found.append(TokenBucket(rate.per_second, rate.burst, now))
-                continue
-            key = ("bytes", entry.ident, way, entry.per.key(session))
-            found.append(SharedBucket(state.table, key, rate.per_second, rate.burst))
-    return Bandwidth(up, down) if up or down else None
+            if scope is None:
+                found.append(TokenBucket(rate.per_second, rate.burst, time.monotonic()))
+            else:
+                found.append(state.bucket(("bytes", entry.ident, way, scope), rate.per_second, rate.burst))
+    bandwidth = Bandwidth(up, down) if up or down else None
+    if not own:
+        plans[key] = bandwidth
+    return bandwidth
+
+
+_NONE = object()  # no plan yet
 
 
 @hookimpl
@@ -321,7 +382,7 @@ def socksflow_session_end(session: Session) -> None:
     if state is None:
         return  # nothing was ever counted
     associations.release(session, state)
-    if HANDSHAKING in session.stash:
+    if session.stash.get(HANDSHAKING) is not None:  # get: one C call, `in`: a Python method
         _end_handshake(state, _taken(session, HANDSHAKING))
     counted = session.stash.get(COUNTED)
     if counted:

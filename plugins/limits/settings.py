@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from socksflow import Node, Session
 from socksflow import parse_network as parse_ip_network
@@ -38,6 +38,15 @@ class Match:
     networks: tuple[IPNetwork, ...] = ()
     users: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
+    # The networks as (first, last) integers per IP version: matched several times per session,
+    # without ipaddress's Python-level containment test.
+    _ranges: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for network in self.networks:
+            ranges[network.version].append((int(network.network_address), int(network.broadcast_address)))
+        object.__setattr__(self, "_ranges", {version: tuple(found) for version, found in ranges.items()})
 
     @property
     def needs_identity(self) -> bool:
@@ -47,8 +56,9 @@ class Match:
         if not self.networks:
             return True
         host = session.client.host
-        for network in self.networks:  # noqa: SIM110 - several times per session: no generator
-            if host in network:
+        value = int(host)
+        for first, last in self._ranges[4 if isinstance(host, ipaddress.IPv4Address) else 6]:
+            if first <= value <= last:
                 return True
         return False
 
@@ -76,10 +86,11 @@ class Scope:
         if self.kind == "user" and session.identity.user:
             return ("user", session.identity.user)
         host = session.client.host
+        version = 4 if isinstance(host, ipaddress.IPv4Address) else 6
         if self.kind == "network":
-            bits, prefix = (32, self.ipv4_prefix) if host.version == 4 else (128, self.ipv6_prefix)
-            return ("network", host.version, prefix, int(host) >> (bits - prefix))
-        return ("address", host.version, int(host))  # also the "user" of an anonymous session
+            bits, prefix = (32, self.ipv4_prefix) if version == 4 else (128, self.ipv6_prefix)
+            return ("network", version, prefix, int(host) >> (bits - prefix))
+        return ("address", version, int(host))  # also the "user" of an anonymous session
 
 
 @dataclass(frozen=True, slots=True)
