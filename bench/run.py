@@ -40,7 +40,28 @@ REPO = HERE.parent
 BUILD = HERE / "build"
 LOADGEN = BUILD / "loadgen"
 ALL_SERVERS = ["none", "socksflow", "microsocks", "danted", "pproxy"]
-LABEL = {"none": "no proxy (limit)"}
+FEATURES_CONFIG = BUILD / "features" / "rules.yaml"  # written by bench/features.py
+
+
+@dataclass(frozen=True)
+class Variant:
+    """socksflow started another way, as a row of its own: extra arguments, another
+    configuration, and the scenarios it runs (None: all of them)."""
+
+    label: str
+    args: tuple[str, ...] = ()
+    config: Path | None = None
+    scenarios: frozenset[str] | None = None
+
+
+VARIANTS = {
+    "socksflow-1w": Variant("socksflow, one worker", ("--workers", "1")),
+    "socksflow-features": Variant(
+        "socksflow, features on", config=FEATURES_CONFIG, scenarios=frozenset({"sessions"})
+    ),
+}
+GOAL_SERVERS = ["socksflow", "socksflow-1w", "socksflow-features", "microsocks", "danted"]
+LABEL = {"none": "no proxy (limit)", **{name: v.label for name, v in VARIANTS.items()}}
 RR_RUNS = 5
 DASH, TIMES = "\u2013", "\u00d7"  # en dash (not supported) and the ratio sign
 
@@ -221,9 +242,7 @@ def tree_mem(pid: int) -> dict:
     pids = [pid, *descendants(pid)]
     rss = sum(_status_kib(p, "VmRSS") for p in pids)
     pss_vals = [_pss_kib(p) for p in pids]
-    pss = (
-        sum(v for v in pss_vals if v is not None) if all(v is not None for v in pss_vals) else None
-    )
+    pss = sum(v for v in pss_vals if v is not None) if all(v is not None for v in pss_vals) else None
     return {"rss": rss, "pss": pss, "nproc": len(pids)}
 
 
@@ -407,9 +426,7 @@ def start_server(name: str, tmp: Path, args) -> Server | None:
                 stderr=subprocess.STDOUT,
             )
     elif name == "danted":
-        exe = shutil.which("danted") or (
-            "/usr/sbin/danted" if os.path.exists("/usr/sbin/danted") else None
-        )
+        exe = shutil.which("danted") or ("/usr/sbin/danted" if os.path.exists("/usr/sbin/danted") else None)
         if not exe:
             return None
         port = free_port()
@@ -445,8 +462,8 @@ def start_server(name: str, tmp: Path, args) -> Server | None:
                 stdout=f,
                 stderr=subprocess.STDOUT,
             )
-    elif name == "socksflow":
-        return start_socksflow(tmp, args)
+    elif name == "socksflow" or name in VARIANTS:
+        return start_socksflow(tmp, args, VARIANTS.get(name))
     else:
         raise ValueError(name)
     watchdog(s.proc)
@@ -457,9 +474,12 @@ def start_server(name: str, tmp: Path, args) -> Server | None:
     return s
 
 
-def start_socksflow(tmp: Path, args) -> Server | None:
+def start_socksflow(tmp: Path, args, variant: Variant | None = None) -> Server | None:
     cfg = Path(args.socksflow_config).resolve()
     extra = shlex.split(args.socksflow_args or "")
+    if variant is not None:
+        cfg = variant.config or cfg
+        extra = [*extra, *variant.args]
     if (REPO / "socksflow" / "__main__.py").exists():
         base = [sys.executable, "-m", "socksflow"]
     elif shutil.which("socksflow"):
@@ -471,9 +491,7 @@ def start_socksflow(tmp: Path, args) -> Server | None:
     cmd = [*base, "run", "--listen", "127.0.0.1:0", "-c", str(cfg), *extra]
     errlog = tmp / "socksflow.log"
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (
-        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-    )
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     s = Server("socksflow", udp=True, logfile=errlog, extra=extra)
     with open(errlog, "wb") as ferr:
         s.proc = spawn(
@@ -605,9 +623,7 @@ class Runner:
 
     def udp(self, proxy):
         a = self.a
-        return self.lg(
-            "udp", proxy, "udp", ["-d", str(a.udp_secs), "-w", str(a.udp_window)], a.udp_secs + 15
-        )
+        return self.lg("udp", proxy, "udp", ["-d", str(a.udp_secs), "-w", str(a.udp_window)], a.udp_secs + 15)
 
     def idle(self, proxy, pid: int | None):
         """Open K idle tunnels, measure the server's memory before/after."""
@@ -729,6 +745,7 @@ def summarize(raw: dict) -> tuple[dict, list[str]]:
             f"{int(s.get('eof_timeouts', 0))} without EOF) vs {int(s.get('ok', 0))} ok"
         )
     if s and "cpu_user_us" in s:
+        v["cpu"] = s["cpu_user_us"] + s["cpu_sys_us"]
         notes.append(
             f"sessions: server CPU per session {s['cpu_user_us'] + s['cpu_sys_us']:.0f} µs "
             f"(user {s['cpu_user_us']:.0f}, system {s['cpu_sys_us']:.0f})"
@@ -791,16 +808,13 @@ def print_tables(rows: list[tuple[str, dict]], out=sys.stdout) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", file=out)
 
     sf = next((v for n, v in rows if n.startswith("socksflow")), None)
-    peers = [
-        (n, v) for n, v in rows if not n.startswith("socksflow") and not n.startswith("no proxy")
-    ]
+    peers = [(n, v) for n, v in rows if not n.startswith("socksflow") and not n.startswith("no proxy")]
     print(file=out)
     if sf is None or all(not isinstance(sf.get(k), (int, float)) for k, *_ in METRICS):
         print("_socksflow/peer ratios: socksflow produced no numbers in this run._", file=out)
         return
     print(
-        "socksflow / peer (each cell = socksflow value ÷ peer value; "
-        "↑ higher is better, ↓ lower is better)",
+        "socksflow / peer (each cell = socksflow value ÷ peer value; ↑ higher is better, ↓ lower is better)",
         file=out,
     )
     print(file=out)
@@ -820,11 +834,65 @@ def print_tables(rows: list[tuple[str, dict]], out=sys.stdout) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", file=out)
 
 
+GOALS = [  # figure, value from the rows (by server name), goal, higher is better
+    ("sessions/s vs microsocks, default `socksflow run`",
+     lambda r: _ratio(r, "socksflow", "microsocks", "sessions"), 1.0, True, TIMES),
+    ("sessions/s vs microsocks, one worker",
+     lambda r: _ratio(r, "socksflow-1w", "microsocks", "sessions"), 0.8, True, TIMES),
+    ("CPU µs per session, one worker",
+     lambda r: r.get("socksflow-1w", {}).get("cpu"), 100, False, " µs"),
+    ("features on / bare (sessions/s)",
+     lambda r: _ratio(r, "socksflow-features", "socksflow", "sessions"), 0.85, True, TIMES),
+    ("rr p50 vs microsocks", lambda r: _ratio(r, "socksflow", "microsocks", "rr50"), 1.0, False, TIMES),
+    ("bulk 1 stream vs danted", lambda r: _ratio(r, "socksflow", "danted", "bulk1"), 1.5, True, TIMES),
+    ("idle KiB per tunnel", lambda r: r.get("socksflow", {}).get("idle"), 4.0, False, " KiB"),
+]  # fmt: skip
+
+
+def _ratio(rows: dict[str, dict], a: str, b: str, key: str) -> float | None:
+    x, y = rows.get(a, {}).get(key), rows.get(b, {}).get(key)
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
+        return x / y
+    return None
+
+
+def print_goals(by_server: dict[str, dict], rows: list[tuple[str, dict]], out=sys.stdout) -> None:
+    """The Speed II goals table (issue #17), every figure from this run."""
+    print("| socksflow row | sessions/s | CPU µs/session |", file=out)
+    print("|---|---|---|", file=out)
+    for label, v in rows:
+        if label.startswith("socksflow"):
+            print(
+                f"| {label} | {fmt(v.get('sessions'), '{:,.0f}')} | {fmt(v.get('cpu'), '{:,.0f}')} |",
+                file=out,
+            )
+    print(file=out)
+    print("| goal | this run | target | met |", file=out)
+    print("|---|---|---|---|", file=out)
+    for figure, value_of, target, higher, unit in GOALS:
+        value = value_of(by_server)
+        if not isinstance(value, (int, float)):
+            print(f"| {figure} | n/a | | |", file=out)
+            continue
+        met = value >= target if higher else value <= target
+        shown = f"{value:.2f}{unit}" if unit == TIMES else f"{value:,.1f}{unit}"
+        sign = "≥" if higher else "≤"
+        print(
+            f"| {figure} | {shown} | {sign} {target:g}{unit.strip() and unit} | {'yes' if met else 'no'} |",
+            file=out,
+        )
+
+
+def write_features_config() -> None:
+    """bench/features.py's configuration: 100 000 domains + 10 000 networks, access log, limits."""
+    subprocess.run(
+        [sys.executable, str(HERE / "features.py")], check=True, cwd=HERE, stdout=subprocess.DEVNULL
+    )
+
+
 # --------------------------------------------------------------------------
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
@@ -836,20 +904,14 @@ def main() -> int:
         help="what the load generator speaks: SOCKS5, or HTTP CONNECT (socksflow --protocols mixed, "
         "pproxy's http listener; no UDP)",
     )  # fmt: skip
-    ap.add_argument(
-        "--duration", type=float, help="seconds for sessions (rr and udp get 60%% of it)"
-    )
-    ap.add_argument(
-        "--socksflow-args", default="", help="extra args for `socksflow run`, e.g. '--workers 2'"
-    )
+    ap.add_argument("--duration", type=float, help="seconds for sessions (rr and udp get 60%% of it)")
+    ap.add_argument("--socksflow-args", default="", help="extra args for `socksflow run`, e.g. '--workers 2'")
     ap.add_argument("--socksflow-config", default=str(HERE / "socksflow-bench.yaml"))
     ap.add_argument(
         "--pproxy-upstream",
         help="HOST:PORT of a SOCKS5 upstream pproxy chains to (-r); bench/upstream.py sets it",
     )
-    ap.add_argument(
-        "--inflight", type=int, default=100, help="sessions kept in flight (default 100)"
-    )
+    ap.add_argument("--inflight", type=int, default=100, help="sessions kept in flight (default 100)")
     ap.add_argument(
         "--loadgen-threads",
         type=int,
@@ -857,16 +919,10 @@ def main() -> int:
         help="load generator threads for sessions (default 1: leaves a core to the server)",
     )
     ap.add_argument("--bulk-threads", type=int, default=1, help="load generator threads for bulk")
-    ap.add_argument(
-        "--bulk-bytes", type=int, help="total bytes per bulk run (default 1 GiB; quick 512 MiB)"
-    )
-    ap.add_argument(
-        "--bulk-max-secs", type=float, help="time cap per bulk run (default 10; quick 4)"
-    )
+    ap.add_argument("--bulk-bytes", type=int, help="total bytes per bulk run (default 1 GiB; quick 512 MiB)")
+    ap.add_argument("--bulk-max-secs", type=float, help="time cap per bulk run (default 10; quick 4)")
     ap.add_argument("--idle-tunnels", type=int, help="idle tunnels (default 2000; quick 500)")
-    ap.add_argument(
-        "--udp-window", type=int, default=64, help="UDP datagrams in flight (default 64)"
-    )
+    ap.add_argument("--udp-window", type=int, default=64, help="UDP datagrams in flight (default 64)")
     ap.add_argument("--danted-mothers", type=int, default=2, help="danted -N (default 2 = cores)")
     ap.add_argument(
         "--rst",
@@ -881,6 +937,13 @@ def main() -> int:
         help="rr: the client blocks in recv() for the pong instead of busy-polling "
         "(bimodal on this VM, see README)",
     )
+    ap.add_argument(
+        "--goals",
+        action="store_true",
+        help="the Speed II goals in one run: socksflow as `socksflow run` starts it, with one "
+        "worker, and with features on (bench/features.py), beside microsocks and danted; "
+        "then the goals table",
+    )
     ap.add_argument("--keep-going", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
@@ -892,9 +955,12 @@ def main() -> int:
     a.bulk_max_secs = a.bulk_max_secs or (4.0 if q else 10.0)
     a.idle_tunnels = a.idle_tunnels or (500 if q else 2000)
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
+    if a.goals:
+        servers = GOAL_SERVERS
+        write_features_config()
     for s in servers:
-        if s not in ALL_SERVERS:
-            ap.error(f"unknown server {s!r}; choose from {','.join(ALL_SERVERS)}")
+        if s not in ALL_SERVERS and s not in VARIANTS:
+            ap.error(f"unknown server {s!r}; choose from {','.join([*ALL_SERVERS, *VARIANTS])}")
     global DOOR
     DOOR = a.door
     if DOOR == "http":  # microsocks and danted have no HTTP proxy; UDP has no HTTP form
@@ -942,6 +1008,7 @@ def main() -> int:
     log(f"targets on 127.0.0.1: {targets}; temp dir {tmp}")
 
     rows: list[tuple[str, dict]] = []
+    by_server: dict[str, dict] = {}
     all_notes: list[str] = []
     details: list[str] = []
 
@@ -1005,28 +1072,30 @@ def main() -> int:
             t0 = time.monotonic()
             raw: dict = {}
             label = None
+            only = VARIANTS[name].scenarios if name in VARIANTS else None
+            chosen = [step for step in phase_load if only is None or step[0] in only]
             try:
-                label = phase(name, phase_idle, raw)
-                if label is None:
-                    log(f"== {name}: not installed, skipped")
-                    all_notes.append(f"{name}: not installed, skipped")
+                if only is None or "idle" in only:
+                    label = phase(name, phase_idle, raw)
+                    if label is None:
+                        log(f"== {name}: not installed, skipped")
+                        all_notes.append(f"{name}: not installed, skipped")
+                        continue
+                    phase(name, chosen, raw)
+                elif (label := phase(name, chosen, raw)) is None:
                     continue
-                phase(name, phase_load, raw)
             except StartError as e:
                 all_notes.append(f"{name}: failed to start ({str(e).splitlines()[0]})")
                 if label is None:
                     rows.append((name, {k: "fail" for k, *_ in METRICS}))
                     continue
             v, notes = summarize(raw)
-            if (
-                name == "socksflow"
-                and isinstance(raw.get("udp"), dict)
-                and raw["udp"].get("ok", 0) == 0
-            ):
+            if name == "socksflow" and isinstance(raw.get("udp"), dict) and raw["udp"].get("ok", 0) == 0:
                 v["udp"] = DASH
             if name == "none":
                 v["peak"] = None
             rows.append((label, v))
+            by_server[name] = v
             all_notes += [f"{name}: {n}" for n in notes]
             if raw.get("died"):
                 all_notes.append(f"{name}: {raw['died']}")
@@ -1070,9 +1139,7 @@ def main() -> int:
     )
     busy_after = cpu_busy(0.5)
     quiet = "" if max(busy_before, busy_after) <= 10 else " **(not quiet: numbers are noisy)**"
-    print(
-        f"Background CPU load: {busy_before:.0f}% before, {busy_after:.0f}% after the run{quiet}."
-    )
+    print(f"Background CPU load: {busy_before:.0f}% before, {busy_after:.0f}% after the run{quiet}.")
     close = "client RST" if a.rst else "target first"
     rr_client = "blocking" if a.rr_block else "busy-polling"
     print(
@@ -1084,6 +1151,9 @@ def main() -> int:
     )
     print()
     print_tables(rows)
+    if a.goals:
+        print()
+        print_goals(by_server, rows)
     if all_notes or details:
         print()
         print("Notes:")
