@@ -58,17 +58,21 @@ def chunk_transform(hooks: Hooks, session: Session) -> Transform | None:
 class Half(asyncio.Protocol):
     """One side of a tunnel: reads from its own transport, writes to the peer's."""
 
-    __slots__ = ("_blocks", "active", "count", "direction", "eof", "peer", "transport", "tunnel")
+    __slots__ = ("_blocks", "active", "count", "eof", "peer", "transport", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, direction: Direction) -> None:
+    def __init__(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
-        self.direction = direction  # of the bytes this side reads
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer: Half = None  # type: ignore[assignment]
         self.count = 0
         self.active = False
         self.eof = False
         self._blocks = 0  # reasons reading is paused: peer's buffer full, limiter wait
+
+    @property
+    def direction(self) -> Direction:
+        """Of the bytes this side reads (asked per chunk only by plugin hooks and limiters: no slot)."""
+        return Direction.UP if self.tunnel.client is self else Direction.DOWN
 
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
@@ -160,8 +164,9 @@ class LimitedHalf(TransformingHalf):
         else:
             TransformingHalf.data_received(self, data)
         wait = 0.0
+        direction = self.direction
         for limiter in self.tunnel.limiters:
-            wait = max(wait, limiter.delay(self.direction, len(data)))
+            wait = max(wait, limiter.delay(direction, len(data)))
         if wait > 0:
             self.block()
             asyncio.get_running_loop().call_later(wait, self.unblock)
@@ -189,19 +194,26 @@ def half_class(transform: Transform | None, limiters: Sequence[Limiter]) -> type
 
 
 class Tunnel:
-    """Two halves relaying between a client transport and an upstream transport."""
+    """Two halves relaying between a client transport and an upstream transport.
 
-    __slots__ = (
-        "_lost",
-        "client",
-        "error",
-        "failure",
-        "idle_polls",
-        "limiters",
-        "on_close",
-        "transform",
-        "upstream",
-    )
+    A tunnel with a ``transform`` or ``limiters`` is a :class:`FilteringTunnel`, which holds
+    them; the plain one (most of them, and every idle one counts) has no slots for them.
+    """
+
+    __slots__ = ("_lost", "client", "error", "failure", "idle_polls", "on_close", "upstream")
+
+    transform: Transform | None = None
+    limiters: tuple[Limiter, ...] = ()
+
+    def __new__(
+        cls,
+        on_close: Callable[[Tunnel], None],
+        transform: Transform | None = None,
+        limiters: Sequence[Limiter] = (),
+    ) -> Tunnel:
+        if cls is Tunnel and (transform is not None or limiters):
+            cls = FilteringTunnel
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -210,12 +222,13 @@ class Tunnel:
         limiters: Sequence[Limiter] = (),
     ) -> None:
         cls = half_class(transform, limiters)
-        self.client = cls(self, Direction.UP)
-        self.upstream = cls(self, Direction.DOWN)
+        self.client = cls(self)
+        self.upstream = cls(self)
         self.client.peer = self.upstream
         self.upstream.peer = self.client
-        self.transform = transform
-        self.limiters = tuple(limiters)
+        if transform is not None or limiters:
+            self.transform = transform
+            self.limiters = tuple(limiters)
         self.on_close = on_close
         self._lost = 0
         self.error: Exception | None = None  # the error a connection was lost with
@@ -299,3 +312,9 @@ class Tunnel:
             self.idle_polls += 1
         self.client.active = self.upstream.active = False
         return self.idle_polls
+
+
+class FilteringTunnel(Tunnel):
+    """A tunnel whose chunks pass through plugin hooks or limiters (see :func:`half_class`)."""
+
+    __slots__ = ("limiters", "transform")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import random
 import socket
 import time
@@ -49,6 +50,7 @@ LINGER_SECONDS = 2.0
 # (a flood reconnecting in a burst) then expire over many loop iterations, not in one that would
 # hold every good client up for as long as closing thousands of sessions takes.
 DEADLINE_SPREAD = 1 / 16
+EXPIRED = -math.inf  # Runner._deadline once its deadline cancelled the coroutine (a slot less than a flag)
 
 CommandHandler = Callable[["Runner"], Awaitable[None]]
 """Serves a request other than CONNECT once it is allowed (BIND, UDP ASSOCIATE)."""
@@ -300,7 +302,6 @@ class Runner:
         "_context",
         "_coro",
         "_deadline",
-        "_expired",
         "_must_cancel",
         "_stepping",
         "_task",
@@ -337,8 +338,8 @@ class Runner:
         # One timer per session for the deadlines of _within: it fires at the earliest one armed
         # and, finding a later deadline in force by then, waits on for that one.
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline: float | None = None  # the loop time the _within in progress ends at
-        self._expired = False  # the deadline of _within cancelled the coroutine
+        # The loop time the _within in progress ends at; EXPIRED once it cancelled the coroutine.
+        self._deadline: float | None = None
         self._client_closed = False
 
     def __repr__(self) -> str:
@@ -576,12 +577,11 @@ class Runner:
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self._expired and (self._task is None or self._task.uncancel() == 0):
+            if self._deadline is EXPIRED and (self._task is None or self._task.uncancel() == 0):
                 raise TimeoutError from None
             raise
         finally:
             self._deadline = None
-            self._expired = False
 
     def _expire(self) -> None:
         self._timer = None
@@ -591,7 +591,7 @@ class Runner:
         if self.server.loop.time() < deadline:  # a later phase's deadline: wait on for it
             self._timer = self.server.loop.call_at(deadline, self._expire)
             return
-        self._expired = True
+        self._deadline = EXPIRED
         self._cancel()
 
     async def _in_task(self, awaitable: Awaitable[T]) -> T:
