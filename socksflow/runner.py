@@ -37,6 +37,8 @@ from socksflow.relay import Limiter, Pending, Tunnel, chunk_transform
 from socksflow.session import AuthChannel, Session
 
 if TYPE_CHECKING:
+    from socksflow.config import Config
+    from socksflow.hooks import Hooks
     from socksflow.server import Server
 
 log = logging.getLogger("socksflow.session")
@@ -307,21 +309,17 @@ class Runner:
         "_task",
         "_timer",
         "_waiting_on",
-        "config",
-        "hooks",
-        "server",
         "session",
     )
 
     def __init__(self, server: Server, client: ClientProtocol, peer: Address | None = None) -> None:
-        self.server = server
-        self.config = server.config
-        self.hooks = server.hooks  # this configuration's, without the dormant plugins' hooks
+        # The session holds the server, its configuration and that configuration's hooks (without
+        # the dormant plugins'): the runner reads them there, three slots less per tunnel.
         self._client: ClientProtocol | None = client
         transport = client.transport
         self.session = Session(
             server,
-            self.hooks,
+            server.hooks,
             peer or Address.from_sockaddr(transport.get_extra_info("peername")),
             client.local or Address.from_sockaddr(transport.get_extra_info("sockname")),
         )
@@ -344,6 +342,20 @@ class Runner:
 
     def __repr__(self) -> str:
         return f"<Runner {self.session!r}>"
+
+    @property
+    def server(self) -> Server:
+        return self.session.server
+
+    @property
+    def config(self) -> Config:
+        """The configuration the session started under (a reload does not change it)."""
+        return self.session.config
+
+    @property
+    def hooks(self) -> Hooks:
+        """The session's configuration's hooks (for the command handlers and the server)."""
+        return self.session._hooks
 
     # ------------------------------------------------------------------ start and end
 
@@ -373,7 +385,7 @@ class Runner:
         if waits_for is IN_TASK:
             self._hand_to_task(coro)
         elif waits_for is None:  # a bare yield (asyncio.sleep(0)): go on at the next iteration
-            self.server.loop.call_soon(self._step)
+            self.session.server.loop.call_soon(self._step)
         elif waits_for is not INPUT:  # a future: the dial
             self._waiting_on = waits_for
             waits_for.add_done_callback(self._future_done)
@@ -389,7 +401,7 @@ class Runner:
         if client is not None and client.driver is self:
             client.driver = None
             client._waiting = False
-        self._task = self.server.loop.create_task(coro, context=self._context)
+        self._task = self.session.server.loop.create_task(coro, context=self._context)
         if self._must_cancel:
             self._must_cancel = False
             self._task.cancel()
@@ -412,7 +424,7 @@ class Runner:
         client = self._client
         if client is not None:
             client._waiting = False  # no wake steps it meanwhile
-        self.server.loop.call_soon(self._step, True)
+        self.session.server.loop.call_soon(self._step, True)
 
     def end(self, reason: str, *, now: bool = False) -> None:
         """End the session: record ``reason`` unless one was recorded first, close what is open.
@@ -457,7 +469,7 @@ class Runner:
         if (
             isinstance(conn, doors.HttpDoor)
             and conn.keeps_open
-            and not (client.closed or self.server.stopping)
+            and not (client.closed or self.session.server.stopping)
         ):
             self._client = None
             self._client_closed = True
@@ -473,7 +485,7 @@ class Runner:
     def _maybe_ended(self) -> None:
         # A session without a tunnel ends when both its task and its client connection are done.
         if self._coro is None and self._client_closed and self.session.tunnel is None:
-            self.server.session_ended(self)
+            self.session.server.session_ended(self)
 
     # ------------------------------------------------------------------ the phases
 
@@ -484,7 +496,7 @@ class Runner:
         try:
             await self._accept()
             # One deadline for greeting, authentication and request, plugin hooks included.
-            handshake = self.config.timeouts.handshake
+            handshake = session.config.timeouts.handshake
             request = await self._within(
                 handshake * (1 + DEADLINE_SPREAD * random.random()), self._negotiate()
             )
@@ -524,7 +536,7 @@ class Runner:
     async def _report(self, error: Exception) -> None:
         if self._task is None:
             await IN_TASK
-        await self.hooks.session_error(self.session, error)
+        await self.session._hooks.session_error(self.session, error)
 
     def _decided(self, answer: tuple[T | None, str]) -> T | None:
         """A decision hook's answer; remembers which plugin gave it."""
@@ -550,7 +562,7 @@ class Runner:
 
     async def _accept(self) -> None:
         try:
-            answer = self.hooks.client_connected(self.session)
+            answer = self.session._hooks.client_connected(self.session)
             verdict = self._decided(answer if isinstance(answer, tuple) else await self._in_task(answer))
         except PluginError as exc:
             self._refused_by_fault(exc)
@@ -567,7 +579,7 @@ class Runner:
         (handshake, then connect) instead of a timer made and cancelled for each.  A cancellation
         that is not this deadline's (a shutdown) passes through as CancelledError.
         """
-        loop = self.server.loop
+        loop = self.session.server.loop
         deadline = self._deadline = loop.time() + delay
         timer = self._timer
         if timer is None or timer.when() > deadline:
@@ -588,8 +600,8 @@ class Runner:
         deadline = self._deadline
         if deadline is None or self._coro is None:
             return  # no deadline in force: the next _within arms its own
-        if self.server.loop.time() < deadline:  # a later phase's deadline: wait on for it
-            self._timer = self.server.loop.call_at(deadline, self._expire)
+        if self.session.server.loop.time() < deadline:  # a later phase's deadline: wait on for it
+            self._timer = self.session.server.loop.call_at(deadline, self._expire)
             return
         self._deadline = EXPIRED
         self._cancel()
@@ -610,7 +622,7 @@ class Runner:
         if not isinstance(greeting, protocol.Greeting):  # a one-request front door (socksflow.doors)
             door_request, greeting = greeting, doors.greeting_for(greeting)
         try:
-            answer = self.hooks.select_method(session, greeting.methods)
+            answer = session._hooks.select_method(session, greeting.methods)
             method = self._decided(answer if isinstance(answer, tuple) else await self._in_task(answer))
             if method is None:
                 method = Method.NO_AUTH if Method.NO_AUTH in greeting.methods else Method.NO_ACCEPTABLE
@@ -646,7 +658,7 @@ class Runner:
         conn = client.conn
         try:
             result = self._decided(
-                await self.hooks.authenticate(session, credentials.username, credentials.password)
+                await session._hooks.authenticate(session, credentials.username, credentials.password)
             )
         except PluginError as exc:
             self._refused_by_fault(exc)
@@ -679,7 +691,7 @@ class Runner:
         """
         session = self.session
         try:
-            answers = await self.hooks.auth_result(session, method, user, accepted)
+            answers = await session._hooks.auth_result(session, method, user, accepted)
         except PluginError as exc:
             self._refused_by_fault(exc)
             log.error("session %s: %s", session.id, exc, exc_info=exc.__cause__)
@@ -693,7 +705,7 @@ class Runner:
 
     def _with_groups(self, identity: Identity) -> Identity:
         # The groups section is the core's, so every plugin (rules, limits…) sees the same groups.
-        groups = self.config.groups_of(identity.user, identity.groups)
+        groups = self.session.config.groups_of(identity.user, identity.groups)
         return identity if groups is identity.groups else Identity(identity.user, groups)
 
     async def _subnegotiate(self, method: int) -> None:
@@ -704,7 +716,7 @@ class Runner:
         # A multi-round exchange: bounded by the handshake deadline (_within), not a timer of its
         # own, which would end it as a plugin fault just before the (spread) deadline does.
         try:
-            answer = await self.hooks.subnegotiate(session, method, AuthChannel(client), timeout=None)
+            answer = await session._hooks.subnegotiate(session, method, AuthChannel(client), timeout=None)
             result = self._decided(answer)
         except PluginError as exc:
             conn.finish_subnegotiation(False)
@@ -731,20 +743,21 @@ class Runner:
     async def _dispatch(self, request: Request) -> None:
         """Decide the request, then serve it: CONNECT here, other commands by their handler."""
         session = self.session
-        if request.command in tor.COMMANDS and not self.config.doors.tor_resolve:  # before any plugin sees it
+        # Before any plugin sees it:
+        if request.command in tor.COMMANDS and not session.config.doors.tor_resolve:
             await self.fail(
                 Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is off (doors: tor_resolve)"
             )
 
         def ask(destination: Address, after: str | None) -> Awaitable[tuple[Verdict | None, str]]:
             if after is None:
-                return self.hooks.request(session, request)
+                return session._hooks.request(session, request)
             # The plugins judging a rewrite see where the session would now go.
             session.destination, session.decided_by = destination, after
-            return self.hooks.request(session, replace(request, destination=destination), after=after)
+            return session._hooks.request(session, replace(request, destination=destination), after=after)
 
         try:
-            answer = self.hooks.request(session, request)
+            answer = session._hooks.request(session, request)
             if not isinstance(answer, tuple):
                 answer = await self._in_task(answer)
             # Most answers decide on their own; a rewrite is judged by the plugins after it.
@@ -764,7 +777,7 @@ class Runner:
         if request.command == Command.CONNECT:
             await self._connect()
             return
-        handler = self.server.command_handler(request.command)
+        handler = session.server.command_handler(request.command)
         if handler is None:
             await self.fail(Reply.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
         await self._in_task(handler(self))
@@ -825,17 +838,17 @@ class Runner:
             targets: tuple[Address, ...] = (destination,)
         else:
             targets = tuple(Address(ip, destination.port) for ip in ips)
-        timeout = self.config.timeouts.connect
+        timeout = session.config.timeouts.connect
         began = time.monotonic()
         upstream = bound = None
         try:
-            opened = self.hooks.open_connection(session, targets, timeout=timeout)
+            opened = session._hooks.open_connection(session, targets, timeout=timeout)
             sock, _ = opened if isinstance(opened, tuple) else await self._in_task(opened)
             if isinstance(sock, tuple):  # an upstream's stream: BND is what its last hop reported
                 sock, bound = sock
             if sock is None:
                 if len(targets) == 1:  # the common case: the loop dials in one step
-                    upstream = await self._within(timeout, _open(self.server.loop, targets[0]))
+                    upstream = await self._within(timeout, _open(session.server.loop, targets[0]))
                 else:
                     sock = await self._within(timeout, self._in_task(dial(targets)))
         except PluginError as exc:
@@ -855,7 +868,7 @@ class Runner:
     async def start_relay(self, sock: socket.socket, bound: Address | None = None) -> None:
         """Reply success and hand the client and ``sock`` to a tunnel (CONNECT, BIND)."""
         try:
-            _, upstream = await self.server.loop.create_connection(Pending, sock=sock)
+            _, upstream = await self.session.server.loop.create_connection(Pending, sock=sock)
         except OSError as exc:
             sock.close()
             await self.fail(reply_for_error(exc), f"connection lost: {_describe(exc)}")
@@ -874,7 +887,7 @@ class Runner:
             transport.abort()
             await self.fail(Reply.GENERAL_FAILURE, f"connection lost: {_describe(exc)}")
         try:
-            limiters = self.hooks.relay_start(session)
+            limiters = session._hooks.relay_start(session)
         except PluginError as exc:
             transport.abort()
             await self.fail(Reply.GENERAL_FAILURE, "relay start failed: plugin error", exc)
@@ -885,7 +898,7 @@ class Runner:
             await self._in_task(self._forward(conn, upstream, limiters))
             return
         # The runner is the tunnel's on_close (__call__): no bound method kept per tunnel.
-        tunnel = Tunnel(self, chunk_transform(self.hooks, session), limiters)
+        tunnel = Tunnel(self, chunk_transform(session._hooks, session), limiters)
         if client.closed:  # the client left while we were connecting
             transport.close()
             raise ClientGone("client closed the connection before the reply")
@@ -903,8 +916,8 @@ class Runner:
         session.reply = Reply.SUCCEEDED
         client.write(conn.send_reply(Reply.SUCCEEDED))
         session.forwarded = counts = forwarding.Counts()
-        idle = self.config.timeouts.idle
-        transform = chunk_transform(self.hooks, session)
+        idle = session.config.timeouts.idle
+        transform = chunk_transform(session._hooks, session)
         try:
             await forwarding.exchange(
                 client, conn.forwarder, conn.proxy_request, upstream, counts, limiters, idle, transform
@@ -924,7 +937,7 @@ class Runner:
         if tunnel.error is not None:
             self.set_reason(f"relay error: {_describe(tunnel.error)}")
         self.set_reason("closed")
-        self.server.session_ended(self)
+        self.session.server.session_ended(self)
 
 
 def _success(conn: protocol.ServerConnection, bound: Address) -> bytes:
