@@ -20,7 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import GeneratorType, ModuleType
 from typing import Any
 
 import pluggy
@@ -52,9 +52,16 @@ class Impl:
     argnames: tuple[str, ...]
     # The arguments out of a call's keyword dict, as a tuple: built once, not per call.
     args: Callable[[dict[str, Any]], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
+    # What the dispatch loops use instead, without a Python call of their own: ``one`` is the
+    # only argument's name (``function(kwargs[one])``), else ``many`` picks the tuple (C).
+    one: str | None = field(init=False, repr=False, compare=False)
+    many: Callable[[dict[str, Any]], tuple[Any, ...]] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", _picker(self.argnames))
+        names = self.argnames
+        object.__setattr__(self, "one", names[0] if len(names) == 1 else None)
+        object.__setattr__(self, "many", self.args if len(names) > 1 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +115,19 @@ class HookCaller:
         self, hook: str, timeout: float | None, impls: tuple[Impl, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, str] | Awaitable[tuple[Any, str]]:
         for index, impl in enumerate(impls):
-            result = _invoke(impl, hook, kwargs)
+            # _invoke(), inline: this runs for every hook call of every session.
+            try:
+                if impl.one is not None:
+                    result = impl.function(kwargs[impl.one])
+                elif impl.many is not None:
+                    result = impl.function(*impl.many(kwargs))
+                else:
+                    result = impl.function()
+            except Exception as exc:  # never BaseException: cancellation must pass through
+                raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
             if result is None:  # no opinion, the usual answer: never awaitable, no isawaitable() to ask
                 continue
-            if inspect.isawaitable(result):
+            if type(result) not in _PLAIN and isawaitable(result):
                 return self._finish_first(hook, timeout, impls[index:], result, kwargs)
             return result, impl.plugin
         return None, ""
@@ -152,7 +168,13 @@ class HookCaller:
         """As :meth:`call_all` for sync-only hooks (no event loop needed)."""
         results = []
         for impl in self.impls(hook):
-            result = _invoke(impl, hook, kwargs)
+            try:  # _invoke(), inline: relay_start runs for every session
+                if impl.one is not None:
+                    result = impl.function(kwargs[impl.one])
+                else:
+                    result = impl.function(*impl.args(kwargs))
+            except Exception as exc:
+                raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
             if result is not None:
                 results.append(result)
         return results
@@ -184,12 +206,18 @@ class HookCaller:
         """
         impls = self.impls(hook)
         for index, impl in enumerate(impls):
-            try:
-                result = _invoke(impl, hook, kwargs)
-            except PluginError as exc:
-                log.error("%s", exc, exc_info=exc.__cause__)
+            try:  # _invoke(), inline: session_end runs for every session
+                result = (
+                    impl.function(kwargs[impl.one])
+                    if impl.one is not None
+                    else impl.function(*impl.args(kwargs))
+                )
+            except Exception as exc:
+                error = PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                log.error("%s", error, exc_info=exc)
                 continue
-            if result is not None and inspect.isawaitable(result):
+            if result is not None and type(result) not in _PLAIN and isawaitable(result):
                 return self._notify_rest(hook, timeout, impl, result, impls[index + 1 :], kwargs)
         return None
 
@@ -420,15 +448,38 @@ class PluginManager(HookCaller, pluggy.PluginManager):
         return type(plugin).__module__
 
 
+_PLAIN: set[type] = {bool, int, str, bytes, tuple, list, dict}
+"""Types whose instances are never awaitable, as :func:`isawaitable` found: asked once per type."""
+MAX_PLAIN = 256
+
+
+def isawaitable(result: object) -> bool:
+    """``inspect.isawaitable(result)``, remembering the types it said no to (not generators:
+    whether one is awaitable depends on its code, not its type).
+
+    Hooks may return an awaitable from a sync implementation, so every answer is asked; the
+    ABC check costs a few calls, the set lookup none.  (A type registered as ``Awaitable``
+    after one of its instances was answered here stays plain.)
+    """
+    if inspect.isawaitable(result):
+        return True
+    cls = type(result)
+    if cls is not GeneratorType and len(_PLAIN) < MAX_PLAIN:
+        _PLAIN.add(cls)
+    return False
+
+
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)
-    if result is not None and inspect.isawaitable(result):
+    if result is not None and type(result) not in _PLAIN and isawaitable(result):
         result = await _settle(impl, hook, result, timeout)
     return result
 
 
 def _invoke(impl: Impl, hook: str, kwargs: dict[str, Any]) -> Any:
     try:
+        if impl.one is not None:
+            return impl.function(kwargs[impl.one])
         return impl.function(*impl.args(kwargs))
     except Exception as exc:  # never BaseException: cancellation must pass through
         raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
