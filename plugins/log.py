@@ -205,7 +205,10 @@ def socksflow_session_end(session: Session) -> None:
     settings = session.server.config.stash.get(SETTINGS)
     if settings is None:
         return
-    output(session.server, settings).add(session, settings.format)
+    current = session.server.stash.get(OUTPUT)  # output()'s usual answer, without the call
+    if current is None or current.target != settings.target:
+        current = output(session.server, settings)
+    current.add(session, settings.format)
 
 
 def line(session: Session, format: str) -> str:

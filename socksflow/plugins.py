@@ -17,6 +17,7 @@ import logging
 import operator
 import os
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,10 @@ class PluginInfo:
 class HookCaller:
     """Calls hook implementations the socksflow way; :meth:`impls` says which, in what order."""
 
+    # What impls() answered, per hook, while it still holds: the per-session dispatch reads it
+    # without a call.  A subclass whose impls() is not cached leaves it empty.
+    _impls: dict[str, tuple[Impl, ...]] = {}  # noqa: RUF012 - never filled on the class
+
     def impls(self, hook: str) -> tuple[Impl, ...]:
         raise NotImplementedError
 
@@ -100,7 +105,10 @@ class HookCaller:
         call (await it for the pair).  Failures raise :class:`PluginError` as in
         :meth:`call_first`, from this call or from the awaitable.
         """
-        return self._first(hook, timeout, self.impls(hook), kwargs)
+        impls = self._impls.get(hook)
+        if impls is None:
+            impls = self.impls(hook)
+        return self._first(hook, timeout, impls, kwargs)
 
     async def call_first_after(
         self, hook: str, timeout: float | None, plugin: str, /, **kwargs: Any
@@ -167,7 +175,8 @@ class HookCaller:
     def call_all_sync(self, hook: str, /, **kwargs: Any) -> list[Any]:
         """As :meth:`call_all` for sync-only hooks (no event loop needed)."""
         results = []
-        for impl in self.impls(hook):
+        impls = self._impls.get(hook)
+        for impl in self.impls(hook) if impls is None else impls:
             try:  # _invoke(), inline: relay_start runs for every session
                 if impl.one is not None:
                     result = impl.function(kwargs[impl.one])
@@ -204,7 +213,9 @@ class HookCaller:
 
         Observers run in call order; the first async one and all after it run in the awaitable.
         """
-        impls = self.impls(hook)
+        impls = self._impls.get(hook)
+        if impls is None:
+            impls = self.impls(hook)
         for index, impl in enumerate(impls):
             try:  # _invoke(), inline: session_end runs for every session
                 result = (
@@ -250,6 +261,7 @@ class ConfiguredHooks(HookCaller):
         self.dormant = dormant
         self._impls: dict[str, tuple[Impl, ...]] = {}
         self._generation = pm.generation
+        pm._dependents.add(self)  # cleared with the manager's own cache: _impls is read directly
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         if self._generation != self._pm.generation:  # a plugin was registered or removed since
@@ -278,6 +290,7 @@ class PluginManager(HookCaller, pluggy.PluginManager):
         self._origins: dict[str, str] = {}
         self.offered: set[str] = set()  # every plugin name found, loaded or disabled
         self.generation = 0  # counts changes of the plugin set (for the caches of ConfiguredHooks)
+        self._dependents: weakref.WeakSet[ConfiguredHooks] = weakref.WeakSet()
 
     # ------------------------------------------------------------------ registration
 
@@ -303,15 +316,20 @@ class PluginManager(HookCaller, pluggy.PluginManager):
             except PluginLoadError:
                 self.unregister(name=registered)
                 raise
-        self._impls.clear()
-        self.generation += 1
+        self._changed()
         return registered
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
         result = super().unregister(plugin, name)
-        self._impls.clear()
-        self.generation += 1
+        self._changed()
         return result
+
+    def _changed(self) -> None:
+        """The plugin set changed: forget every list of implementations made from it."""
+        self._impls.clear()
+        for dependent in self._dependents:
+            dependent._impls.clear()
+        self.generation += 1
 
     def _validate(self, name: str) -> None:
         plugin = self.get_plugin(name)
