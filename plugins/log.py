@@ -224,7 +224,7 @@ def record(session: Session) -> dict[str, Any]:
     fields = {
         "time": timestamp(session.started),
         "session": session.id,
-        "client": str(session.client),
+        "client": client_text(session.client),
         "protocol": session.protocol or None,
         "user": session.identity.user or None,
         "command": COMMAND_NAMES[request.command] if request else None,
@@ -262,6 +262,24 @@ def address_text(address: Address) -> str:
             _texts.clear()
         text = _texts[key] = str(address)
     return text
+
+
+_hosts: dict[tuple[Any, ...], str] = {}
+
+
+def client_text(address: Address) -> str:
+    """``str(address)`` for a client: its host's text remembered (few clients, a new port each
+    time), the port added: an IP address's own ``str`` is five Python calls."""
+    host = address.host
+    if isinstance(host, str):
+        return str(address)
+    key = (host.__class__, int(host))
+    text = _hosts.get(key)
+    if text is None:
+        if len(_hosts) >= MAX_TEXTS:
+            _hosts.clear()
+        text = _hosts[key] = f"[{host}]" if host.version == 6 else str(host)
+    return f"{text}:{address.port}"
 
 
 _JSON = json.JSONEncoder(check_circular=False)  # a record holds no containers: nothing to check
@@ -326,7 +344,7 @@ def json_text(session: Session) -> str:
             rule = plugin = "null"
         return (
             f'{{"time": {q(timestamp(session.started))}, "session": {q(session_id)}, '
-            f'"client": {q(str(session.client))}, "protocol": {q(protocol) if protocol else "null"}, '
+            f'"client": {q(client_text(session.client))}, "protocol": {q(protocol) if protocol else "null"}, '
             f'"user": {q(user) if user else "null"}, "command": {command}, "destination": {destination}, '
             f'"remote": {q(address_text(remote)) if remote else "null"}, '
             f'"verdict": {"null" if outcome is None else q(outcome)}, "rule": {rule}, "plugin": {plugin}, '

@@ -23,7 +23,7 @@ from socksflow.app import configure
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.plugins import PluginManager
-from socksflow.protocol import Method, Reply
+from socksflow.protocol import Address, Method, Reply
 from socksflow.testing import Socks5Client, loop_args
 
 PASSWORDS = {"alice": "alice-secret"}
@@ -334,7 +334,7 @@ def fake_session(**fields: object) -> object:
     from types import SimpleNamespace
 
     from socksflow.decisions import Identity, Verdict
-    from socksflow.protocol import Address, Command, Request
+    from socksflow.protocol import Command, Request
 
     values: dict[str, object] = {
         "id": "1f", "client": Address.parse("127.0.0.1:40000"), "protocol": "socks5",
@@ -363,7 +363,9 @@ def fake_session(**fields: object) -> object:
         },
         {"stash": {socksflow.ROUTE: "pool,pool=b"}, "duration": 12.0, "bytes_up": 0},
         {"bytes_up": True, "id": 7, "duration": float("inf")},  # odd types: the general way
-        {"identity": socksflow.Identity(5)},  # type: ignore[arg-type]
+        {"identity": socksflow.Identity(5)},
+        {"client": Address.parse("[2001:db8::1]:1080"), "remote": Address.parse("[::1]:443")},
+        {"client": Address("client.example", 7)},  # type: ignore[arg-type]
     ],
 )
 def test_json_text_is_json_line_of_record(fields):
