@@ -108,20 +108,6 @@ class HookCaller:
         impls = self._impls.get(hook)
         if impls is None:
             impls = self.impls(hook)
-        return self._first(hook, timeout, impls, kwargs)
-
-    async def call_first_after(
-        self, hook: str, timeout: float | None, plugin: str, /, **kwargs: Any
-    ) -> tuple[Any, str]:
-        """As :meth:`call_first`, asking only the implementations that come after ``plugin``'s."""
-        impls = self.impls(hook)
-        after = next((i + 1 for i, impl in enumerate(impls) if impl.plugin == plugin), len(impls))
-        answer = self._first(hook, timeout, impls[after:], kwargs)
-        return answer if isinstance(answer, tuple) else await answer
-
-    def _first(
-        self, hook: str, timeout: float | None, impls: tuple[Impl, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, str] | Awaitable[tuple[Any, str]]:
         for index, impl in enumerate(impls):
             # _invoke(), inline: this runs for every hook call of every session.
             try:
@@ -138,6 +124,18 @@ class HookCaller:
             if type(result) not in _PLAIN and isawaitable(result):
                 return self._finish_first(hook, timeout, impls[index:], result, kwargs)
             return result, impl.plugin
+        return None, ""
+
+    async def call_first_after(
+        self, hook: str, timeout: float | None, plugin: str, /, **kwargs: Any
+    ) -> tuple[Any, str]:
+        """As :meth:`call_first`, asking only the implementations that come after ``plugin``'s."""
+        impls = self.impls(hook)
+        after = next((i + 1 for i, impl in enumerate(impls) if impl.plugin == plugin), len(impls))
+        for impl in impls[after:]:
+            result = await _call(impl, hook, kwargs, timeout)
+            if result is not None:
+                return result, impl.plugin
         return None, ""
 
     async def _finish_first(
