@@ -122,7 +122,14 @@ class AccessLog:
         # Looked up late: stdout and stderr may be replaced.
         stream = self._file or (sys.stdout if self.target == STDOUT else sys.stderr)
         try:
-            stream.write("".join([line(session, format) + "\n" for session, format in pending]))
+            stream.write(
+                "".join(
+                    [
+                        (json_text(session) if format == "json" else line(session, format)) + "\n"
+                        for session, format in pending
+                    ]
+                )
+            )
             stream.flush()
         except Exception as exc:  # a full disk, a closed stream: say so, keep serving
             log.error("access log %s: %d lines lost: %r", self.target, len(pending), exc)
@@ -198,7 +205,10 @@ def socksflow_session_end(session: Session) -> None:
     settings = session.server.config.stash.get(SETTINGS)
     if settings is None:
         return
-    output(session.server, settings).add(session, settings.format)
+    current = session.server.stash.get(OUTPUT)  # output()'s usual answer, without the call
+    if current is None or current.target != settings.target:
+        current = output(session.server, settings)
+    current.add(session, settings.format)
 
 
 def line(session: Session, format: str) -> str:
@@ -214,7 +224,7 @@ def record(session: Session) -> dict[str, Any]:
     fields = {
         "time": timestamp(session.started),
         "session": session.id,
-        "client": str(session.client),
+        "client": client_text(session.client),
         "protocol": session.protocol or None,
         "user": session.identity.user or None,
         "command": COMMAND_NAMES[request.command] if request else None,
@@ -254,6 +264,24 @@ def address_text(address: Address) -> str:
     return text
 
 
+_hosts: dict[tuple[Any, ...], str] = {}
+
+
+def client_text(address: Address) -> str:
+    """``str(address)`` for a client: its host's text remembered (few clients, a new port each
+    time), the port added: an IP address's own ``str`` is five Python calls."""
+    host = address.host
+    if isinstance(host, str):
+        return str(address)
+    key = (host.__class__, int(host))
+    text = _hosts.get(key)
+    if text is None:
+        if len(_hosts) >= MAX_TEXTS:
+            _hosts.clear()
+        text = _hosts[key] = f"[{host}]" if host.version == 6 else str(host)
+    return f"{text}:{address.port}"
+
+
 _JSON = json.JSONEncoder(check_circular=False)  # a record holds no containers: nothing to check
 # json's C encoder, made once: JSONEncoder.encode makes one per line.  Same output, same options.
 _encode = (
@@ -268,6 +296,66 @@ _encode = (
 def json_line(fields: dict[str, Any]) -> str:
     """``fields`` as one line of JSON, as ``json.dumps`` writes it (ASCII only: escapes the rest)."""
     return "".join(_encode(fields, 0)) if _encode is not None else _JSON.encode(fields)
+
+
+_quote = json.encoder.encode_basestring_ascii  # the C function json.dumps uses, when there is one
+
+
+def json_text(session: Session) -> str:
+    """``json_line(record(session))``, byte for byte, written in one f-string: no dict, no encoder.
+
+    The fields of unusual types (a plugin's subclass, a counter that is not an ``int``) take
+    the general way.
+    """
+    session_id = session.id
+    up = session.bytes_up
+    down = session.bytes_down
+    duration = round(session.duration, 3)
+    route = session.stash.get(ROUTE)
+    if (
+        type(session_id) is not str
+        or type(up) is not int
+        or type(down) is not int
+        or type(duration) is not float
+        or not -1e300 < duration < 1e300  # json writes NaN and Infinity its own way
+        or (route is not None and type(route) is not str)
+    ):
+        return json_line(record(session))
+    try:  # a value of another type than the usual (a user name that is not a str): the general way
+        q = _quote
+        request = session.request
+        verdict = session.verdict
+        protocol = session.protocol
+        user = session.identity.user
+        remote = session.remote
+        outcome = session.outcome
+        reply = session.reply
+        authenticated = session.authenticated
+        reason = session.close_reason
+        if request is not None:
+            command = q(COMMAND_NAMES[request.command])
+            destination = q(address_text(request.destination))
+        else:
+            command = destination = "null"
+        if verdict is not None:
+            rule = q(verdict.rule) if verdict.rule else "null"
+            plugin = q(session.decided_by) if session.decided_by else "null"
+        else:
+            rule = plugin = "null"
+        return (
+            f'{{"time": {q(timestamp(session.started))}, "session": {q(session_id)}, '
+            f'"client": {q(client_text(session.client))}, "protocol": {q(protocol) if protocol else "null"}, '
+            f'"user": {q(user) if user else "null"}, "command": {command}, "destination": {destination}, '
+            f'"remote": {q(address_text(remote)) if remote else "null"}, '
+            f'"verdict": {"null" if outcome is None else q(outcome)}, "rule": {rule}, "plugin": {plugin}, '
+            f'"reply": {"null" if reply is None else int(reply)}, "bytes_up": {up}, "bytes_down": {down}, '
+            f'"duration": {duration!r}, '
+            f'"authenticated": {"null" if authenticated is None else "true" if authenticated else "false"}, '
+            f'"reason": {q(reason) if reason else "null"}'
+            + ("}" if route is None else f', "outbound": {q(route)}}}')
+        )
+    except TypeError:
+        return json_line(record(session))
 
 
 def text_line(fields: dict[str, Any]) -> str:

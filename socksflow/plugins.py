@@ -17,10 +17,11 @@ import logging
 import operator
 import os
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import GeneratorType, ModuleType
 from typing import Any
 
 import pluggy
@@ -52,9 +53,16 @@ class Impl:
     argnames: tuple[str, ...]
     # The arguments out of a call's keyword dict, as a tuple: built once, not per call.
     args: Callable[[dict[str, Any]], tuple[Any, ...]] = field(init=False, repr=False, compare=False)
+    # What the dispatch loops use instead, without a Python call of their own: ``one`` is the
+    # only argument's name (``function(kwargs[one])``), else ``many`` picks the tuple (C).
+    one: str | None = field(init=False, repr=False, compare=False)
+    many: Callable[[dict[str, Any]], tuple[Any, ...]] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "args", _picker(self.argnames))
+        names = self.argnames
+        object.__setattr__(self, "one", names[0] if len(names) == 1 else None)
+        object.__setattr__(self, "many", self.args if len(names) > 1 else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,10 @@ class PluginInfo:
 
 class HookCaller:
     """Calls hook implementations the socksflow way; :meth:`impls` says which, in what order."""
+
+    # What impls() answered, per hook, while it still holds: the per-session dispatch reads it
+    # without a call.  A subclass whose impls() is not cached leaves it empty.
+    _impls: dict[str, tuple[Impl, ...]] = {}  # noqa: RUF012 - never filled on the class
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         raise NotImplementedError
@@ -93,7 +105,26 @@ class HookCaller:
         call (await it for the pair).  Failures raise :class:`PluginError` as in
         :meth:`call_first`, from this call or from the awaitable.
         """
-        return self._first(hook, timeout, self.impls(hook), kwargs)
+        impls = self._impls.get(hook)
+        if impls is None:
+            impls = self.impls(hook)
+        for index, impl in enumerate(impls):
+            # _invoke(), inline: this runs for every hook call of every session.
+            try:
+                if impl.one is not None:
+                    result = impl.function(kwargs[impl.one])
+                elif impl.many is not None:
+                    result = impl.function(*impl.many(kwargs))
+                else:
+                    result = impl.function()
+            except Exception as exc:  # never BaseException: cancellation must pass through
+                raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
+            if result is None:  # no opinion, the usual answer: never awaitable, no isawaitable() to ask
+                continue
+            if type(result) not in _PLAIN and isawaitable(result):
+                return self._finish_first(hook, timeout, impls[index:], result, kwargs)
+            return result, impl.plugin
+        return None, ""
 
     async def call_first_after(
         self, hook: str, timeout: float | None, plugin: str, /, **kwargs: Any
@@ -101,19 +132,10 @@ class HookCaller:
         """As :meth:`call_first`, asking only the implementations that come after ``plugin``'s."""
         impls = self.impls(hook)
         after = next((i + 1 for i, impl in enumerate(impls) if impl.plugin == plugin), len(impls))
-        answer = self._first(hook, timeout, impls[after:], kwargs)
-        return answer if isinstance(answer, tuple) else await answer
-
-    def _first(
-        self, hook: str, timeout: float | None, impls: tuple[Impl, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, str] | Awaitable[tuple[Any, str]]:
-        for index, impl in enumerate(impls):
-            result = _invoke(impl, hook, kwargs)
-            if result is None:  # no opinion, the usual answer: never awaitable, no isawaitable() to ask
-                continue
-            if inspect.isawaitable(result):
-                return self._finish_first(hook, timeout, impls[index:], result, kwargs)
-            return result, impl.plugin
+        for impl in impls[after:]:
+            result = await _call(impl, hook, kwargs, timeout)
+            if result is not None:
+                return result, impl.plugin
         return None, ""
 
     async def _finish_first(
@@ -151,8 +173,15 @@ class HookCaller:
     def call_all_sync(self, hook: str, /, **kwargs: Any) -> list[Any]:
         """As :meth:`call_all` for sync-only hooks (no event loop needed)."""
         results = []
-        for impl in self.impls(hook):
-            result = _invoke(impl, hook, kwargs)
+        impls = self._impls.get(hook)
+        for impl in self.impls(hook) if impls is None else impls:
+            try:  # _invoke(), inline: relay_start runs for every session
+                if impl.one is not None:
+                    result = impl.function(kwargs[impl.one])
+                else:
+                    result = impl.function(*impl.args(kwargs))
+            except Exception as exc:
+                raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc
             if result is not None:
                 results.append(result)
         return results
@@ -182,14 +211,22 @@ class HookCaller:
 
         Observers run in call order; the first async one and all after it run in the awaitable.
         """
-        impls = self.impls(hook)
+        impls = self._impls.get(hook)
+        if impls is None:
+            impls = self.impls(hook)
         for index, impl in enumerate(impls):
-            try:
-                result = _invoke(impl, hook, kwargs)
-            except PluginError as exc:
-                log.error("%s", exc, exc_info=exc.__cause__)
+            try:  # _invoke(), inline: session_end runs for every session
+                result = (
+                    impl.function(kwargs[impl.one])
+                    if impl.one is not None
+                    else impl.function(*impl.args(kwargs))
+                )
+            except Exception as exc:
+                error = PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                log.error("%s", error, exc_info=exc)
                 continue
-            if result is not None and inspect.isawaitable(result):
+            if result is not None and type(result) not in _PLAIN and isawaitable(result):
                 return self._notify_rest(hook, timeout, impl, result, impls[index + 1 :], kwargs)
         return None
 
@@ -222,6 +259,7 @@ class ConfiguredHooks(HookCaller):
         self.dormant = dormant
         self._impls: dict[str, tuple[Impl, ...]] = {}
         self._generation = pm.generation
+        pm._dependents.add(self)  # cleared with the manager's own cache: _impls is read directly
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         if self._generation != self._pm.generation:  # a plugin was registered or removed since
@@ -250,6 +288,7 @@ class PluginManager(HookCaller, pluggy.PluginManager):
         self._origins: dict[str, str] = {}
         self.offered: set[str] = set()  # every plugin name found, loaded or disabled
         self.generation = 0  # counts changes of the plugin set (for the caches of ConfiguredHooks)
+        self._dependents: weakref.WeakSet[ConfiguredHooks] = weakref.WeakSet()
 
     # ------------------------------------------------------------------ registration
 
@@ -275,15 +314,20 @@ class PluginManager(HookCaller, pluggy.PluginManager):
             except PluginLoadError:
                 self.unregister(name=registered)
                 raise
-        self._impls.clear()
-        self.generation += 1
+        self._changed()
         return registered
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> Any:
         result = super().unregister(plugin, name)
-        self._impls.clear()
-        self.generation += 1
+        self._changed()
         return result
+
+    def _changed(self) -> None:
+        """The plugin set changed: forget every list of implementations made from it."""
+        self._impls.clear()
+        for dependent in self._dependents:
+            dependent._impls.clear()
+        self.generation += 1
 
     def _validate(self, name: str) -> None:
         plugin = self.get_plugin(name)
@@ -420,15 +464,38 @@ class PluginManager(HookCaller, pluggy.PluginManager):
         return type(plugin).__module__
 
 
+_PLAIN: set[type] = {bool, int, str, bytes, tuple, list, dict}
+"""Types whose instances are never awaitable, as :func:`isawaitable` found: asked once per type."""
+MAX_PLAIN = 256
+
+
+def isawaitable(result: object) -> bool:
+    """``inspect.isawaitable(result)``, remembering the types it said no to (not generators:
+    whether one is awaitable depends on its code, not its type).
+
+    Hooks may return an awaitable from a sync implementation, so every answer is asked; the
+    ABC check costs a few calls, the set lookup none.  (A type registered as ``Awaitable``
+    after one of its instances was answered here stays plain.)
+    """
+    if inspect.isawaitable(result):
+        return True
+    cls = type(result)
+    if cls is not GeneratorType and len(_PLAIN) < MAX_PLAIN:
+        _PLAIN.add(cls)
+    return False
+
+
 async def _call(impl: Impl, hook: str, kwargs: dict[str, Any], timeout: float | None) -> Any:
     result = _invoke(impl, hook, kwargs)
-    if result is not None and inspect.isawaitable(result):
+    if result is not None and type(result) not in _PLAIN and isawaitable(result):
         result = await _settle(impl, hook, result, timeout)
     return result
 
 
 def _invoke(impl: Impl, hook: str, kwargs: dict[str, Any]) -> Any:
     try:
+        if impl.one is not None:
+            return impl.function(kwargs[impl.one])
         return impl.function(*impl.args(kwargs))
     except Exception as exc:  # never BaseException: cancellation must pass through
         raise PluginError(impl.plugin, hook, f"{type(exc).__name__}: {exc}") from exc

@@ -23,7 +23,7 @@ from socksflow.app import configure
 from socksflow.config import Config
 from socksflow.errors import ConfigErrors
 from socksflow.plugins import PluginManager
-from socksflow.protocol import Method, Reply
+from socksflow.protocol import Address, Method, Reply
 from socksflow.testing import Socks5Client, loop_args
 
 PASSWORDS = {"alice": "alice-secret"}
@@ -327,3 +327,47 @@ def test_unconfigured_plugin_writes_nothing(socksflow_server, tmp_path, echo):
         echo_once(client)
     assert server.server.stash.get(access_log.OUTPUT) is None
     assert not list(tmp_path.glob("*.log"))
+
+
+def fake_session(**fields: object) -> object:
+    """What the access log reads of a session, without a server."""
+    from types import SimpleNamespace
+
+    from socksflow.decisions import Identity, Verdict
+    from socksflow.protocol import Command, Request
+
+    values: dict[str, object] = {
+        "id": "1f", "client": Address.parse("127.0.0.1:40000"), "protocol": "socks5",
+        "identity": Identity("alice"), "request": Request(Command.CONNECT, Address("example.com", 443)),
+        "remote": Address.parse("192.0.2.7:443"), "verdict": Verdict.allow(rule="rules.yaml:3"),
+        "decided_by": "acl", "reply": Reply.SUCCEEDED, "bytes_up": 12, "bytes_down": 3400,
+        "duration": 0.0123456, "authenticated": True, "close_reason": "client closed",
+        "started": 1_780_000_000.25, "stash": {}, "outcome": "allow",
+    }  # fmt: skip
+    values.update(fields)
+    return SimpleNamespace(**values)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"protocol": "", "identity": socksflow.ANONYMOUS, "request": None, "remote": None, "verdict": None},
+        {"outcome": None, "reply": None, "authenticated": None, "close_reason": ""},
+        {"identity": socksflow.Identity('é"\n\u2028'), "close_reason": "x\ty", "id": "w2-a"},
+        {
+            "verdict": socksflow.Verdict.deny(),
+            "outcome": "deny",
+            "decided_by": "",
+            "reply": Reply.NOT_ALLOWED,
+        },
+        {"stash": {socksflow.ROUTE: "pool,pool=b"}, "duration": 12.0, "bytes_up": 0},
+        {"bytes_up": True, "id": 7, "duration": float("inf")},  # odd types: the general way
+        {"identity": socksflow.Identity(5)},
+        {"client": Address.parse("[2001:db8::1]:1080"), "remote": Address.parse("[::1]:443")},
+        {"client": Address("client.example", 7)},  # type: ignore[arg-type]
+    ],
+)
+def test_json_text_is_json_line_of_record(fields):
+    session = fake_session(**fields)
+    assert access_log.json_text(session) == access_log.json_line(access_log.record(session))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import textwrap
 import types
@@ -537,3 +538,30 @@ def test_a_dormant_view_follows_plugins_registered_later():
     assert [impl.plugin for impl in view.impls("socksflow_session_end")] == ["awake"]
     assert {impl.plugin for impl in view.impls("socksflow_explain")} == {"sleepy", "awake"}
     assert pm.configured(frozenset()) is pm
+
+
+def test_sync_implementations_answers_are_awaited_exactly_when_inspect_says_so() -> None:
+    """Plain answers of a type seen before skip the check; awaitables are still awaited."""
+
+    class Plain:
+        pass
+
+    class Later:
+        def __await__(self):
+            yield from asyncio.sleep(0).__await__()
+            return "awaited"
+
+    def generator_coroutine():  # a generator-based coroutine, awaitable by its flag
+        yield from ()
+        return "from the generator"
+
+    plain = Plain()
+    answers: list[Any] = [plain, plain, Later(), types.coroutine(generator_coroutine)(), (x for x in ())]
+    pm = PluginManager()
+    pm.register(plugin(socksflow_request=lambda session, request: answers.pop(0)), "p")
+    assert call_first(pm) == (plain, "p")
+    assert call_first(pm) == (plain, "p")  # the type is known now: no check, the same answer
+    assert call_first(pm) == ("awaited", "p")
+    assert call_first(pm) == ("from the generator", "p")
+    answer, _ = call_first(pm)  # a plain generator: not awaitable, although generators can be
+    assert inspect.isgenerator(answer)
