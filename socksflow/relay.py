@@ -196,8 +196,9 @@ def half_class(transform: Transform | None, limiters: Sequence[Limiter]) -> type
 class Tunnel:
     """Two halves relaying between a client transport and an upstream transport.
 
-    A tunnel with a ``transform`` or ``limiters`` is a :class:`FilteringTunnel`, which holds
-    them; the plain one (most of them, and every idle one counts) has no slots for them.
+    A tunnel with a ``transform`` or ``limiters`` is a :class:`FilteringTunnel`, which holds them
+    (:func:`new_tunnel` picks); the plain one (most of them, and every idle one counts) has no
+    slots for them.
     """
 
     __slots__ = ("_lost", "client", "error", "failure", "idle_polls", "on_close", "upstream")
@@ -205,30 +206,11 @@ class Tunnel:
     transform: Transform | None = None
     limiters: tuple[Limiter, ...] = ()
 
-    def __new__(
-        cls,
-        on_close: Callable[[Tunnel], None],
-        transform: Transform | None = None,
-        limiters: Sequence[Limiter] = (),
-    ) -> Tunnel:
-        if cls is Tunnel and (transform is not None or limiters):
-            cls = FilteringTunnel
-        return object.__new__(cls)
-
-    def __init__(
-        self,
-        on_close: Callable[[Tunnel], None],
-        transform: Transform | None = None,
-        limiters: Sequence[Limiter] = (),
-    ) -> None:
-        cls = half_class(transform, limiters)
-        self.client = cls(self)
-        self.upstream = cls(self)
+    def __init__(self, on_close: Callable[[Tunnel], None], half: type[Half] = Half) -> None:
+        self.client = half(self)
+        self.upstream = half(self)
         self.client.peer = self.upstream
         self.upstream.peer = self.client
-        if transform is not None or limiters:
-            self.transform = transform
-            self.limiters = tuple(limiters)
         self.on_close = on_close
         self._lost = 0
         self.error: Exception | None = None  # the error a connection was lost with
@@ -318,3 +300,19 @@ class FilteringTunnel(Tunnel):
     """A tunnel whose chunks pass through plugin hooks or limiters (see :func:`half_class`)."""
 
     __slots__ = ("limiters", "transform")
+
+    def __init__(
+        self, on_close: Callable[[Tunnel], None], transform: Transform | None, limiters: Sequence[Limiter]
+    ) -> None:
+        self.transform = transform
+        self.limiters = tuple(limiters)
+        super().__init__(on_close, half_class(transform, limiters))
+
+
+def new_tunnel(
+    on_close: Callable[[Tunnel], None], transform: Transform | None = None, limiters: Sequence[Limiter] = ()
+) -> Tunnel:
+    """A tunnel with the cheapest halves for ``transform`` and ``limiters``: a plain one when neither."""
+    if transform is None and not limiters:
+        return Tunnel(on_close)
+    return FilteringTunnel(on_close, transform, limiters)

@@ -33,7 +33,7 @@ from socksflow.errors import PluginError, ResolveError
 from socksflow.outbound import OutboundError
 from socksflow.protection import Protected, protect
 from socksflow.protocol import NEED_DATA, Address, Command, IPAddress, Method, ProtocolError, Reply, Request
-from socksflow.relay import Limiter, Pending, Tunnel, chunk_transform
+from socksflow.relay import Limiter, Pending, Tunnel, chunk_transform, new_tunnel
 from socksflow.session import AuthChannel, Session
 
 if TYPE_CHECKING:
@@ -898,7 +898,7 @@ class Runner:
             await self._in_task(self._forward(conn, upstream, limiters))
             return
         # The runner is the tunnel's on_close (__call__): no bound method kept per tunnel.
-        tunnel = Tunnel(self, chunk_transform(session._hooks, session), limiters)
+        tunnel = new_tunnel(self, chunk_transform(session._hooks, session), limiters)
         if client.closed:  # the client left while we were connecting
             transport.close()
             raise ClientGone("client closed the connection before the reply")
